@@ -1,0 +1,33 @@
+# Two commands do all the set-up (see README): `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is the local CPU wheel on our machines; without the pin pip would pull a multi-GB CUDA build.
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: install quickstart test test-slow bench clean
+
+$(BIN)/rlhf: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP_INSTALL) -e ".[dev]"
+	@$(BIN)/python -c "import torch; v = torch.__version__; print('torch', v); assert not torch.version.cuda or 'GPU' in '$(ALLOW_CUDA)', 'a CUDA build of torch was installed'"
+	@touch $(BIN)/rlhf
+
+install: $(BIN)/rlhf
+
+quickstart: install
+	$(BIN)/rlhf stage=pretrain
+
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/pretrain_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

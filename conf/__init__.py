@@ -1,0 +1,1 @@
+"""rlhf-lab's Hydra configuration tree, shipped in the wheel as the package `rlhf_conf`."""

@@ -1,0 +1,37 @@
+"""The `rlhf` command: Hydra composes the config from conf/, then `pipeline.run` does the work.
+
+Only Hydra is imported at module level so that `rlhf --help` and `rlhf --cfg job` answer at once; torch,
+Lightning, transformers and MLflow are imported when a stage actually runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from framework.errors import RLHFError
+
+# conf/ ships in the wheel as the package `rlhf_conf` (see pyproject.toml), so this works installed or editable.
+CONFIG_PATH = "pkg://rlhf_conf"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    from framework.pipeline import run
+
+    try:
+        run(cfg)
+    except RLHFError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point (`rlhf`, `python -m framework`)."""
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

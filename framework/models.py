@@ -1,0 +1,123 @@
+"""Causal LMs: built from a `transformers` config (random init) or loaded from a local Hugging Face directory.
+
+Nothing downloads unless the user sets `model.allow_download=true`; then `path` may be a hub id (real code path for
+users with a network; tests use local paths).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from framework.errors import ConfigError
+from framework.interfaces import ModelSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def resolve_model_path(path: str, allow_download: bool = False) -> str:
+    """Return a loadable reference for `path`: a validated local HF dir, or a hub id when downloads are allowed."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ConfigError(
+                f"model.path={path!r} is a folder but not a Hugging Face model directory (no config.json). "
+                "Point it at a folder written by save_pretrained, e.g. the `model/` folder a stage exported"
+            )
+        return str(p)
+    if p.exists():
+        raise ConfigError(f"model.path={path!r} is a file; it must be a Hugging Face model directory")
+    if allow_download:
+        return path
+    raise ConfigError(
+        f"model.path={path!r} does not exist locally. Give the path of a saved model directory, or set "
+        "model.allow_download=true to fetch it from the Hugging Face Hub (needs a network)"
+    )
+
+
+def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "PreTrainedModel":
+    """Load a causal LM with clear errors (not a causal LM, unreadable weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref = resolve_model_path(path, allow_download)
+    local = not allow_download or Path(ref).is_dir()
+    config = AutoConfig.from_pretrained(ref, local_files_only=local)
+    try:
+        return AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.path={path!r} holds a {type(config).__name__} that is not a causal LM ({err}); "
+            "stages that generate need an AutoModelForCausalLM directory"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"cannot load model weights from {path!r}: {err}") from err
+
+
+class CausalLMFactory(ModelSource):
+    """Model plugin: `arch` + config keys build a fresh model; `path` loads a saved one instead.
+
+    arch: a transformers `model_type` ("gpt2", "llama", ...). Every other keyword is a field of that config class
+    (n_layer, hidden_size, ...) and is checked against it, so a typo fails instead of being silently ignored.
+    """
+
+    def __init__(self, path: str | None = None, allow_download: bool = False, arch: str = "gpt2", **config: Any):
+        self.path = path
+        self.allow_download = allow_download
+        self.arch = arch
+        self.config_kwargs = config
+
+    def _build_config(self, tokenizer: "PreTrainedTokenizerBase"):
+        from transformers import AutoConfig
+
+        try:
+            default = AutoConfig.for_model(self.arch)
+        except ValueError as err:
+            raise ConfigError(f"model.arch={self.arch!r} is not a transformers model type: {err}") from None
+        known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+        unknown = [k for k in self.config_kwargs if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+            raise ConfigError(
+                f"model keys {unknown} are not fields of the {self.arch} config"
+                + "".join(f"; {k}: did you mean {' or '.join(h)}?" for k, h in hints.items() if h)
+            )
+        return AutoConfig.for_model(
+            self.arch,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **self.config_kwargs,
+        )
+
+    def build(self, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+        from transformers import AutoModelForCausalLM
+
+        if self.path:
+            model = load_causal_lm(self.path, self.allow_download)
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tokenizer))
+            return model
+        return AutoModelForCausalLM.from_config(self._build_config(tokenizer))
+
+
+def context_length(model: "PreTrainedModel") -> int | None:
+    """The model's maximum sequence length, whatever the config calls it."""
+    cfg = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def count_parameters(model: "PreTrainedModel") -> int:
+    """Unique trainable parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and p.requires_grad:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,76 @@
+"""Generation behind one small interface: prompts + sampling settings -> token ids.
+
+Hugging Face `generate` with a KV cache and left padding is the default backend; a vLLM backend can replace it
+without touching stages or algorithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class SamplingSettings:
+    """What `generate` needs. top_k=0 and top_p=1 sample from the full distribution (RLHF_REFERENCE 1.2 item 6)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+
+@dataclass
+class Generation:
+    """prompt_ids: [batch, prompt_len] left-padded; response_ids: [batch, new_len], padded with pad_id after a stop."""
+
+    prompt_ids: "torch.Tensor"
+    prompt_mask: "torch.Tensor"
+    response_ids: "torch.Tensor"
+
+
+class HFGenerator:
+    """Batched generation with `model.generate` (KV cache, left padding, stop on EOS or chat turn end)."""
+
+    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", stop_ids: Sequence[int]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = list(stop_ids)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Generation:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+                mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, pad_token_id=pad, eos_token_id=self.stop_ids, **kwargs
+                )
+        finally:
+            self.model.train(was_training)
+        return Generation(prompt_ids=ids, prompt_mask=mask, response_ids=out[:, width:])
+
+    def generate_text(self, prompts: Sequence[str], settings: SamplingSettings) -> list[str]:
+        """Plain-text convenience: encode without special tokens, decode the responses without them."""
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        gen = self.generate_ids(encoded, settings)
+        return self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)

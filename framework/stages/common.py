@@ -1,0 +1,95 @@
+"""Pieces every stage shares: resolving model + tokenizer, the Trainer, optimizers, schedules, export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from framework.errors import ConfigError
+from framework.instantiate import instantiate_plugin
+from framework.interfaces import ModelSource, StageContext, TokenizerSource
+from framework.models import context_length
+from framework.tokenization import has_tokenizer_files, load_tokenizer, stop_token_ids
+
+
+def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
+    """The tokenizer (trained, cached, or the model dir's own) and the model sized to it."""
+    source: TokenizerSource = instantiate_plugin(cfg.tokenizer, "tokenizer", TokenizerSource)
+    model_source: ModelSource = instantiate_plugin(cfg.model, "model", ModelSource)
+    if model_source.path and source.trains:
+        if not has_tokenizer_files(Path(model_source.path).expanduser()):
+            raise ConfigError(
+                f"model.path={model_source.path!r} has no tokenizer files; a trained model needs the tokenizer it "
+                "was trained with: save it there, or pass tokenizer=pretrained tokenizer.path=<its dir>"
+            )
+        tokenizer = load_tokenizer(model_source.path)
+    else:
+        tokenizer = source.build(corpus, Path(cfg.paths.cache_dir))
+    model = model_source.build(tokenizer)
+    n_ctx = context_length(model)
+    if n_ctx:
+        tokenizer.model_max_length = n_ctx
+    return tokenizer, model
+
+
+def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, **defaults: Any):
+    """`cfg.trainer` + our logger and checkpoint callbacks; checkpoints go to <output_dir>/checkpoints.
+
+    defaults: Trainer arguments the stage chooses unless the user set them in `trainer.*`.
+    """
+    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    ckpt_dir = ctx.output_dir / "checkpoints"
+    checkpointing = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
+                        every_n_train_steps=every_n_steps, save_last=True, save_top_k=1),
+        OnExceptionCheckpoint(dirpath=ckpt_dir),
+    ]
+    return instantiate_plugin(
+        ctx.cfg.trainer, "trainer", None,
+        logger=ctx.run.lightning_logger(),
+        callbacks=[*checkpointing, *callbacks],
+        default_root_dir=str(ctx.output_dir),
+        **{k: v for k, v in defaults.items() if k not in ctx.cfg.trainer},
+    )
+
+
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (dim >= 2) only; biases and norm gains are not decayed (nanoGPT's rule)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over warmup_steps, then cosine to min_ratio at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def export_causal_lm(model, tokenizer, out_dir: Path, max_new_tokens: int = 64) -> Path:
+    """Write a directory that plain `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load."""
+    from transformers import GenerationConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+    )
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,206 @@
+"""MLflow tracking: where runs go, checking the server before training, and one `TrackedRun` per stage.
+
+Default store: `sqlite:///<paths.root>/mlflow.db` (MLflow's own default backend, a real database, no server),
+artifacts under `<paths.root>/mlartifacts`. `MLFLOW_TRACKING_URI` or `logger.tracking_uri=http://host:port` send
+the same run to a real `mlflow server`. Uses `MlflowClient` with explicit run ids, never mlflow's global active run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from framework.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+RUN_FILE = "mlflow_run.json"  # written in each run's output dir; `resume` reads it to continue the same run
+
+
+def default_tracking_uri(root: str | Path) -> str:
+    return f"sqlite:///{Path(root).expanduser().resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None, root: str | Path) -> str:
+    """The configured URI (logger.tracking_uri, which defaults to $MLFLOW_TRACKING_URI), else the local default."""
+    if configured:
+        return str(configured)
+    return default_tracking_uri(root)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(probe, timeout=timeout_s) as resp:
+            resp.read(1)
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return  # reachable; auth is mlflow's business (MLFLOW_TRACKING_USERNAME/TOKEN)
+        raise TrackingError(f"MLflow server at {uri} answered HTTP {err.code} to {probe}; is it an MLflow server?") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}). Nothing was trained. Start it "
+            f"(`mlflow server --host 127.0.0.1 --port <port>`), fix logger.tracking_uri / MLFLOW_TRACKING_URI, or add "
+            "logger.fallback_to_local=true to log to the local store instead"
+        ) from None
+
+
+def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """{"model.n_layer": "4", ...} from a nested config; lists become their JSON text."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, name + "."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[name] = text[:MAX_PARAM_CHARS]
+    return flat
+
+
+def plugin_targets(cfg: DictConfig) -> dict[str, str]:
+    """{"plugin.dataset": "plugins.datasets.chitchat.ChitchatCorpus", ...} for every `_target_` in the config."""
+    flat = flatten_config(cfg)
+    return {f"plugin.{k[: -len('._target_')]}": v for k, v in flat.items() if k.endswith("._target_")}
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The commit of the checkout the framework runs from (None outside a git checkout)."""
+    here = start or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+class TrackedRun:
+    """One MLflow run, addressed by id. Every write goes through the client for this run only."""
+
+    def __init__(self, client: "MlflowClient", run_id: str, tracking_uri: str, experiment_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        """Log params; on a resumed run, keys already logged keep their first value and changes become tags."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        for k, v in changed.items():
+            self.client.set_tag(self.run_id, f"resume.changed.{k}", v[:MAX_PARAM_CHARS])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            if v is not None:
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.client.log_metric(self.run_id, k, float(v), step=step or 0)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+
+    def log_dir(self, path: Path, artifact_path: str, max_mb: float) -> bool:
+        """Log a directory as artifacts if it is at most `max_mb`; always record its path as a tag."""
+        self.set_tags({f"artifact.{artifact_path}": str(path.resolve())})
+        if dir_size_mb(path) > max_mb:
+            return False
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        return True
+
+    def lightning_logger(self):
+        """A Lightning `MLFlowLogger` that writes into this run."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, log_model=False)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def save_pointer(self, output_dir: Path) -> None:
+        """Write `mlflow_run.json` in the run's output dir so a resumed run can continue this MLflow run."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_FILE).write_text(
+            json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
+        )
+
+
+def _get_or_create_experiment(client: "MlflowClient", name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def open_run(
+    logger_cfg: DictConfig,
+    root: str | Path,
+    run_name: str,
+    tags: Mapping[str, Any],
+    resume_run_id: str | None = None,
+) -> TrackedRun:
+    """Resolve and check the store, then start (or reopen, on resume) the run for one stage."""
+    uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"), root)
+    try:
+        check_reachable(uri, float(logger_cfg.get("connect_timeout_s", 5)))
+    except TrackingError as err:
+        if not logger_cfg.get("fallback_to_local", False):
+            raise
+        uri = default_tracking_uri(root)
+        warnings.warn(f"{err}\nfalling back to the local store {uri} (logger.fallback_to_local=true)", stacklevel=2)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, if it goes away
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    artifact_root = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        artifact_root = (Path(root).expanduser().resolve() / "mlartifacts").as_uri()
+    try:
+        if resume_run_id:
+            run = client.get_run(resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
+            return TrackedRun(client, resume_run_id, uri, run.info.experiment_id)
+        exp_id = _get_or_create_experiment(client, str(logger_cfg.get("experiment_name") or "rlhf-lab"), artifact_root)
+        run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items() if v is not None})
+    except Exception as err:  # mlflow raises MlflowException, OSError, sqlalchemy errors...
+        raise TrackingError(f"cannot write to the MLflow store {uri}: {err}") from err
+    return TrackedRun(client, run.info.run_id, uri, exp_id)

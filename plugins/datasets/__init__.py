@@ -1,0 +1,1 @@
+"""Dataset plugins: corpora, demonstrations, comparisons."""

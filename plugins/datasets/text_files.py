@@ -1,0 +1,116 @@
+"""Local text files: .txt/.md documents and .jsonl rows, given as paths or globs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from framework.errors import DataError
+from framework.interfaces import TextDataset
+from framework.records import Text
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+def expand_paths(patterns: Sequence[str] | str) -> list[Path]:
+    """Expand paths/globs (sorted, de-duplicated); each pattern must match at least one file."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        raise DataError("dataset.paths is empty; give files or globs, e.g. dataset.paths='[data/*.txt]'")
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = str(Path(pattern).expanduser())
+        matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
+        matches = [m for m in matches if Path(m).is_file() or not glob.has_magic(expanded)]
+        if not matches or not all(Path(m).exists() for m in matches):
+            raise DataError(f"no file matches {pattern!r} (working directory: {Path.cwd()})")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                raise DataError(f"{pattern!r} is a directory; use a glob such as '{pattern}/**/*.txt'")
+            if p not in files:
+                files.append(p)
+    return files
+
+
+def read_jsonl_field(path: Path, field: str, skip_bad_rows: bool) -> Iterator[tuple[int, str]]:
+    """Yield (line number, value of `field`) for each non-blank row; bad rows raise DataError or are counted."""
+    skipped = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"invalid JSON ({err.msg})"
+            else:
+                if not isinstance(row, dict):
+                    problem = f"expected a JSON object, got {type(row).__name__}"
+                elif field not in row:
+                    problem = f"row has no {field!r} field (fields: {sorted(row)}); set dataset.text_field"
+                elif not isinstance(row[field], str):
+                    problem = f"field {field!r} is {type(row[field]).__name__}, expected a string"
+            if problem is None:
+                yield lineno, row[field]
+            elif skip_bad_rows:
+                skipped += 1
+            else:
+                raise DataError(problem + " (add dataset.skip_bad_rows=true to skip such rows)", str(path), lineno)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} bad row(s) (dataset.skip_bad_rows=true)", stacklevel=2)
+
+
+class TextFiles(TextDataset):
+    """.txt/.md files are documents (or blank-line-separated blocks); .jsonl rows give `text_field`."""
+
+    def __init__(
+        self,
+        paths: Sequence[str] | str,
+        text_field: str = "text",
+        split_on_blank_lines: bool = True,
+        skip_bad_rows: bool = False,
+        max_documents: int | None = None,
+    ):
+        self.paths = paths
+        self.text_field = text_field
+        self.split_on_blank_lines = split_on_blank_lines
+        self.skip_bad_rows = skip_bad_rows
+        self.max_documents = max_documents
+
+    def _documents(self) -> Iterator[Text]:
+        for path in expand_paths(self.paths):
+            suffix = path.suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                for lineno, text in read_jsonl_field(path, self.text_field, self.skip_bad_rows):
+                    if text.strip():
+                        yield Text(text, source=f"{path}:{lineno}")
+            elif suffix in TEXT_SUFFIXES:
+                try:
+                    content = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"not UTF-8 text ({err})", str(path)) from None
+                blocks = re.split(r"\n\s*\n", content) if self.split_on_blank_lines else [content]
+                for block in blocks:
+                    if block.strip():
+                        yield Text(block.strip(), source=str(path))
+            else:
+                raise DataError(
+                    f"unsupported file type {suffix!r}; use {sorted(TEXT_SUFFIXES | JSONL_SUFFIXES)}", str(path)
+                )
+
+    def texts(self) -> Iterator[Text]:
+        for i, doc in enumerate(self._documents()):
+            if self.max_documents is not None and i >= self.max_documents:
+                return
+            yield doc
+
+    def describe(self) -> str:
+        return f"text files {self.paths}"

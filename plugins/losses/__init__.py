@@ -1,0 +1,1 @@
+"""Loss plugins: `(model outputs, batch) -> (loss, metrics)`."""

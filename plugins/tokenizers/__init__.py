@@ -1,0 +1,1 @@
+"""Tokenizer plugins: train one here, or load one from a path."""
