@@ -1,0 +1,64 @@
+"""Shared test helpers: run the real CLI in a subprocess with an isolated RLHF_HOME, read runs back from MLflow."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_cache(tmp_path_factory) -> Path:
+    """One tokenizer cache for the whole session, so each corpus/settings pair is trained once."""
+    return tmp_path_factory.mktemp("tokenizer-cache")
+
+
+@pytest.fixture
+def rlhf_home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def cli_env(home: Path, cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(RLHF_HOME=str(home), RLHF_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture
+def run_cli(rlhf_home: Path, tokenizer_cache: Path):
+    """run_cli(*overrides, env=None, check=True) -> CompletedProcess of `python -m framework ...`."""
+
+    def _run(*args: str, env: dict | None = None, check: bool = True, timeout: int = 600):
+        proc = subprocess.run(
+            [sys.executable, "-m", "framework", *args],
+            cwd=REPO, env={**cli_env(rlhf_home, tokenizer_cache), **(env or {})},
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    return _run
+
+
+def mlflow_runs(home: Path, experiment: str = "rlhf-lab"):
+    """All runs of `experiment` in the default local store under `home` (newest first)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} under {home}"
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,62 @@
+"""Model plugin: build from config (GPT-2, Llama), load a local dir, clear errors for bad paths and keys."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from framework.errors import ConfigError
+from framework.models import CausalLMFactory, context_length, count_parameters, load_causal_lm
+from framework.stages.common import warmup_cosine
+
+
+class FakeTok:
+    bos_token_id, eos_token_id, pad_token_id = 0, 0, 1
+
+    def __len__(self):
+        return 300
+
+
+def test_builds_gpt2_and_llama_from_config():
+    gpt = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(FakeTok())
+    assert gpt.config.vocab_size == 300 and gpt.config.pad_token_id == 1 and context_length(gpt) == 64
+    llama = CausalLMFactory(arch="llama", num_hidden_layers=1, num_attention_heads=2, hidden_size=32,
+                            intermediate_size=64, max_position_embeddings=64).build(FakeTok())
+    assert llama.config.model_type == "llama" and context_length(llama) == 64
+    assert count_parameters(gpt) < sum(p.numel() for p in gpt.state_dict().values())  # tied weights counted once
+    assert gpt(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 300)
+
+
+def test_unknown_config_keys_are_errors_with_hints():
+    with pytest.raises(ConfigError, match="n_layers.*did you mean n_layer"):
+        CausalLMFactory(arch="gpt2", n_layers=2).build(FakeTok())
+    with pytest.raises(ConfigError, match="not a transformers model type"):
+        CausalLMFactory(arch="gpt7").build(FakeTok())
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist locally.*allow_download"):
+        load_causal_lm(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        load_causal_lm(str(tmp_path))
+    (tmp_path / "f.bin").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_causal_lm(str(tmp_path / "f.bin"))
+
+
+def test_loads_a_saved_dir_and_rejects_a_non_causal_lm(tmp_path):
+    model = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(FakeTok())
+    model.save_pretrained(tmp_path / "lm")
+    loaded = CausalLMFactory(path=str(tmp_path / "lm")).build(FakeTok())
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    encoder_cfg = AutoConfig.for_model("distilbert", vocab_size=300, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    AutoModelForSequenceClassification.from_config(encoder_cfg).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ConfigError, match="not a causal LM"):
+        load_causal_lm(str(tmp_path / "encoder"))
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)

@@ -1,0 +1,71 @@
+"""Tracking store resolution, fail-fast on unreachable servers, config flattening; checked plugin instantiation."""
+
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import QUIET, free_port
+from framework.errors import ConfigError, TrackingError
+from framework.instantiate import instantiate_plugin
+from framework.interfaces import TextDataset, TokenizerSource
+from framework.tracking import check_reachable, flatten_config, open_run, plugin_targets, resolve_tracking_uri
+
+
+def test_default_store_is_sqlite_under_root(tmp_path):
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_env_var_is_respected_through_the_config(monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config")
+    assert cfg.logger.tracking_uri == "http://127.0.0.1:9"
+
+
+def test_unreachable_server_fails_fast_with_the_uri():
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri}"):
+        check_reachable(uri, timeout_s=2)
+    assert time.monotonic() - start < 10
+
+
+def test_fallback_to_local_store_only_when_asked(tmp_path):
+    cfg = OmegaConf.create({"tracking_uri": f"http://127.0.0.1:{free_port()}", "fallback_to_local": True,
+                            "connect_timeout_s": 1, "experiment_name": "x"})
+    with pytest.warns(UserWarning, match="falling back to the local store"):
+        run = open_run(cfg, tmp_path, "r", {"stage": "t"})
+    assert run.tracking_uri.startswith("sqlite:///")
+    run.end()
+
+
+def test_cli_refuses_to_train_when_the_server_is_down(run_cli, rlhf_home):
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli("experiment=smoke", f"logger.tracking_uri={uri}", *QUIET, check=False)
+    assert proc.returncode == 2
+    assert uri in proc.stderr and "Nothing was trained" in proc.stderr
+    assert not list(rlhf_home.glob("runs/**/model"))
+
+
+def test_flatten_and_plugin_targets():
+    cfg = OmegaConf.create({"a": {"_target_": "x.Y", "n": 2, "l": [1, 2]}, "b": 3})
+    assert flatten_config(cfg) == {"a._target_": "x.Y", "a.n": "2", "a.l": "[1, 2]", "b": "3"}
+    assert plugin_targets(cfg) == {"plugin.a": "x.Y"}
+
+
+def test_instantiate_plugin_checks_targets():
+    good = OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "max_documents": 1})
+    assert isinstance(instantiate_plugin(good, "dataset", TextDataset), TextDataset)
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg'"):
+        instantiate_plugin(OmegaConf.create({"_target_": "no_such_pkg.X"}), "dataset", TextDataset)
+    with pytest.raises(ConfigError, match="has no 'ChitchatCorpsu'.*ChitchatCorpus"):
+        instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpsu"}), "dataset")
+    with pytest.raises(ConfigError, match="is not a framework.interfaces.TokenizerSource"):
+        instantiate_plugin(good, "tokenizer", TokenizerSource)
+    with pytest.raises(ConfigError, match="cannot build"):
+        instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "bogus": 1}),
+                           "dataset", TextDataset)
