@@ -1,0 +1,66 @@
+"""A user's plugin from outside the package, picked by `_target_` or by a config group on hydra.searchpath."""
+
+import textwrap
+
+import pytest
+
+from conftest import QUIET, mlflow_runs
+
+SMALL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64", "tokenizer.vocab_size=300",
+         "stage.seq_len=32", "stage.batch_size=4", "stage.val_fraction=0.2", "trainer.max_steps=3",
+         "trainer.val_check_interval=3", "stage.samples.prompts=[]", *QUIET]
+
+
+@pytest.fixture
+def user_project(tmp_path):
+    pkg = tmp_path / "my_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "corpus.py").write_text(textwrap.dedent('''
+        from pathlib import Path
+        from framework.interfaces import TextDataset
+        from framework.records import Text
+
+        class Poems(TextDataset):
+            def __init__(self, folder: str):
+                self.folder = folder
+
+            def texts(self):
+                for p in sorted(Path(self.folder).glob("*.txt")):
+                    yield Text(p.read_text(), source=str(p))
+
+            def describe(self):
+                return f"user poems in {self.folder}"
+    '''))
+    poems = tmp_path / "poems"
+    poems.mkdir()
+    for i in range(30):
+        (poems / f"{i}.txt").write_text(f"poem {i}: the quick brown fox jumps over the lazy dog. " * 6)
+    conf = tmp_path / "my_conf" / "dataset"
+    conf.mkdir(parents=True)
+    (conf / "poems.yaml").write_text(f"_target_: my_pkg.corpus.Poems\nfolder: {poems}\n")
+    return tmp_path
+
+
+def test_plugin_by_target(user_project, run_cli, rlhf_home):
+    proc = run_cli("~dataset", f"+dataset={{_target_: my_pkg.corpus.Poems, folder: '{user_project / 'poems'}'}}",
+                   *SMALL, env={"PYTHONPATH": str(user_project)})
+    assert "user poems in" in proc.stdout
+    _, runs = mlflow_runs(rlhf_home)
+    assert runs[0].data.tags["plugin.dataset"] == "my_pkg.corpus.Poems"
+
+
+def test_plugin_config_group_on_searchpath(user_project, run_cli, rlhf_home):
+    proc = run_cli(f"hydra.searchpath=[file://{user_project / 'my_conf'}]", "dataset=poems", *SMALL,
+                   env={"PYTHONPATH": str(user_project)})
+    assert "user poems in" in proc.stdout
+    _, runs = mlflow_runs(rlhf_home)
+    assert runs[0].data.tags["plugin.dataset"] == "my_pkg.corpus.Poems"
+
+
+def test_plugin_of_the_wrong_kind_is_refused(user_project, run_cli):
+    proc = run_cli(f"hydra.searchpath=[file://{user_project / 'my_conf'}]", "dataset=poems",
+                   "tokenizer._target_=my_pkg.corpus.Poems", *SMALL,
+                   env={"PYTHONPATH": str(user_project)}, check=False)
+    assert proc.returncode == 2
+    assert "tokenizer._target_='my_pkg.corpus.Poems' is not a framework.interfaces.TokenizerSource" in proc.stderr
