@@ -11,7 +11,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
 from framework.interfaces import Stage, StageContext, StageResult
-from framework.tracking import RUN_FILE, flatten_config, git_commit, open_run, plugin_targets
+from framework.tracking import (
+    RUN_FILE,
+    flatten_config,
+    follow_run,
+    git_commit,
+    is_rank_zero,
+    open_run,
+    plugin_targets,
+)
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
 
@@ -79,11 +87,14 @@ def run(cfg: DictConfig) -> StageResult:
     run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"stage": stage.name, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
             "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
-    tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
-    tracked.save_pointer(output_dir)
-    print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")
-    if tracked.tracking_uri.startswith("sqlite:///"):
-        print(f"[rlhf]   open it with: mlflow ui --backend-store-uri {tracked.tracking_uri}")
+    if is_rank_zero():
+        tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
+        tracked.save_pointer(output_dir)
+        print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")
+        if tracked.tracking_uri.startswith("sqlite:///"):
+            print(f"[rlhf]   open it with: mlflow ui --backend-store-uri {tracked.tracking_uri}")
+    else:
+        tracked = follow_run(output_dir)
 
     status = "FAILED"
     try:

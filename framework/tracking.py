@@ -96,8 +96,15 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def is_rank_zero() -> bool:
+    """True in the launching process; False in the extra processes a multi-process Lightning strategy starts."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 class TrackedRun:
-    """One MLflow run, addressed by id. Every write goes through the client for this run only."""
+    """One MLflow run, addressed by id. Every write goes through the client for this run only.
+
+    """
 
     def __init__(self, client: "MlflowClient", run_id: str, tracking_uri: str, experiment_id: str):
         self.client = client
@@ -156,6 +163,27 @@ class TrackedRun:
         (output_dir / RUN_FILE).write_text(
             json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
         )
+
+
+class FollowerRun(TrackedRun):
+    """Ranks other than 0: knows rank 0's run id (for Lightning's logger, which logs on rank 0 only); writes nothing."""
+
+    def _skip(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    log_params = set_tags = log_metrics = log_text = log_table = log_dir = end = save_pointer = _skip
+
+
+def follow_run(output_dir: Path) -> TrackedRun:
+    """For ranks other than 0: the run rank 0 opened, read from the pointer it wrote in the shared output dir."""
+    from mlflow import MlflowClient
+
+    pointer = output_dir / RUN_FILE
+    if not pointer.exists():
+        raise TrackingError(f"rank {os.environ.get('LOCAL_RANK')}: no {RUN_FILE} in {output_dir}; rank 0 writes it")
+    info = json.loads(pointer.read_text())
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    return FollowerRun(client, info["run_id"], info["tracking_uri"], info["experiment_id"])
 
 
 def _get_or_create_experiment(client: "MlflowClient", name: str, artifact_root: str | None) -> str:

@@ -72,3 +72,15 @@ def test_hf_disk_dataset_round_trip(tmp_path):
         list(HFDiskText(str(tmp_path / "ds"), text_field="body").texts())
     with pytest.raises(DataError, match="not a folder written by"):
         list(HFDiskText(str(tmp_path / "nope")).texts())
+
+
+def test_empty_corpus_stops_the_stage(tmp_path):
+    from omegaconf import OmegaConf
+
+    from framework.stages.pretrain import PretrainStage
+
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    cfg = OmegaConf.create({"seed": 0, "dataset": {"_target_": "plugins.datasets.text_files.TextFiles",
+                                                     "paths": [str(tmp_path / "empty.txt")]}})
+    with pytest.raises(DataError, match="no documents with text"):
+        PretrainStage().load_corpus(cfg)

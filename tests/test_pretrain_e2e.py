@@ -51,6 +51,14 @@ def test_pretrain_smoke_trains_exports_and_tracks(run_cli, rlhf_home):
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "model", "samples.json"} <= paths
     assert "model/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    # continuing from the export: model.path loads it and its own tokenizer; training starts where it stopped
+    proc = run_cli("experiment=smoke", f"model.path={model_dir}", "trainer.max_steps=10", "trainer.val_check_interval=5",
+                   *QUIET)
+    client, runs = mlflow_runs(rlhf_home)
+    cont = client.get_metric_history(runs[0].info.run_id, "val/loss")
+    start = min(cont, key=lambda m: m.step).value
+    assert abs(start - val[-1]) < 0.05, (start, val[-1])
+
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json", str(rlhf_home))).read_text())
     assert table["columns"] == ["prompt", "completion"] and len(table["data"]) == 3
 
@@ -82,3 +90,16 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(rlhf_home, tokenizer_c
     assert max(m.step for m in history) >= 55 > steps_before or steps_before >= 55
     assert runs[0].data.tags.get("resume.changed.trainer.max_steps") == "60"
     exported_dir(resumed.stdout)
+
+
+def test_ddp_strategy_on_cpu_is_one_tracked_run(run_cli, rlhf_home):
+    """`trainer=ddp`: Lightning starts a second process (gloo); rank 0 alone writes the MLflow run and the export."""
+    proc = run_cli("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.max_steps=10", "trainer.val_check_interval=5", "stage.checkpoint_every_n_steps=5", *QUIET,
+                   env={"OMP_NUM_THREADS": "1"})
+    model_dir = exported_dir(proc.stdout)
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_layer == 2
+    client, runs = mlflow_runs(rlhf_home)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["trainer.strategy"] == "ddp"
+    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 5
