@@ -80,11 +80,12 @@ def plain_loop(model, batches, lr: float) -> float:
 
 
 def lightning_stage(model, cfg, batches, precision: str) -> float:
-    """Tokens/s of our PretrainModule under the Lightning Trainer (no logger, no checkpoints)."""
+    """Tokens/s of our CausalLMModule under the Lightning Trainer (no logger, no checkpoints)."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from framework.stages.pretrain import PackedBlocks, PretrainModule
+    from framework.stages.lm_module import CausalLMModule
+    from framework.stages.pretrain import PackedBlocks
     from plugins.losses.lm import LMCrossEntropy
 
     class Timer(pl.Callback):
@@ -98,7 +99,7 @@ def lightning_stage(model, cfg, batches, precision: str) -> float:
             self.times.append(time.perf_counter() - self.t)
 
     timer = Timer()
-    module = PretrainModule(model, LMCrossEntropy(), dict(cfg.stage.optimizer), dict(cfg.stage.scheduler))
+    module = CausalLMModule(model, LMCrossEntropy(), dict(cfg.stage.optimizer), dict(cfg.stage.scheduler))
     data = DataLoader(PackedBlocks([b.tolist() for batch in batches for b in batch]), batch_size=batches[0].size(0))
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(batches), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -143,7 +144,7 @@ def main() -> None:
           f"{fpt / 1e6:.1f} MFLOP per token\n")
     rows = [("plain PyTorch loop", "32-true", plain_loop(build(cfg, args.vocab), batches, cfg.stage.optimizer.lr))]
     for precision in args.precisions:
-        rows.append(("rlhf-lab PretrainModule", precision, lightning_stage(build(cfg, args.vocab), cfg, batches, precision)))
+        rows.append(("rlhf-lab CausalLMModule", precision, lightning_stage(build(cfg, args.vocab), cfg, batches, precision)))
     base = rows[0][2]
     print(f"| {'run':<24} | {'precision':<10} | {'tokens/s':>9} | {'GFLOP/s':>8} | {'of matmul peak':>14} | {'vs plain':>8} |")
     print(f"|{'-' * 26}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 16}|{'-' * 10}|")

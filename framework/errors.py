@@ -23,3 +23,7 @@ class DataError(RLHFError):
 
 class TrackingError(RLHFError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+class ExpertError(RLHFError):
+    """An expert cannot label a state; the message names the task (or teacher) and the state."""

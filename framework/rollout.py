@@ -42,7 +42,9 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Generation:
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
+                     logits_processor=None) -> Generation:
+        """logits_processor: optional transformers LogitsProcessorList applied at every step (e.g. expert mixing)."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -63,14 +65,9 @@ class HFGenerator:
         try:
             with torch.no_grad():
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, pad_token_id=pad, eos_token_id=self.stop_ids, **kwargs
+                    input_ids=ids, attention_mask=mask, pad_token_id=pad, eos_token_id=self.stop_ids,
+                    logits_processor=logits_processor, **kwargs
                 )
         finally:
             self.model.train(was_training)
         return Generation(prompt_ids=ids, prompt_mask=mask, response_ids=out[:, width:])
-
-    def generate_text(self, prompts: Sequence[str], settings: SamplingSettings) -> list[str]:
-        """Plain-text convenience: encode without special tokens, decode the responses without them."""
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        gen = self.generate_ids(encoded, settings)
-        return self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)

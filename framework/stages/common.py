@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -93,3 +93,28 @@ def export_causal_lm(model, tokenizer, out_dir: Path, max_new_tokens: int = 64) 
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def log_samples(ctx: StageContext, model, tokenizer, samples: Mapping[str, Any],
+                encode: Callable[[str], list[int]] | None = None, stop_ids: Sequence[int] | None = None) -> None:
+    """Sample a completion for each of `samples.prompts`, print them, and log them as the `samples.json` table.
+
+    encode: prompt text -> token ids (default: the raw text, no special tokens; SFT passes its chat formatting).
+    """
+    from framework.rollout import HFGenerator, SamplingSettings
+
+    prompts = list(samples.get("prompts") or [])
+    if not prompts:
+        return
+    settings = SamplingSettings(max_new_tokens=int(samples.get("max_new_tokens", 40)),
+                                temperature=float(samples.get("temperature", 1.0)),
+                                top_p=float(samples.get("top_p", 1.0)))
+    encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    torch.manual_seed(ctx.cfg.seed)
+    gen = HFGenerator(model, tokenizer, stop_ids or stop_token_ids(tokenizer))
+    out = gen.generate_ids([encode(p) for p in prompts], settings)
+    completions = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+    print("[rlhf] samples:")
+    for p, c in zip(prompts, completions):
+        print(f"  {p!r} -> {c!r}")
+    ctx.run.log_table({"prompt": prompts, "completion": completions}, "samples.json")

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from functools import partial
-from typing import Any, Mapping
+from typing import Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from framework.data import hash_split, pack_token_stream
 from framework.errors import ConfigError, DataError
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import Loss, Stage, StageContext, StageResult, TextDataset
 from framework.models import context_length, count_parameters
-from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import (
-    adamw_param_groups,
-    build_tokenizer_and_model,
-    build_trainer,
-    export_causal_lm,
-    warmup_cosine,
-)
-from framework.tokenization import stop_token_ids
+from framework.stages.common import build_tokenizer_and_model, build_trainer, export_causal_lm, log_samples
+from framework.stages.lm_module import CausalLMModule
 
 
 class PackedBlocks(Dataset):
@@ -79,62 +68,6 @@ class PackedTextDataModule(pl.LightningDataModule):
         return {k: v.data.numel() for k, v in self.splits.items()}
 
 
-class PretrainModule(pl.LightningModule):
-    """Next-token prediction. Logs train/loss, train/tokens_per_s, lr per step; val/loss, val/perplexity."""
-
-    def __init__(self, model: torch.nn.Module, loss: Loss, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss
-        self.optimizer_cfg = dict(optimizer)
-        self.scheduler_cfg = dict(scheduler)
-        self.val_loss = MeanMetric()
-        self.val_perplexity = Perplexity(ignore_index=-100)
-        self._last_step_end: float | None = None
-
-    def forward(self, input_ids: torch.Tensor):
-        return self.model(input_ids=input_ids)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.loss_fn(self(batch["input_ids"]), batch)
-        self.log("train/loss", loss, prog_bar=True)
-        for name, value in metrics.items():
-            self.log(f"train/{name}", value)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
-        return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_end is not None:  # wall time between batch ends: data + forward + backward + step
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), prog_bar=True)
-        self._last_step_end = now
-
-    def on_validation_start(self) -> None:
-        self._last_step_end = None  # do not count validation time as a training step
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        outputs = self(batch["input_ids"])
-        loss, metrics = self.loss_fn(outputs, batch)
-        self.val_loss.update(loss, weight=metrics.get("tokens", torch.tensor(1.0)))
-        self.val_perplexity.update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
-        self.log("val/perplexity", self.val_perplexity, on_epoch=True)
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(
-            adamw_param_groups(self.model, self.optimizer_cfg.get("weight_decay", 0.0)),
-            lr=self.optimizer_cfg["lr"],
-            betas=tuple(self.optimizer_cfg.get("betas", (0.9, 0.95))),
-            eps=self.optimizer_cfg.get("eps", 1e-8),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        schedule = partial(warmup_cosine, warmup_steps=int(self.scheduler_cfg.get("warmup_steps", 0)),
-                           total_steps=total, min_ratio=float(self.scheduler_cfg.get("min_lr_ratio", 0.1)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
 class PretrainStage(Stage):
     """Wires dataset + tokenizer + model + loss plugins into Lightning, trains, exports a HF dir, samples."""
 
@@ -173,7 +106,7 @@ class PretrainStage(Stage):
         data.setup()
         ctx.run.log_params({"data.train_tokens": str(data.token_counts()["train"]),
                             "data.val_tokens": str(data.token_counts()["val"]), "model.n_params": str(n_params)})
-        module = PretrainModule(model, instantiate_plugin(cfg.loss, "loss", Loss), self.optimizer, self.scheduler)
+        module = CausalLMModule(model, instantiate_plugin(cfg.loss, "loss", Loss), self.optimizer, self.scheduler)
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
                                 limit_val_batches=self.val_batches or 1.0)
         if ctx.ckpt_path is None:  # the starting point, logged as step 0, so "how far did val loss fall" is on record
@@ -184,21 +117,7 @@ class PretrainStage(Stage):
         artifact_dir = ctx.output_dir / "model"
         if trainer.is_global_zero:
             export_causal_lm(model, tokenizer, artifact_dir, self.samples.get("max_new_tokens", 64))
-            self.log_samples(ctx, model, tokenizer)
+            log_samples(ctx, model, tokenizer, self.samples)
             logged = ctx.run.log_dir(artifact_dir, "model", float(cfg.logger.get("log_model_max_mb", 200)))
             print(f"[rlhf] exported model + tokenizer to {artifact_dir}" + ("" if logged else " (too large to upload; path tagged)"))
         return StageResult(artifact_dir=artifact_dir, metrics={k: float(v) for k, v in final.items()})
-
-    def log_samples(self, ctx: StageContext, model, tokenizer) -> None:
-        prompts = list(self.samples.get("prompts", []))
-        if not prompts:
-            return
-        settings = SamplingSettings(max_new_tokens=int(self.samples.get("max_new_tokens", 40)),
-                                    temperature=float(self.samples.get("temperature", 1.0)),
-                                    top_p=float(self.samples.get("top_p", 1.0)))
-        torch.manual_seed(ctx.cfg.seed)
-        completions = HFGenerator(model, tokenizer, stop_token_ids(tokenizer)).generate_text(prompts, settings)
-        print("[rlhf] samples:")
-        for p, c in zip(prompts, completions):
-            print(f"  {p!r} -> {c!r}")
-        ctx.run.log_table({"prompt": prompts, "completion": completions}, "samples.json")

@@ -1,0 +1,181 @@
+"""Imitation-learning plumbing shared by the SFT stage and imitation plugins: encoding demonstrations with the
+response-only loss mask, rolling out the learner (optionally mixed with an expert), labelling visited states, and
+scoring a task with greedy decoding. Pure helpers: no Lightning."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from framework.errors import ConfigError, DataError
+from framework.interfaces import Example, Expert, Task
+from framework.records import Demonstration, Prompt
+from framework.rollout import HFGenerator, SamplingSettings
+from framework.tokenization import TURN_END
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+FORMATS = ("chat", "plain")
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"stage.format={fmt!r}; expected one of {FORMATS}")
+
+
+def stop_token_id(tokenizer: "PreTrainedTokenizerBase", fmt: str) -> int:
+    """The token that ends a response: the chat turn end in chat format (when the vocabulary has it), else EOS."""
+    if fmt == "chat" and TURN_END in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(TURN_END)
+    return tokenizer.eos_token_id
+
+
+def encode_prompt(tokenizer: "PreTrainedTokenizerBase", text: str, fmt: str) -> list[int]:
+    """The prompt as the learner sees it before its response."""
+    if fmt == "chat":
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode_full(tokenizer, demo: Demonstration, fmt: str) -> tuple[list[int], list[int]]:
+    if fmt == "plain":
+        if demo.messages is not None:
+            raise DataError("a conversation cannot be encoded with stage.format=plain; use stage.format=chat",
+                            demo.source or None)
+        prompt = tokenizer(demo.prompt, add_special_tokens=False)["input_ids"]
+        response = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    enc = tokenizer.apply_chat_template(demo.as_messages(), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+    if not any(mask):
+        raise DataError("the tokenizer's chat template marks no assistant tokens (it needs {% generation %} blocks); "
+                        "use a tokenizer trained here, or stage.format=plain", demo.source or None)
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def encode_demonstration(tokenizer, demo: Demonstration, fmt: str, max_length: int) -> tuple[Example | None, str]:
+    """One demonstration -> Example whose labels are the response tokens (and their end token) only.
+
+    Too long: prompt tokens are cut from the left ("truncated"); if the last response alone does not fit, the
+    demonstration is dropped ("dropped"), never cut at the end (a response without its end token teaches the
+    model not to stop). Returns (example or None, "ok" | "truncated" | "dropped").
+    """
+    ids, labels = _encode_full(tokenizer, demo, fmt)
+    if len(ids) <= max_length:
+        return Example(ids, labels), "ok"
+    cut = len(ids) - max_length
+    last_run = max(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+    while last_run > 0 and labels[last_run - 1] != IGNORE_INDEX:
+        last_run -= 1  # start of the final response
+    if cut > last_run:
+        return None, "dropped"
+    return Example(ids[cut:], labels[cut:]), "truncated"
+
+
+def encode_demonstrations(tokenizer, demos: Iterable[Demonstration], fmt: str, max_length: int) -> list[Example]:
+    """Encode all, with one counted warning for truncated prompts and one for dropped demonstrations."""
+    examples, counts = [], {"ok": 0, "truncated": 0, "dropped": 0}
+    for demo in demos:
+        ex, status = encode_demonstration(tokenizer, demo, fmt, max_length)
+        counts[status] += 1
+        if ex is not None:
+            examples.append(ex)
+    if counts["truncated"]:
+        warnings.warn(f"{counts['truncated']} demonstration(s) longer than stage.max_length={max_length}: their "
+                      "prompts were cut from the left; responses kept whole", stacklevel=2)
+    if counts["dropped"]:
+        warnings.warn(f"{counts['dropped']} demonstration(s) dropped: the response alone exceeds stage.max_length="
+                      f"{max_length}; raise stage.max_length (and the model's context) to keep them", stacklevel=2)
+    if not examples:
+        raise DataError(f"no demonstration fits in stage.max_length={max_length}")
+    return examples
+
+
+def trajectory_example(prompt_ids: Sequence[int], response_ids: Sequence[int], labels: Sequence[int]) -> Example:
+    """A learner trajectory as a training sequence whose targets are the expert's labels of the visited states.
+
+    labels[t] is the expert's next token after response_ids[:t]; the logit at the last prompt token predicts
+    labels[0], the one after response_ids[t] predicts labels[t + 1]. When there is one label more than response
+    tokens (the rollout did not stop), a pad input slot carries the last label.
+    """
+    ids = list(prompt_ids) + list(response_ids)
+    n = len(labels)
+    if n == len(response_ids) + 1:
+        ids = ids + [0]  # input of the slot is never read: nothing comes after it
+    elif n != len(response_ids):
+        raise ValueError(f"{n} labels for {len(response_ids)} response tokens")
+    return Example(ids, [IGNORE_INDEX] * len(prompt_ids) + list(labels))
+
+
+def trim_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The response up to and including its first stop token (padding after it removed)."""
+    out = []
+    for t in ids:
+        out.append(int(t))
+        if t in stop_ids:
+            break
+    return out
+
+
+class _ExpertMixer:
+    """A logits processor: in each state, with probability beta, the expert's token replaces the learner's choice."""
+
+    def __init__(self, beta: float, rng: random.Random, width: int, choose: Callable[[int, list[int]], int],
+                 stop_id: int):
+        self.beta, self.rng, self.width, self.choose, self.stop_id = beta, rng, width, choose, stop_id
+
+    def __call__(self, input_ids, scores):
+        for i in range(input_ids.size(0)):
+            prefix = input_ids[i, self.width :].tolist()
+            if self.stop_id in prefix or self.rng.random() >= self.beta:
+                continue
+            tok = self.choose(i, prefix)
+            scores[i, :] = float("-inf")
+            scores[i, tok] = 0.0
+        return scores
+
+
+def rollout(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, stop_id: int,
+            expert: Expert | None = None, prompts: Sequence[Prompt] | None = None, beta: float = 0.0,
+            rng: random.Random | None = None, batch_size: int = 64) -> list[list[int]]:
+    """Greedy rollouts of the mixture policy beta * expert + (1 - beta) * learner; each response ends at its stop."""
+    from transformers import LogitsProcessorList
+
+    gen = HFGenerator(model, tokenizer, [stop_id])
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, do_sample=False)
+    rng = rng or random.Random(0)
+    out: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        processors = None
+        if beta > 0 and expert is not None:
+            width = max(len(p) for p in chunk)
+            choose = lambda i, prefix, s=start: expert.next_token(prompts[s + i], prompt_ids[s + i], prefix)  # noqa: E731
+            processors = LogitsProcessorList([_ExpertMixer(beta, rng, width, choose, stop_id)])
+        result = gen.generate_ids(chunk, settings, logits_processor=processors)
+        out.extend(trim_at_stop(r, [stop_id]) for r in result.response_ids.tolist())
+    return out
+
+
+def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: str, max_new_tokens: int,
+                  expert: Expert | None = None) -> tuple[dict[str, float], list[str]]:
+    """Greedy decoding on `prompts`: mean gold score, exact-match rate and (with an expert) mistakes per sequence,
+    i.e. the states along the learner's own trajectory where its token differs from the expert's."""
+    stop_id = stop_token_id(tokenizer, fmt)
+    prompt_ids = [encode_prompt(tokenizer, p.text, fmt) for p in prompts]
+    responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    gold = [task.gold(p, t) for p, t in zip(prompts, texts)]
+    metrics = {"eval/gold": sum(gold) / len(gold), "eval/exact_match": sum(g >= 1.0 for g in gold) / len(gold)}
+    if expert is not None:
+        mistakes = []
+        for p, ids, resp in zip(prompts, prompt_ids, responses):
+            labels = expert.next_token_labels(p, ids, resp)
+            mistakes.append(sum(int(a != b) for a, b in zip(resp, labels)))
+        metrics["eval/mistakes_per_seq"] = sum(mistakes) / len(mistakes)
+    return metrics, texts

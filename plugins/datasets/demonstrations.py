@@ -1,0 +1,147 @@
+"""Demonstration datasets for SFT: jsonl files, chitchat conversations, saved `datasets` folders, task experts."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any, Iterator, Sequence
+
+from framework.errors import DataError
+from framework.interfaces import DemonstrationDataset, Task
+from framework.records import ROLES, Demonstration
+from plugins.datasets.chitchat import conversation_turns, load_conversations
+from plugins.datasets.hf_disk import load_saved_dataset
+from plugins.datasets.text_files import expand_paths
+
+
+def parse_demonstration(row: Any, source: str) -> Demonstration:
+    """Validate one row: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}. Raises ValueError."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    has_pair = "prompt" in row or "response" in row
+    if has_pair and "messages" in row:
+        raise ValueError("row has both prompt/response and messages; use one form per row")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"messages[{i}].role is {m['role']!r}; expected one of {list(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise ValueError("conversation has no non-empty assistant turn to learn from")
+        return Demonstration(messages=tuple({"role": m["role"], "content": m["content"]} for m in messages),
+                             source=source)
+    for key in ("prompt", "response"):
+        if key not in row:
+            raise ValueError(f"row has no {key!r} field (fields: {sorted(row)}); rows need prompt+response or messages")
+        if not isinstance(row[key], str):
+            raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
+    if not row["response"].strip():
+        raise ValueError("empty response: nothing to learn from")
+    return Demonstration(prompt=row["prompt"], response=row["response"], source=source)
+
+
+def _validated(rows: Iterator[tuple[str, int | None, Any]], skip_bad_rows: bool) -> Iterator[Demonstration]:
+    skipped = 0
+    for path, line, row in rows:
+        try:
+            yield parse_demonstration(row, f"{path}:{line}" if line else path)
+        except ValueError as err:
+            if not skip_bad_rows:
+                raise DataError(f"{err} (add dataset.skip_bad_rows=true to skip such rows)", path, line) from None
+            skipped += 1
+    if skipped:
+        warnings.warn(f"skipped {skipped} bad demonstration row(s) (dataset.skip_bad_rows=true)", stacklevel=2)
+
+
+class JsonlDemonstrations(DemonstrationDataset):
+    """jsonl rows of {"prompt", "response"} or {"messages": [...]}, validated row by row."""
+
+    def __init__(self, paths: Sequence[str] | str, skip_bad_rows: bool = False, max_demonstrations: int | None = None):
+        self.paths, self.skip_bad_rows, self.max_demonstrations = paths, skip_bad_rows, max_demonstrations
+
+    def _rows(self) -> Iterator[tuple[str, int | None, Any]]:
+        for path in expand_paths(self.paths):
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        if not self.skip_bad_rows:
+                            raise DataError(f"invalid JSON ({err.msg})", str(path), lineno) from None
+                        row = None
+                    yield str(path), lineno, row
+
+    def demonstrations(self) -> Iterator[Demonstration]:
+        for i, demo in enumerate(_validated(self._rows(), self.skip_bad_rows)):
+            if self.max_demonstrations is not None and i >= self.max_demonstrations:
+                return
+            yield demo
+
+    def describe(self) -> str:
+        return f"demonstrations from {self.paths}"
+
+
+class HFDiskDemonstrations(DemonstrationDataset):
+    """A saved `datasets` dataset with prompt/response or messages columns."""
+
+    def __init__(self, path: str, split: str = "train", skip_bad_rows: bool = False,
+                 max_demonstrations: int | None = None):
+        self.path, self.split, self.skip_bad_rows, self.max_demonstrations = path, split, skip_bad_rows, max_demonstrations
+
+    def demonstrations(self) -> Iterator[Demonstration]:
+        ds = load_saved_dataset(self.path, self.split)
+        rows = ((f"{self.path}#{i}", None, row) for i, row in enumerate(ds))
+        for i, demo in enumerate(_validated(rows, self.skip_bad_rows)):
+            if self.max_demonstrations is not None and i >= self.max_demonstrations:
+                return
+            yield demo
+
+    def describe(self) -> str:
+        return f"saved dataset {self.path} [{self.split}]"
+
+
+class ChitchatDemonstrations(DemonstrationDataset):
+    """Each conversation as a chat: the first speaker is the user, the other the assistant; all assistant turns train."""
+
+    def __init__(self, max_conversations: int | None = None, max_turns: int | None = 8):
+        self.max_conversations, self.max_turns = max_conversations, max_turns
+
+    def demonstrations(self) -> Iterator[Demonstration]:
+        n = 0
+        for conv_id, conv in load_conversations().items():
+            if self.max_conversations is not None and n >= self.max_conversations:
+                return
+            turns = conversation_turns(conv)[: self.max_turns]
+            if len(turns) < 2:
+                continue
+            roles = ["user", "assistant"]
+            messages = tuple({"role": roles[i % 2], "content": t} for i, t in enumerate(turns))
+            n += 1
+            yield Demonstration(messages=messages, source=f"chitchat:{conv_id}")
+
+    def describe(self) -> str:
+        return "chitchat conversations as demonstrations"
+
+
+class TaskDemonstrations(DemonstrationDataset):
+    """The task expert's responses to `n` task prompts drawn with `seed`."""
+
+    def __init__(self, task: Task, n: int = 1000, seed: int = 0):
+        if not isinstance(task, Task):
+            raise DataError("dataset=task_demos needs a task: add task=<sort|addition|reasoning_gym>")
+        self.task, self.n, self.seed = task, n, seed
+
+    def demonstrations(self) -> Iterator[Demonstration]:
+        for prompt in self.task.prompts(self.n, self.seed):
+            yield self.task.demonstration(prompt)
+
+    def describe(self) -> str:
+        return f"{self.n} expert demonstrations of task {self.task.name}"

@@ -1,0 +1,1 @@
+"""Expert plugins: label states (prompt + response prefix) with the best next token."""

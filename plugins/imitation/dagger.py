@@ -1,0 +1,72 @@
+"""DAgger (Ross, Gordon & Bagnell 2011): roll out the mixture beta_i * expert + (1 - beta_i) * learner, let the
+expert label every state the rollouts visit, aggregate, retrain on the aggregate.
+
+Round 0 is the expert's own round (beta_0 = 1): a share of the demonstrations. Round i >= 1 rolls out with
+beta_i = p^i (p = 0: the learner alone after round 0, the "beta_1 = 1 then 0" schedule).
+"""
+
+from __future__ import annotations
+
+import random
+
+from framework.errors import ConfigError
+from framework.imitation import rollout, trajectory_example
+from framework.interfaces import Example, ImitationAlgorithm, ImitationContext
+
+
+def count_labels(examples: list[Example]) -> int:
+    return sum(sum(l != -100 for l in ex.labels) for ex in examples)
+
+
+class DAgger(ImitationAlgorithm):
+    def __init__(self, rounds: int = 4, first_round_demos: float = 0.5, rollouts_per_round: int = 200,
+                 beta_p: float = 0.5, rollout_batch_size: int = 64):
+        if rounds < 2:
+            raise ConfigError("imitation.rounds must be >= 2 for DAgger (round 0 is the demonstrations)")
+        if not 0.0 < first_round_demos <= 1.0 or not 0.0 <= beta_p <= 1.0:
+            raise ConfigError("imitation.first_round_demos must be in (0, 1] and imitation.beta_p in [0, 1]")
+        self.num_rounds = rounds
+        self.first_round_demos, self.rollouts_per_round = first_round_demos, rollouts_per_round
+        self.beta_p, self.rollout_batch_size = beta_p, rollout_batch_size
+        self.aggregate: list[Example] = []
+        self.rounds_done = 0
+        self._metrics: dict[str, float] = {}
+
+    def beta(self, round_idx: int) -> float:
+        return self.beta_p**round_idx
+
+    def round_dataset(self, round_idx: int, ctx: ImitationContext) -> list[Example]:
+        if round_idx < self.rounds_done:  # restored from a checkpoint: the aggregate already holds this round
+            return list(self.aggregate)
+        if round_idx == 0:
+            n = max(1, round(self.first_round_demos * len(ctx.demonstrations)))
+            new = list(ctx.demonstrations[:n])
+            beta = 1.0
+        else:
+            if ctx.expert is None or not ctx.prompts:
+                raise ConfigError("imitation=dagger needs a task to roll out on and an expert to label states: "
+                                  "add task=<sort|addition|reasoning_gym> expert=task (or expert=teacher_lm)")
+            rng = random.Random(ctx.seed * 1009 + round_idx)
+            prompts = [rng.choice(ctx.prompts) for _ in range(self.rollouts_per_round)]
+            prompt_ids = [ctx.encode_prompt(p) for p in prompts]
+            beta = self.beta(round_idx)
+            responses = rollout(ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.stop_id,
+                                expert=ctx.expert, prompts=prompts, beta=beta, rng=rng,
+                                batch_size=self.rollout_batch_size)
+            new = [trajectory_example(ids, resp, ctx.expert.next_token_labels(p, ids, resp))
+                   for p, ids, resp in zip(prompts, prompt_ids, responses)]
+        self.aggregate.extend(new)
+        self.rounds_done = round_idx + 1
+        self._metrics = {"round": round_idx, "beta": beta, "new_examples": len(new), "new_labels": count_labels(new),
+                         "dataset_size": len(self.aggregate), "expert_labels": count_labels(self.aggregate)}
+        return list(self.aggregate)
+
+    def round_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def state_dict(self) -> dict:
+        return {"aggregate": [(ex.input_ids, ex.labels) for ex in self.aggregate], "rounds_done": self.rounds_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aggregate = [Example(list(i), list(l)) for i, l in state.get("aggregate", [])]
+        self.rounds_done = int(state.get("rounds_done", 0))

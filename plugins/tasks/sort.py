@@ -1,0 +1,64 @@
+"""Sort T digits: the horizon T is a knob. The expert emits the smallest digit not yet emitted, from any prefix."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+from framework.errors import ExpertError
+from framework.interfaces import Task
+from framework.records import Prompt
+
+DIGIT = re.compile(r"\d")
+
+
+class SortDigits(Task):
+    """Prompt "sort: 3 1 2 =", response " 1 2 3" (separator " "), or "sort: 312 =" -> "123" (separator "").
+
+    With separator "" and a byte-level vocabulary every digit is one token, so the horizon is T + 1 actions.
+
+    Expert from any prefix (also a wrong one): the digits already emitted are taken out of the input multiset
+    (a digit that is not there any more is a mistake, ignored); the rest follows in ascending order; then stop.
+    Gold: 1.0 when the emitted digits are exactly the sorted input, else 0.0.
+    """
+
+    def __init__(self, length: int = 8, digits: int = 10, separator: str = " "):
+        if length < 1 or not 2 <= digits <= 10:
+            raise ValueError("task.length must be >= 1 and task.digits in [2, 10]")
+        if separator.strip():
+            raise ValueError("task.separator must be whitespace or empty")
+        self.length, self.digits, self.sep = length, digits, separator
+        self.name = f"sort{length}"
+
+    def prompts(self, n: int, seed: int) -> list[Prompt]:
+        rng = random.Random(f"{self.name}:{seed}")
+        out = []
+        for i in range(n):
+            xs = [rng.randrange(self.digits) for _ in range(self.length)]
+            out.append(Prompt(f"sort: {self.sep.join(map(str, xs))} =", meta={"digits": xs}, source=f"{self.name}:{seed}:{i}"))
+        return out
+
+    @staticmethod
+    def _digits(prompt: Prompt) -> list[int]:
+        if "digits" in prompt.meta:
+            return list(prompt.meta["digits"])
+        head = prompt.text.split("=")[0]
+        return [int(d) for d in DIGIT.findall(head)]
+
+    def expert_continuation(self, prompt: Prompt, prefix: str) -> str:
+        xs = self._digits(prompt)
+        if not xs:
+            raise ExpertError(f"task {self.name}: prompt {prompt.text!r} has no digits to sort")
+        remaining = Counter(xs)
+        for d in DIGIT.findall(prefix):
+            if remaining[int(d)] > 0:
+                remaining[int(d)] -= 1
+        rest = sorted(remaining.elements())
+        if not rest:
+            return ""
+        text = self.sep.join(map(str, rest))
+        return text if not self.sep or prefix.endswith(self.sep) else self.sep + text
+
+    def gold(self, prompt: Prompt, completion: str) -> float:
+        return float([int(d) for d in DIGIT.findall(completion)] == sorted(self._digits(prompt)))
