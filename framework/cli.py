@@ -29,7 +29,11 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (`rlhf`, `python -m framework`)."""
+    """Console-script entry point (`rlhf`, `python -m framework`). `rlhf chat ...` is the chat command."""
+    if len(sys.argv) > 1 and sys.argv[1] == "chat":
+        from framework.chat import main as chat_main
+
+        sys.exit(chat_main(sys.argv[2:]))
     _hydra_entry()
 
 

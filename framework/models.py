@@ -62,19 +62,29 @@ class CausalLMFactory(ModelSource):
     (n_layer, hidden_size, ...) and is checked against it, so a typo fails instead of being silently ignored.
     """
 
+    # set from the tokenizer, never by hand
+    TOKENIZER_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
     def __init__(self, path: str | None = None, allow_download: bool = False, arch: str = "gpt2", **config: Any):
         self.path = path
         self.allow_download = allow_download
         self.arch = arch
         self.config_kwargs = config
+        if path:
+            self.ref = resolve_model_path(path, allow_download)  # fail now, before any data is read
+        else:
+            self._check_keys()
 
-    def _build_config(self, tokenizer: "PreTrainedTokenizerBase"):
+    def _check_keys(self) -> None:
         from transformers import AutoConfig
 
         try:
             default = AutoConfig.for_model(self.arch)
         except ValueError as err:
             raise ConfigError(f"model.arch={self.arch!r} is not a transformers model type: {err}") from None
+        fixed = [k for k in self.config_kwargs if k in self.TOKENIZER_KEYS]
+        if fixed:
+            raise ConfigError(f"model keys {fixed} are set from the tokenizer; remove them (change tokenizer.* instead)")
         known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
         unknown = [k for k in self.config_kwargs if k not in known]
         if unknown:
@@ -83,24 +93,23 @@ class CausalLMFactory(ModelSource):
                 f"model keys {unknown} are not fields of the {self.arch} config"
                 + "".join(f"; {k}: did you mean {' or '.join(h)}?" for k, h in hints.items() if h)
             )
-        return AutoConfig.for_model(
-            self.arch,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **self.config_kwargs,
-        )
 
     def build(self, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         if self.path:
             model = load_causal_lm(self.path, self.allow_download)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
             return model
-        return AutoModelForCausalLM.from_config(self._build_config(tokenizer))
+        try:
+            config = AutoConfig.for_model(self.arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                          **self.config_kwargs)
+            return AutoModelForCausalLM.from_config(config)
+        except (ValueError, TypeError, AssertionError) as err:
+            keys = ", ".join(f"{k}={v}" for k, v in self.config_kwargs.items())
+            raise ConfigError(f"cannot build a {self.arch} model from model.* ({keys}): {err}") from None
 
 
 def context_length(model: "PreTrainedModel") -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -11,17 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
 from framework.interfaces import Stage, StageContext, StageResult
-from framework.tracking import (
-    RUN_FILE,
-    flatten_config,
-    follow_run,
-    git_commit,
-    is_rank_zero,
-    open_run,
-    plugin_targets,
-)
+from framework.tracking import flatten_config, follow_run, git_commit, is_rank_zero, open_run, plugin_targets, read_pointer
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
+# config sections that must be the same for a checkpoint to fit the run that resumes it
+RESUME_MUST_MATCH = ("model", "tokenizer", "dataset", "task", "imitation")
 
 # Lightning notices that are expected in how we run (fresh checkpoint dir per run, validate() before fit())
 QUIET_WARNINGS = (
@@ -31,35 +24,36 @@ QUIET_WARNINGS = (
 )
 
 
-def find_resume_checkpoint(root: Path, stage_name: str) -> Path:
-    """The newest checkpoint of `stage_name` under `<root>/runs` and `<root>/multiruns`."""
-    found = [
-        p
-        for sub in ("runs", "multiruns")
-        for name in CHECKPOINT_NAMES
-        for p in (root / sub).glob(f"**/checkpoints/{name}")
-        if _stage_of(p.parent.parent) == stage_name
-    ]
-    if not found:
-        raise ConfigError(
-            f"resume=true: no checkpoint of stage {stage_name!r} under {root}/runs. "
-            "Give one with ckpt_path=/path/to/last.ckpt, or start without resume"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def _stage_of(run_dir: Path) -> str | None:
+def _saved_config(run_dir: Path) -> DictConfig | None:
     cfg_file = run_dir / ".hydra" / "config.yaml"
-    if cfg_file.exists():
-        return OmegaConf.load(cfg_file).get("stage", {}).get("name")
-    return None
+    return OmegaConf.load(cfg_file) if cfg_file.exists() else None
 
 
-def _resume_run_id(ckpt: Path) -> str | None:
-    pointer = ckpt.parent.parent / RUN_FILE
-    if pointer.exists():
-        return json.loads(pointer.read_text()).get("run_id")
-    return None
+def _section(cfg: DictConfig, key: str):
+    node = cfg.get(key)
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+
+
+def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
+    """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same model,
+    tokenizer, dataset (and task/imitation) config as `cfg`."""
+    candidates, mismatched = [], []
+    for sub in ("runs", "multiruns"):
+        for name in CHECKPOINT_NAMES:
+            for ckpt in (root / sub).glob(f"**/checkpoints/{name}"):
+                saved = _saved_config(ckpt.parent.parent)
+                if saved is None or saved.get("stage", {}).get("name") != stage_name:
+                    continue
+                diff = [k for k in RESUME_MUST_MATCH if _section(saved, k) != _section(cfg, k)]
+                (mismatched if diff else candidates).append((ckpt, diff))
+    if candidates:
+        return max((c for c, _ in candidates), key=lambda p: p.stat().st_mtime)
+    if mismatched:
+        ckpt, diff = max(mismatched, key=lambda c: c[0].stat().st_mtime)
+        raise ConfigError(f"resume=true: the newest {stage_name!r} checkpoint ({ckpt}) was made with other "
+                          f"{', '.join(diff)} settings; give it explicitly with ckpt_path= if you mean it")
+    raise ConfigError(f"resume=true: no checkpoint of stage {stage_name!r} under {root}/runs. "
+                      "Give one with ckpt_path=/path/to/last.ckpt, or start without resume")
 
 
 def run(cfg: DictConfig) -> StageResult:
@@ -79,22 +73,24 @@ def run(cfg: DictConfig) -> StageResult:
     if ckpt_path and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file")
     if cfg.get("resume") and not ckpt_path:
-        ckpt_path = str(find_resume_checkpoint(root, stage.name))
-    resume_run_id = _resume_run_id(Path(ckpt_path)) if ckpt_path else None
+        ckpt_path = str(find_resume_checkpoint(root, cfg, stage.name))
+    resume_run_id = (read_pointer(Path(ckpt_path).parent.parent) or {}).get("run_id") if ckpt_path else None
     if ckpt_path:
         print(f"[rlhf] resuming from {ckpt_path}" + (f" (MLflow run {resume_run_id})" if resume_run_id else ""))
 
-    run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {"stage": stage.name, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
-            "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
-    if is_rank_zero():
-        tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
-        tracked.save_pointer(output_dir)
-        print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")
-        if tracked.tracking_uri.startswith("sqlite:///"):
-            print(f"[rlhf]   open it with: mlflow ui --backend-store-uri {tracked.tracking_uri}")
-    else:
+    if not is_rank_zero():
         tracked = follow_run(output_dir)
+        return stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
+
+    commit = git_commit()
+    run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"stage": stage.name, "git_commit": commit, "mlflow.source.git.commit": commit,
+            "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
+    tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
+    tracked.save_pointer(output_dir)
+    print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")
+    if tracked.tracking_uri.startswith("sqlite:///"):
+        print(f"[rlhf]   open it with: mlflow ui --backend-store-uri {tracked.tracking_uri}")
 
     status = "FAILED"
     try:
@@ -105,13 +101,15 @@ def run(cfg: DictConfig) -> StageResult:
         result = stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
         tracked.set_tags({"artifact_dir": str(result.artifact_dir.resolve())})
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit() into SystemExit(1)
         status = "KILLED"
         raise
     finally:
         tracked.end(status)
+        ckpts = output_dir / "checkpoints"
         if status != "FINISHED":
-            print(f"[rlhf] stage {stage.name!r} did not finish ({status}); checkpoints, if any, are in "
-                  f"{output_dir / 'checkpoints'}; continue with `resume=true` or ckpt_path=...")
+            hint = (f"; its checkpoints are in {ckpts}: continue with `resume=true` or ckpt_path=..."
+                    if any(ckpts.glob("*.ckpt")) else "")
+            print(f"[rlhf] stage {stage.name!r} did not finish ({status}){hint}")
     print(f"[rlhf] {stage.name} done: {result.artifact_dir}")
     return result

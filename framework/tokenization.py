@@ -77,20 +77,23 @@ def has_tokenizer_files(path: Path) -> bool:
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
-    """Load a tokenizer from a local directory, with errors that say what is missing."""
+def load_tokenizer(path: str | Path, allow_download: bool = False) -> "PreTrainedTokenizerBase":
+    """Load a tokenizer from a local directory (or a hub id when allow_download), with errors that say what is
+    missing."""
     from transformers import AutoTokenizer
 
     p = Path(path).expanduser()
-    if not p.exists():
+    if not p.exists() and allow_download:
+        p = path  # a hub id
+    elif not p.exists():
         raise ConfigError(f"tokenizer path {str(p)!r} does not exist")
-    if p.is_dir() and not has_tokenizer_files(p):
+    elif p.is_dir() and not has_tokenizer_files(p):
         raise ConfigError(
             f"{str(p)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save one there with "
             "tokenizer.save_pretrained(dir), or point tokenizer=pretrained tokenizer.path=<dir> at one"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=not allow_download)
     except Exception as err:  # transformers raises many types here; the path is what the user needs
         raise ConfigError(f"cannot load a tokenizer from {str(p)!r}: {err}") from err
     if tok.chat_template is None:

@@ -97,7 +97,10 @@ def dir_size_mb(path: Path) -> float:
 
 
 def is_rank_zero() -> bool:
-    """True in the launching process; False in the extra processes a multi-process Lightning strategy starts."""
+    """True in the process of global rank 0 (torchrun/Lightning RANK, SLURM_PROCID, or LOCAL_RANK + NODE_RANK)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return os.environ[key] == "0"
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
@@ -130,10 +133,6 @@ class TrackedRun:
             if v is not None:
                 self.client.set_tag(self.run_id, k, str(v))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        for k, v in metrics.items():
-            self.client.log_metric(self.run_id, k, float(v), step=step or 0)
-
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -149,10 +148,15 @@ class TrackedRun:
         return True
 
     def lightning_logger(self):
-        """A Lightning `MLFlowLogger` that writes into this run."""
+        """A Lightning `MLFlowLogger` that writes into this run but leaves its status to us: Lightning would mark
+        the run FINISHED at the end of every validate()/fit(), also before training has started."""
         from pytorch_lightning.loggers import MLFlowLogger
 
-        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, log_model=False)
+        class RunLogger(MLFlowLogger):
+            def finalize(self, status: str = "success") -> None:
+                pass
+
+        return RunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, log_model=False)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
@@ -171,17 +175,22 @@ class FollowerRun(TrackedRun):
     def _skip(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    log_params = set_tags = log_metrics = log_text = log_table = log_dir = end = save_pointer = _skip
+    log_params = set_tags = log_text = log_table = log_dir = end = save_pointer = _skip
+
+
+def read_pointer(run_dir: Path) -> dict | None:
+    """The {tracking_uri, run_id, experiment_id} a run wrote in its output dir, or None."""
+    pointer = run_dir / RUN_FILE
+    return json.loads(pointer.read_text()) if pointer.exists() else None
 
 
 def follow_run(output_dir: Path) -> TrackedRun:
     """For ranks other than 0: the run rank 0 opened, read from the pointer it wrote in the shared output dir."""
     from mlflow import MlflowClient
 
-    pointer = output_dir / RUN_FILE
-    if not pointer.exists():
-        raise TrackingError(f"rank {os.environ.get('LOCAL_RANK')}: no {RUN_FILE} in {output_dir}; rank 0 writes it")
-    info = json.loads(pointer.read_text())
+    info = read_pointer(output_dir)
+    if info is None:
+        raise TrackingError(f"no {RUN_FILE} in {output_dir}; rank 0 writes it before starting the other ranks")
     client = MlflowClient(tracking_uri=info["tracking_uri"])
     return FollowerRun(client, info["run_id"], info["tracking_uri"], info["experiment_id"])
 

@@ -21,12 +21,13 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
     source: TokenizerSource = instantiate_plugin(cfg.tokenizer, "tokenizer", TokenizerSource)
     model_source: ModelSource = instantiate_plugin(cfg.model, "model", ModelSource)
     if model_source.path and source.trains:
-        if not has_tokenizer_files(Path(model_source.path).expanduser()):
+        local = Path(model_source.path).expanduser()
+        if local.is_dir() and not has_tokenizer_files(local):
             raise ConfigError(
                 f"model.path={model_source.path!r} has no tokenizer files; a trained model needs the tokenizer it "
                 "was trained with: save it there, or pass tokenizer=pretrained tokenizer.path=<its dir>"
             )
-        tokenizer = load_tokenizer(model_source.path)
+        tokenizer = load_tokenizer(model_source.path, allow_download=getattr(model_source, "allow_download", False))
     else:
         tokenizer = source.build(corpus, Path(cfg.paths.cache_dir))
     model = model_source.build(tokenizer)
@@ -34,6 +35,19 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
     if n_ctx:
         tokenizer.model_max_length = n_ctx
     return tokenizer, model
+
+
+def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **lengths: int) -> None:
+    """Values every training stage needs to be sane, checked before any work, with the key to fix."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"stage.val_fraction={val_fraction} must be in [0, 1)")
+    if batch_size < 1:
+        raise ConfigError(f"stage.batch_size={batch_size} must be >= 1")
+    if max_steps is None or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
+    for key, value in lengths.items():
+        if value < 2:
+            raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
 def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, **defaults: Any):

@@ -13,7 +13,13 @@ from framework.errors import ConfigError, DataError
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import Loss, Stage, StageContext, StageResult, TextDataset
 from framework.models import context_length, count_parameters
-from framework.stages.common import build_tokenizer_and_model, build_trainer, export_causal_lm, log_samples
+from framework.stages.common import (
+    build_tokenizer_and_model,
+    build_trainer,
+    check_stage_values,
+    export_causal_lm,
+    log_samples,
+)
 from framework.stages.lm_module import CausalLMModule
 
 
@@ -87,12 +93,13 @@ class PretrainStage(Stage):
         docs = [t.text for t in dataset.texts()]
         if not docs:
             raise DataError(f"{dataset.describe()}: no documents with text; check dataset.* settings")
-        train, val = hash_split(docs, self.val_fraction, seed=cfg.seed, key=lambda d: d)
+        train, val = hash_split(docs, self.val_fraction, seed=cfg.split_seed, key=lambda d: d)
         print(f"[rlhf] corpus: {dataset.describe()}: {len(docs)} documents -> {len(train)} train / {len(val)} val")
         return train, val
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
+        check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), seq_len=self.seq_len)
         train_texts, val_texts = self.load_corpus(cfg)
         tokenizer, model = build_tokenizer_and_model(cfg, train_texts)
         n_ctx = context_length(model)

@@ -35,7 +35,13 @@ from framework.interfaces import (
     Task,
 )
 from framework.models import context_length, count_parameters
-from framework.stages.common import build_tokenizer_and_model, build_trainer, export_causal_lm, log_samples
+from framework.stages.common import (
+    build_tokenizer_and_model,
+    build_trainer,
+    check_stage_values,
+    export_causal_lm,
+    log_samples,
+)
 from framework.stages.lm_module import CausalLMModule
 
 
@@ -129,13 +135,14 @@ class SFTStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
+        check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), max_length=self.max_length)
         algorithm: ImitationAlgorithm = instantiate_plugin(cfg.imitation, "imitation", ImitationAlgorithm)
         task: Task | None = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
         dataset: DemonstrationDataset = instantiate_plugin(cfg.dataset, "dataset", DemonstrationDataset)
         demos = list(dataset.demonstrations())
         if not demos:
             raise DataError(f"{dataset.describe()}: no demonstrations")
-        train_demos, val_demos = hash_split(demos, self.val_fraction, seed=cfg.seed,
+        train_demos, val_demos = hash_split(demos, self.val_fraction, seed=cfg.split_seed,
                                             key=lambda d: f"{d.source}\x00{d.text()}")
         print(f"[rlhf] demonstrations: {dataset.describe()}: {len(demos)} -> {len(train_demos)} train / "
               f"{len(val_demos)} val")

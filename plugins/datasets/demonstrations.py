@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -11,7 +10,7 @@ from framework.interfaces import DemonstrationDataset, Task
 from framework.records import ROLES, Demonstration
 from plugins.datasets.chitchat import conversation_turns, load_conversations
 from plugins.datasets.hf_disk import load_saved_dataset
-from plugins.datasets.text_files import expand_paths
+from plugins.datasets.text_files import expand_paths, read_jsonl_rows
 
 
 def parse_demonstration(row: Any, source: str) -> Demonstration:
@@ -46,10 +45,13 @@ def parse_demonstration(row: Any, source: str) -> Demonstration:
     return Demonstration(prompt=row["prompt"], response=row["response"], source=source)
 
 
-def _validated(rows: Iterator[tuple[str, int | None, Any]], skip_bad_rows: bool) -> Iterator[Demonstration]:
+def _validated(rows: Iterator[tuple[str, int | None, Any, str | None]], skip_bad_rows: bool) -> Iterator[Demonstration]:
+    """rows: (path, line, parsed row, problem found while reading it or None)."""
     skipped = 0
-    for path, line, row in rows:
+    for path, line, row, problem in rows:
         try:
+            if problem:
+                raise ValueError(problem)
             yield parse_demonstration(row, f"{path}:{line}" if line else path)
         except ValueError as err:
             if not skip_bad_rows:
@@ -65,19 +67,10 @@ class JsonlDemonstrations(DemonstrationDataset):
     def __init__(self, paths: Sequence[str] | str, skip_bad_rows: bool = False, max_demonstrations: int | None = None):
         self.paths, self.skip_bad_rows, self.max_demonstrations = paths, skip_bad_rows, max_demonstrations
 
-    def _rows(self) -> Iterator[tuple[str, int | None, Any]]:
+    def _rows(self) -> Iterator[tuple[str, int | None, Any, str | None]]:
         for path in expand_paths(self.paths):
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        if not self.skip_bad_rows:
-                            raise DataError(f"invalid JSON ({err.msg})", str(path), lineno) from None
-                        row = None
-                    yield str(path), lineno, row
+            for lineno, row, problem in read_jsonl_rows(path):
+                yield str(path), lineno, row, problem
 
     def demonstrations(self) -> Iterator[Demonstration]:
         for i, demo in enumerate(_validated(self._rows(), self.skip_bad_rows)):
@@ -98,7 +91,7 @@ class HFDiskDemonstrations(DemonstrationDataset):
 
     def demonstrations(self) -> Iterator[Demonstration]:
         ds = load_saved_dataset(self.path, self.split)
-        rows = ((f"{self.path}#{i}", None, row) for i, row in enumerate(ds))
+        rows = ((f"{self.path}#{i}", None, row, None) for i, row in enumerate(ds))
         for i, demo in enumerate(_validated(rows, self.skip_bad_rows)):
             if self.max_demonstrations is not None and i >= self.max_demonstrations:
                 return

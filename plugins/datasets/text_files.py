@@ -7,7 +7,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from framework.errors import DataError
 from framework.interfaces import TextDataset
@@ -39,31 +39,40 @@ def expand_paths(patterns: Sequence[str] | str) -> list[Path]:
     return files
 
 
+def read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (line number, parsed row, problem) for each non-blank line; problem is None or says why it is bad."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield lineno, None, f"not UTF-8 text ({err.reason} at byte {err.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield lineno, None, f"invalid JSON ({err.msg})"
+
+
 def read_jsonl_field(path: Path, field: str, skip_bad_rows: bool) -> Iterator[tuple[int, str]]:
     """Yield (line number, value of `field`) for each non-blank row; bad rows raise DataError or are counted."""
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem = f"invalid JSON ({err.msg})"
-            else:
-                if not isinstance(row, dict):
-                    problem = f"expected a JSON object, got {type(row).__name__}"
-                elif field not in row:
-                    problem = f"row has no {field!r} field (fields: {sorted(row)}); set dataset.text_field"
-                elif not isinstance(row[field], str):
-                    problem = f"field {field!r} is {type(row[field]).__name__}, expected a string"
-            if problem is None:
-                yield lineno, row[field]
-            elif skip_bad_rows:
-                skipped += 1
-            else:
-                raise DataError(problem + " (add dataset.skip_bad_rows=true to skip such rows)", str(path), lineno)
+    for lineno, row, problem in read_jsonl_rows(path):
+        if problem is None:
+            if not isinstance(row, dict):
+                problem = f"expected a JSON object, got {type(row).__name__}"
+            elif field not in row:
+                problem = f"row has no {field!r} field (fields: {sorted(row)}); set dataset.text_field"
+            elif not isinstance(row[field], str):
+                problem = f"field {field!r} is {type(row[field]).__name__}, expected a string"
+        if problem is None:
+            yield lineno, row[field]
+        elif skip_bad_rows:
+            skipped += 1
+        else:
+            raise DataError(problem + " (add dataset.skip_bad_rows=true to skip such rows)", str(path), lineno)
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} bad row(s) (dataset.skip_bad_rows=true)", stacklevel=2)
 

@@ -1,0 +1,144 @@
+"""`rlhf chat model.path=DIR`: talk to a model in the terminal.
+
+How a chat model "keeps a conversation back and forth": it has no memory of its own. Each turn, the whole
+conversation so far (system, user and assistant turns) is rendered through the tokenizer's chat template into one
+prompt, the model continues it until its turn-end token, and that reply is appended to the history for the next
+turn. When the history outgrows the context, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from framework.errors import ConfigError, RLHFError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rlhf chat",
+        description="Chat with a model. Interactive when stdin is a terminal; otherwise (or with --no-interactive) "
+                    "each line of stdin or --prompts FILE is the next user turn of one conversation.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="model.path=DIR", help="the model directory to load")
+    parser.add_argument("--model", help="same as model.path=DIR")
+    parser.add_argument("--prompts", help="read user turns from this file (one per line), print the conversation")
+    parser.add_argument("--no-interactive", action="store_true", help="read user turns from stdin without prompting")
+    parser.add_argument("--separate", action="store_true", help="batch mode: each line is its own conversation")
+    parser.add_argument("--system", default=None, help="a system message to start each conversation with")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key != "model.path":
+            parser.error(f"unknown argument {item!r}; chat takes model.path=DIR")
+        args.model = value
+    if not args.model:
+        parser.error("give the model to chat with: rlhf chat model.path=DIR")
+    return args
+
+
+class ChatSession:
+    """Keeps the message history and renders it through the chat template each turn."""
+
+    def __init__(self, model, tokenizer, system: str | None, max_new_tokens: int, sampling):
+        from framework.models import context_length
+        from framework.rollout import HFGenerator
+        from framework.tokenization import stop_token_ids
+
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.generator = HFGenerator(model, tokenizer, stop_token_ids(tokenizer))
+        self.sampling = sampling
+        self.budget = (context_length(model) or 2048) - max_new_tokens
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _prompt_ids(self) -> tuple[list[int], int]:
+        """The conversation rendered for generation; drops the oldest turns until it fits. Returns (ids, dropped)."""
+        dropped = 0
+        while True:
+            ids = self.tokenizer.apply_chat_template(self.messages, tokenize=True, add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"]
+            first = 1 if self.system else 0
+            if len(ids) <= self.budget or len(self.messages) - first <= 1:
+                return list(ids)[-self.budget:], dropped
+            del self.messages[first]
+            dropped += 1
+
+    def reply(self, user_text: str) -> tuple[str, int]:
+        self.messages.append({"role": "user", "content": user_text})
+        ids, dropped = self._prompt_ids()
+        out = self.generator.generate_ids([ids], self.sampling)
+        text = self.tokenizer.decode(out.response_ids[0], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": text})
+        return text, dropped
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    import torch
+
+    from framework.models import load_causal_lm
+    from framework.rollout import SamplingSettings
+    from framework.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{args.model!r}: the tokenizer has no chat template")
+    model = load_causal_lm(args.model).eval()
+    torch.manual_seed(args.seed)
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                do_sample=not args.greedy)
+    session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, sampling)
+
+    interactive = not (args.prompts or args.no_interactive) and stdin.isatty()
+    lines = open(args.prompts, encoding="utf-8") if args.prompts else stdin
+    if interactive:
+        print(f"chatting with {args.model} (/reset starts over, /quit or Ctrl-D ends)", file=stdout)
+    try:
+        while True:
+            if interactive:
+                print("you> ", end="", file=stdout, flush=True)
+            line = lines.readline()
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text == "/reset":
+                session.reset()
+                print("(conversation reset)", file=stdout)
+                continue
+            if args.separate:
+                session.reset()
+            if not interactive:
+                print(f"user> {text}", file=stdout)
+            reply, dropped = session.reply(text)
+            if dropped:
+                print(f"(history trimmed: the oldest {dropped} turn(s) no longer fit the context)", file=stdout)
+            print(f"bot> {reply}", file=stdout, flush=True)
+    finally:
+        if args.prompts:
+            lines.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        return run_chat(args, sys.stdin, sys.stdout)
+    except RLHFError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

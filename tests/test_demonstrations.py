@@ -1,0 +1,65 @@
+"""Demonstration datasets: jsonl prompt/response and messages rows validated row by row; chitchat; saved datasets."""
+
+import json
+
+import pytest
+
+from framework.errors import DataError
+from plugins.datasets.demonstrations import ChitchatDemonstrations, HFDiskDemonstrations, JsonlDemonstrations
+
+
+def write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_jsonl_pairs_and_conversations(tmp_path):
+    f = write(tmp_path / "d.jsonl", [
+        {"prompt": "hi", "response": "hello"},
+        {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                      {"role": "assistant", "content": "d"}]},
+    ])
+    demos = list(JsonlDemonstrations(f).demonstrations())
+    assert demos[0].as_messages() == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert [m["role"] for m in demos[1].as_messages()] == ["system", "user", "assistant", "user", "assistant"]
+    assert demos[1].source.endswith("d.jsonl:2")
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "hi", "response": "  "}, "d.jsonl:2: empty response"),
+    ({"prompt": "hi"}, "d.jsonl:2: row has no 'response' field"),
+    ({"prompt": "hi", "response": 3}, "'response' must be a string"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages\\[0\\].role is 'robot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no non-empty assistant turn"),
+    ({"messages": [], "prompt": "x", "response": "y"}, "both prompt/response and messages"),
+    ("{oops", "d.jsonl:2: invalid JSON"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, row, message):
+    f = write(tmp_path / "d.jsonl", [{"prompt": "ok", "response": "fine"}, row])
+    with pytest.raises(DataError, match=message):
+        list(JsonlDemonstrations(f).demonstrations())
+
+
+def test_bad_rows_skipped_on_request_with_a_count(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}, "{bad"])
+    with pytest.warns(UserWarning, match="skipped 2 bad demonstration"):
+        assert len(list(JsonlDemonstrations(f, skip_bad_rows=True).demonstrations())) == 1
+
+
+def test_chitchat_as_conversations():
+    demos = list(ChitchatDemonstrations(max_conversations=3, max_turns=4).demonstrations())
+    assert len(demos) == 3
+    for d in demos:
+        roles = [m["role"] for m in d.as_messages()]
+        assert roles[:2] == ["user", "assistant"] and 2 <= len(roles) <= 4
+
+
+def test_saved_dataset_demonstrations(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"prompt": ["a", "b"], "response": ["x", ""]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="empty response"):
+        list(HFDiskDemonstrations(str(tmp_path / "ds")).demonstrations())
+    with pytest.warns(UserWarning):
+        assert len(list(HFDiskDemonstrations(str(tmp_path / "ds"), skip_bad_rows=True).demonstrations())) == 1

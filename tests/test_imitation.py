@@ -1,0 +1,149 @@
+"""Response-only masking, truncation, trajectory labelling, DAgger bookkeeping, teacher-LM expert."""
+
+import random
+
+import pytest
+import torch
+
+from framework.errors import ConfigError, DataError, ExpertError
+from framework.imitation import (
+    IGNORE_INDEX,
+    encode_demonstration,
+    encode_demonstrations,
+    encode_prompt,
+    rollout,
+    stop_token_id,
+    trajectory_example,
+)
+from framework.interfaces import Example, ImitationContext
+from framework.models import CausalLMFactory
+from framework.records import Demonstration
+from plugins.experts.task import TaskExpert
+from plugins.experts.teacher_lm import TeacherLM
+from plugins.imitation.bc import BehaviourCloning
+from plugins.imitation.dagger import DAgger
+from plugins.tasks.sort import SortDigits
+from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    corpus = ["sort: 3 1 2 = 1 2 3", "hello there, how are you?", "fine thanks"] * 50
+    return ByteLevelBPETrainer(vocab_size=300).build(corpus, tmp_path_factory.mktemp("tok"))
+
+
+def test_plain_format_masks_everything_but_the_response_and_eos(tok):
+    demo = Demonstration(prompt="hello there,", response=" fine thanks")
+    ex, status = encode_demonstration(tok, demo, "plain", 64)
+    prompt_ids = tok("hello there,", add_special_tokens=False)["input_ids"]
+    response_ids = tok(" fine thanks", add_special_tokens=False)["input_ids"]
+    assert status == "ok"
+    assert ex.input_ids == prompt_ids + response_ids + [tok.eos_token_id]
+    assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
+
+
+def test_chat_format_trains_every_assistant_turn_with_its_end_token(tok):
+    demo = Demonstration(messages=({"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"},
+                                   {"role": "user", "content": "and?"}, {"role": "assistant", "content": "thanks"}))
+    ex, _ = encode_demonstration(tok, demo, "chat", 128)
+    trained = tok.decode([l for l in ex.labels if l != IGNORE_INDEX])
+    assert trained == "fine<|im_end|>thanks<|im_end|>"
+    assert stop_token_id(tok, "chat") == tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_id(tok, "plain") == tok.eos_token_id
+    assert tok.decode(encode_prompt(tok, "hello", "chat")) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_long_prompts_are_cut_from_the_left_and_long_responses_dropped_with_counts(tok):
+    long_prompt = Demonstration(prompt="hello there " * 40, response=" fine thanks")
+    ex, status = encode_demonstration(tok, long_prompt, "plain", 16)
+    assert status == "truncated" and len(ex.input_ids) == 16
+    assert tok.decode([l for l in ex.labels if l != IGNORE_INDEX]) == " fine thanks<|endoftext|>"
+    long_response = Demonstration(prompt="hi", response=" fine thanks" * 40)
+    assert encode_demonstration(tok, long_response, "plain", 16) == (None, "dropped")
+    with pytest.warns(UserWarning) as record:
+        out = encode_demonstrations(tok, [long_prompt, long_response, long_prompt], "plain", 16)
+    assert len(out) == 2
+    messages = " ".join(str(w.message) for w in record)
+    assert "2 demonstration(s) longer than" in messages and "1 demonstration(s) dropped" in messages
+    with pytest.raises(DataError, match="no demonstration fits"), pytest.warns(UserWarning):
+        encode_demonstrations(tok, [long_response], "plain", 16)
+    with pytest.raises(DataError, match="format=plain"):
+        encode_demonstration(tok, Demonstration(messages=({"role": "assistant", "content": "x"},)), "plain", 16)
+
+
+def test_trajectory_example_aligns_expert_labels_with_visited_states():
+    ex = trajectory_example([7, 8], [1, 2], [5, 6, 9])  # did not stop: one more state than tokens
+    assert ex.input_ids == [7, 8, 1, 2, 0]
+    assert ex.labels == [IGNORE_INDEX, IGNORE_INDEX, 5, 6, 9]
+    # shifted loss: logits at position p predict labels[p + 1]; position 1 (last prompt token) -> label 5
+    assert trajectory_example([7], [1, 3], [4, 3]).labels == [IGNORE_INDEX, 4, 3]
+    with pytest.raises(ValueError):
+        trajectory_example([7], [1], [1, 2, 3])
+
+
+def tiny_model(tok):
+    torch.manual_seed(0)
+    return CausalLMFactory(n_layer=1, n_head=2, n_embd=32, n_positions=64).build(tok).eval()
+
+
+def test_dagger_round_bookkeeping_and_state(tok):
+    task = SortDigits(length=3)
+    expert = TaskExpert()
+    expert.setup(tok, tok.eos_token_id, task)
+    prompts = task.prompts(20, seed=0)
+    demos = [Example(*encode_demonstration(tok, task.demonstration(p), "plain", 64)[0].__dict__.values())
+             for p in prompts[:10]]
+    ctx = ImitationContext(demonstrations=demos, prompts=prompts, encode_prompt=lambda p: encode_prompt(tok, p.text, "plain"),
+                           model=tiny_model(tok), tokenizer=tok, stop_id=tok.eos_token_id, max_new_tokens=8,
+                           expert=expert, seed=0)
+    algo = DAgger(rounds=3, first_round_demos=0.5, rollouts_per_round=6, beta_p=0.0)
+    r0 = algo.round_dataset(0, ctx)
+    assert r0 == demos[:5] and algo.round_metrics()["expert_labels"] == sum(
+        sum(l != IGNORE_INDEX for l in ex.labels) for ex in demos[:5])
+    r1 = algo.round_dataset(1, ctx)
+    m = algo.round_metrics()
+    assert len(r1) == 11 and m["new_examples"] == 6 and m["dataset_size"] == 11 and m["beta"] == 0.0
+    for ex in r1[5:]:  # every visited state carries the expert's label
+        n_prompt = sum(l == IGNORE_INDEX for l in ex.labels)
+        assert n_prompt >= 1 and len(ex.labels) - n_prompt >= 1
+    state = algo.state_dict()
+    restored = DAgger(rounds=3, first_round_demos=0.5, rollouts_per_round=6, beta_p=0.0)
+    restored.load_state_dict(state)
+    assert restored.round_dataset(1, ctx) == r1  # a restored round is not rolled out again
+    bc = BehaviourCloning()
+    assert bc.round_dataset(0, ctx) == demos and bc.round_metrics()["dataset_size"] == 10
+    no_expert = ImitationContext(**{**ctx.__dict__, "expert": None})
+    lonely = DAgger(rounds=2)
+    lonely.round_dataset(0, no_expert)  # round 0 needs only demonstrations
+    with pytest.raises(ConfigError, match="needs a task to roll out on and an expert"):
+        lonely.round_dataset(1, no_expert)
+
+
+def test_beta_one_rollouts_are_expert_trajectories(tok):
+    task = SortDigits(length=4)
+    expert = TaskExpert()
+    expert.setup(tok, tok.eos_token_id, task)
+    prompts = task.prompts(5, seed=1)
+    ids = [encode_prompt(tok, p.text, "plain") for p in prompts]
+    out = rollout(tiny_model(tok), tok, ids, 12, tok.eos_token_id, expert=expert, prompts=prompts, beta=1.0,
+                  rng=random.Random(0))
+    for p, resp in zip(prompts, out):
+        assert resp[-1] == tok.eos_token_id
+        assert task.gold(p, tok.decode(resp, skip_special_tokens=True)) == 1.0
+
+
+def test_teacher_lm_labels_are_its_argmax_and_vocab_must_match(tok, tmp_path):
+    teacher = tiny_model(tok)
+    teacher.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    expert = TeacherLM(str(tmp_path / "t"))
+    expert.setup(tok, tok.eos_token_id)
+    prompt_ids, response = [5, 6, 7], [8, 9]
+    labels = expert.next_token_labels(None, prompt_ids, response)
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([prompt_ids + response])).logits[0]
+    assert labels == logits[2:].argmax(-1).tolist() and len(labels) == 3
+    assert expert.next_token(None, prompt_ids, response) == labels[-1]
+    other = ByteLevelBPETrainer(vocab_size=280).build(["completely different text"] * 20, tmp_path / "c")
+    with pytest.raises(ExpertError, match="different tokenizer"):
+        TeacherLM(str(tmp_path / "t")).setup(other, other.eos_token_id)

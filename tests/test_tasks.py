@@ -1,0 +1,85 @@
+"""Each task's gold scorer and expert, including from wrong prefixes; the token-level task expert."""
+
+import pytest
+
+from framework.errors import ExpertError
+from framework.records import Prompt
+from plugins.experts.task import TaskExpert
+from plugins.tasks.arithmetic import Addition
+from plugins.tasks.reasoning_gym import ReasoningGymTask
+from plugins.tasks.sort import SortDigits
+
+
+def test_sort_prompts_gold_and_expert():
+    task = SortDigits(length=5)
+    p = Prompt("sort: 3 1 4 1 5 =", meta={"digits": [3, 1, 4, 1, 5]})
+    assert task.expert_continuation(p, "") == " 1 1 3 4 5"
+    assert task.gold(p, " 1 1 3 4 5") == 1.0 and task.gold(p, " 1 3 4 5") == 0.0
+    assert task.expert_continuation(p, " 1 1 3") == " 4 5"
+    # wrong prefixes: an out-of-order digit is used up; a digit not in the input is ignored
+    assert task.expert_continuation(p, " 4") == " 1 1 3 5"
+    assert task.expert_continuation(p, " 1 9 1") == " 3 4 5"
+    assert task.expert_continuation(p, " 1 1 3 4 5") == ""
+    assert task.expert_continuation(p, " 1 1 3 4 5 5") == ""
+    assert task.expert_continuation(p, " 1 ") == "1 3 4 5"  # a prefix ending in the separator
+    # the prompt text alone is enough (meta is a convenience)
+    assert task.expert_continuation(Prompt("sort: 2 0 =", meta={}), "") == " 0 2"
+    prompts = task.prompts(20, seed=3)
+    assert prompts == task.prompts(20, seed=3) and prompts != task.prompts(20, seed=4)
+    assert all(task.gold(q, task.expert_continuation(q, "")) == 1.0 for q in prompts)
+    tight = SortDigits(length=3, separator="")
+    q = Prompt("sort: 312 =", meta={"digits": [3, 1, 2]})
+    assert tight.expert_continuation(q, "") == "123" and tight.expert_continuation(q, "2") == "13"
+    with pytest.raises(ExpertError, match="sort5"):
+        task.expert_continuation(Prompt("sort: =", meta={}), "")
+
+
+def test_addition_gold_and_expert_from_wrong_prefixes():
+    task = Addition(digits=3)
+    p = Prompt("482+377=", meta={"answer": "859"})
+    assert task.expert_continuation(p, "") == "859"
+    assert task.expert_continuation(p, "8") == "59"
+    assert task.expert_continuation(p, "9") == "59"  # wrong first digit: still the best digits for the rest
+    assert task.expert_continuation(p, "8591") == ""
+    assert task.gold(p, "859") == 1.0 and task.gold(p, " 859 ") == 1.0 and task.gold(p, "858") == 0.0
+    assert task.answer(Prompt("12+30=")) == "42"
+    with pytest.raises(ExpertError, match="addition3"):
+        task.answer(Prompt("twelve plus thirty"))
+    assert all(task.gold(q, task.expert_continuation(q, "")) == 1.0 for q in task.prompts(50, seed=0))
+
+
+def test_reasoning_gym_adapter():
+    pytest.importorskip("reasoning_gym")
+    task = ReasoningGymTask("basic_arithmetic", config={"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                        "max_digits": 1, "operators": ["+"]})
+    prompts = task.prompts(5, seed=1)
+    for p in prompts:
+        answer = task.expert_continuation(p, "")
+        assert task.gold(p, answer) == 1.0
+        assert task.gold(p, answer + "0") < 1.0  # reasoning-gym may give partial credit to a wrong number
+        assert task.expert_continuation(p, answer) == ""
+        wrong = " x" if not answer.startswith(" x") else " y"
+        assert task.expert_continuation(p, wrong) == answer[2:]  # from a wrong prefix: the rest, positionally
+    with pytest.raises(ExpertError, match="no reference answer"):
+        task.expert_continuation(Prompt("what?"), "")
+
+
+class CharTok:
+    """A tokenizer stand-in: one token per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i != 0)
+
+
+def test_task_expert_labels_states_token_by_token():
+    expert = TaskExpert()
+    expert.setup(CharTok(), stop_id=0, task=SortDigits(length=3, separator=""))
+    p = Prompt("sort: 312 =", meta={"digits": [3, 1, 2]})
+    labels = expert.next_token_labels(p, [], [ord(c) for c in "21"])  # a wrong trajectory
+    assert labels == [ord("1"), ord("1"), ord("3")]  # after "" -> 1; after "2" -> 1; after "21" -> 3
+    assert expert.next_token(p, [], [ord(c) for c in "123"]) == 0
+    with pytest.raises(ExpertError, match="needs a task"):
+        TaskExpert().setup(CharTok(), 0, None)
