@@ -64,3 +64,23 @@ def test_plugin_of_the_wrong_kind_is_refused(user_project, run_cli):
                    env={"PYTHONPATH": str(user_project)}, check=False)
     assert proc.returncode == 2
     assert "tokenizer._target_='my_pkg.corpus.Poems' is not a framework.interfaces.TokenizerSource" in proc.stderr
+
+
+def test_documented_imitation_plugin_runs(tmp_path, run_cli, rlhf_home):
+    """The ForwardTraining example of docs/sft-and-dagger.md, copied from the doc itself, through the CLI."""
+    import re
+
+    from conftest import REPO
+    from test_sft_e2e import SORT
+
+    doc = (REPO / "docs" / "sft-and-dagger.md").read_text()
+    code = re.search(r"```python\n# my_pkg/smile.py\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "smile.py").write_text(code)
+    overrides = [o for o in SORT if not o.startswith("trainer.max_steps")]
+    run_cli(*overrides, "~imitation", "+imitation={_target_: my_pkg.smile.ForwardTraining, rounds: 2, rollouts: 20}",
+            "trainer.max_steps=40", env={"PYTHONPATH": str(tmp_path)})
+    client, runs = mlflow_runs(rlhf_home)
+    assert runs[0].data.tags["plugin.imitation"] == "my_pkg.smile.ForwardTraining"
+    assert runs[0].info.status == "FINISHED"

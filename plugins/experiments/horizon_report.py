@@ -1,0 +1,117 @@
+"""DAgger vs behaviour cloning against the horizon T: a Hydra callback that, when a sweep ends, reads its runs back
+from MLflow, tabulates and plots error against T per imitation algorithm, fits the growth exponent, and logs it all
+to a report run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from framework.tracking import open_run, resolve_tracking_uri
+
+ALGOS = {"plugins.imitation.bc.BehaviourCloning": "BC", "plugins.imitation.dagger.DAgger": "DAgger"}
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x (the growth exponent); None with < 2 positive points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    var = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / var if var else None
+
+
+class HorizonReport(Callback):
+    """on_multirun_end: one row per (algorithm, T) from the runs tagged with this sweep's directory."""
+
+    def __init__(self, horizon_key: str = "task.length"):
+        self.horizon_key = horizon_key
+
+    def collect(self, config: DictConfig) -> list[dict]:
+        from mlflow import MlflowClient
+
+        sweep = str(config.hydra.sweep.dir)
+        client = MlflowClient(resolve_tracking_uri(config.logger.get("tracking_uri"), config.paths.root))
+        exp = client.get_experiment_by_name(config.logger.experiment_name)
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}' and tags.stage = 'sft'")
+        rows = []
+        for r in runs:
+            m, p = r.data.metrics, r.data.params
+            if "eval/exact_match" not in m:
+                continue
+            horizon = int(p[f"{self.horizon_key}"])
+            token_error = 1.0 - m.get("val/token_accuracy", float("nan"))
+            mistakes = m.get("eval/mistakes_per_seq", float("nan"))
+            rows.append({
+                "algorithm": ALGOS.get(p.get("imitation._target_"), p.get("imitation._target_")),
+                "T": horizon, "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
+                "token_error_on_expert_states": token_error,
+                "amplification": mistakes / ((horizon + 1) * token_error) if token_error > 0 else float("nan"),
+                "expert_labels": m.get("imitation/expert_labels", float("nan")), "run_id": r.info.run_id,
+            })
+        return sorted(rows, key=lambda row: (row["algorithm"], row["T"]))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        rows = self.collect(config)
+        if not rows:
+            print("[rlhf] horizon report: no finished runs in this sweep")
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        by_algo: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            by_algo[row["algorithm"]].append(row)
+        slopes = {a: loglog_slope([r["T"] + 1 for r in rs], [r["mistakes_per_seq"] for r in rs]) for a, rs in by_algo.items()}
+
+        header = f"{'algorithm':<8} {'T':>4} {'seq err':>8} {'mistakes':>9} {'tok err':>8} {'ampl.':>6} {'labels':>7}"
+        lines = [header] + [f"{r['algorithm']:<8} {r['T']:>4} {r['seq_error']:>8.3f} {r['mistakes_per_seq']:>9.3f} "
+                            f"{r['token_error_on_expert_states']:>8.4f} {r['amplification']:>6.2f} "
+                            f"{r['expert_labels']:>7.0f}" for r in rows]
+        lines += [f"growth exponent of mistakes/seq in (T+1), {a}: {s:.2f}" for a, s in slopes.items() if s is not None]
+        print("[rlhf] DAgger vs BC by horizon\n" + "\n".join(lines))
+
+        png = sweep_dir / "horizon_report.png"
+        self.plot(by_algo, png)
+        (sweep_dir / "horizon_report.json").write_text(json.dumps({"rows": rows, "growth_exponent": slopes}, indent=1))
+        tracked = open_run(config.logger, config.paths.root, "horizon-report",
+                           {"stage": "report", "sweep": str(sweep_dir), "kind": "dagger_vs_bc"})
+        for r in rows:
+            tracked.client.log_metric(tracked.run_id, f"{r['algorithm']}/mistakes_per_seq", r["mistakes_per_seq"], step=r["T"])
+            tracked.client.log_metric(tracked.run_id, f"{r['algorithm']}/seq_error", r["seq_error"], step=r["T"])
+        for a, s in slopes.items():
+            if s is not None:
+                tracked.client.log_metric(tracked.run_id, f"{a}/growth_exponent", s)
+        tracked.log_table({k: [r[k] for r in rows] for k in rows[0]}, "horizon_table.json")
+        tracked.client.log_artifact(tracked.run_id, str(png))
+        tracked.log_text("\n".join(lines), "horizon_report.txt")
+        tracked.end()
+        print(f"[rlhf] horizon report: {png} (MLflow run {tracked.run_id})")
+
+    @staticmethod
+    def plot(by_algo: dict[str, list[dict]], path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for algo, rs in sorted(by_algo.items()):
+            ts = [r["T"] for r in rs]
+            axes[0].plot(ts, [r["mistakes_per_seq"] for r in rs], marker="o", label=algo)
+            axes[1].plot(ts, [r["seq_error"] for r in rs], marker="o", label=algo)
+        axes[0].set(xlabel="horizon T (digits to sort)", ylabel="mistakes per sequence (learner's own states)",
+                    title="cumulative per-step cost")
+        axes[1].set(xlabel="horizon T (digits to sort)", ylabel="sequence error (1 - exact match)",
+                    title="sequence-level error", ylim=(0, 1.05))
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
