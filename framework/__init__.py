@@ -5,3 +5,13 @@ The core never imports `plugins/`; plugins arrive through Hydra `_target_`.
 """
 
 __version__ = "0.1.0"
+
+
+def _register_resolvers() -> None:
+    """Config arithmetic the yaml files use, e.g. `max_new_tokens: ${add:${task.length},4}`."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
+
+
+_register_resolvers()

@@ -112,6 +112,16 @@ def trajectory_example(prompt_ids: Sequence[int], response_ids: Sequence[int], l
     return Example(ids, [IGNORE_INDEX] * len(prompt_ids) + list(labels))
 
 
+def label_trajectory(expert: Expert, prompt: Prompt, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                     stop_id: int) -> Example:
+    """The expert's labels of every state the trajectory visited, as a training example. A trajectory that ended
+    with the stop token has no state after it; one cut at the length limit keeps its last state."""
+    labels = expert.next_token_labels(prompt, prompt_ids, response_ids)
+    if response_ids and response_ids[-1] == stop_id:
+        labels = labels[:-1]
+    return trajectory_example(prompt_ids, response_ids, labels)
+
+
 def trim_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """The response up to and including its first stop token (padding after it removed)."""
     out = []

@@ -16,14 +16,16 @@ def write(path, rows):
 def test_jsonl_pairs_and_conversations(tmp_path):
     f = write(tmp_path / "d.jsonl", [
         {"prompt": "hi", "response": "hello"},
+        {"prompt": "trl style", "completion": " row"},
         {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "a"},
                       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
                       {"role": "assistant", "content": "d"}]},
     ])
     demos = list(JsonlDemonstrations(f).demonstrations())
     assert demos[0].as_messages() == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    assert [m["role"] for m in demos[1].as_messages()] == ["system", "user", "assistant", "user", "assistant"]
-    assert demos[1].source.endswith("d.jsonl:2")
+    assert demos[1].response == " row"
+    assert [m["role"] for m in demos[2].as_messages()] == ["system", "user", "assistant", "user", "assistant"]
+    assert demos[2].source.endswith("d.jsonl:3")
 
 
 @pytest.mark.parametrize("row,message", [

@@ -10,8 +10,19 @@ from plugins.tasks.reasoning_gym import ReasoningGymTask
 from plugins.tasks.sort import SortDigits
 
 
-def test_sort_prompts_gold_and_expert():
+def test_sort_positional_expert_from_wrong_prefixes():
     task = SortDigits(length=5)
+    p = Prompt("sort: 3 1 4 1 5 =", meta={"digits": [3, 1, 4, 1, 5]})
+    assert task.expert_continuation(p, "") == " 1 1 3 4 5"
+    assert task.expert_continuation(p, " 4") == " 1 3 4 5"  # position 2 onwards of the answer
+    assert task.expert_continuation(p, " 1 9 1") == " 4 5"
+    assert task.expert_continuation(p, " 1 1 3 4 5") == "" and task.expert_continuation(p, " 1 1 3 4 5 5") == ""
+    with pytest.raises(ValueError, match="recovery"):
+        SortDigits(recovery="psychic")
+
+
+def test_sort_prompts_gold_and_multiset_expert():
+    task = SortDigits(length=5, recovery="multiset")
     p = Prompt("sort: 3 1 4 1 5 =", meta={"digits": [3, 1, 4, 1, 5]})
     assert task.expert_continuation(p, "") == " 1 1 3 4 5"
     assert task.gold(p, " 1 1 3 4 5") == 1.0 and task.gold(p, " 1 3 4 5") == 0.0
@@ -27,7 +38,7 @@ def test_sort_prompts_gold_and_expert():
     prompts = task.prompts(20, seed=3)
     assert prompts == task.prompts(20, seed=3) and prompts != task.prompts(20, seed=4)
     assert all(task.gold(q, task.expert_continuation(q, "")) == 1.0 for q in prompts)
-    tight = SortDigits(length=3, separator="")
+    tight = SortDigits(length=3, separator="", recovery="multiset")
     q = Prompt("sort: 312 =", meta={"digits": [3, 1, 2]})
     assert tight.expert_continuation(q, "") == "123" and tight.expert_continuation(q, "2") == "13"
     with pytest.raises(ExpertError, match="sort5"):
@@ -79,7 +90,12 @@ def test_task_expert_labels_states_token_by_token():
     expert.setup(CharTok(), stop_id=0, task=SortDigits(length=3, separator=""))
     p = Prompt("sort: 312 =", meta={"digits": [3, 1, 2]})
     labels = expert.next_token_labels(p, [], [ord(c) for c in "21"])  # a wrong trajectory
-    assert labels == [ord("1"), ord("1"), ord("3")]  # after "" -> 1; after "2" -> 1; after "21" -> 3
+    assert labels == [ord("1"), ord("2"), ord("3")]  # positional: after "" -> 1; after "2" -> 2; after "21" -> 3
+    multiset = TaskExpert()
+    multiset.setup(CharTok(), stop_id=0, task=SortDigits(length=3, separator="", recovery="multiset"))
+    assert multiset.next_token_labels(p, [], [ord(c) for c in "21"]) == [ord("1"), ord("1"), ord("3")]
     assert expert.next_token(p, [], [ord(c) for c in "123"]) == 0
     with pytest.raises(ExpertError, match="needs a task"):
         TaskExpert().setup(CharTok(), 0, None)
+    with pytest.raises(ExpertError, match=r"task sort3: .* \[state: prompt 'sort: =', response prefix '12'\]"):
+        expert.next_token(Prompt("sort: =", meta={}), [], [ord("1"), ord("2")])

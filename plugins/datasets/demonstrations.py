@@ -14,9 +14,12 @@ from plugins.datasets.text_files import expand_paths, read_jsonl_rows
 
 
 def parse_demonstration(row: Any, source: str) -> Demonstration:
-    """Validate one row: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}. Raises ValueError."""
+    """Validate one row: {"prompt", "response"} (or TRL's {"prompt", "completion"}) or {"messages": [{"role",
+    "content"}, ...]}. Raises ValueError."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "completion" in row and "response" not in row:
+        row = {**{k: v for k, v in row.items() if k != "completion"}, "response": row["completion"]}
     has_pair = "prompt" in row or "response" in row
     if has_pair and "messages" in row:
         raise ValueError("row has both prompt/response and messages; use one form per row")

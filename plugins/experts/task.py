@@ -17,7 +17,10 @@ class TaskExpert(Expert):
 
     def next_token(self, prompt: Prompt, prompt_ids: Sequence[int], prefix_ids: Sequence[int]) -> int:
         prefix = self.tokenizer.decode(list(prefix_ids), skip_special_tokens=True)
-        rest = self.task.expert_continuation(prompt, prefix)
+        try:
+            rest = self.task.expert_continuation(prompt, prefix)
+        except ExpertError as err:
+            raise ExpertError(f"{err} [state: prompt {prompt.text!r}, response prefix {prefix!r}]") from None
         if not rest:
             return self.stop_id
         ids = self.tokenizer(rest, add_special_tokens=False)["input_ids"]

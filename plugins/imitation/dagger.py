@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from framework.errors import ConfigError
-from framework.imitation import rollout, trajectory_example
+from framework.imitation import label_trajectory, rollout
 from framework.interfaces import Example, ImitationAlgorithm, ImitationContext
 
 
@@ -53,7 +53,7 @@ class DAgger(ImitationAlgorithm):
             responses = rollout(ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.stop_id,
                                 expert=ctx.expert, prompts=prompts, beta=beta, rng=rng,
                                 batch_size=self.rollout_batch_size)
-            new = [trajectory_example(ids, resp, ctx.expert.next_token_labels(p, ids, resp))
+            new = [label_trajectory(ctx.expert, p, ids, resp, ctx.stop_id)
                    for p, ids, resp in zip(prompts, prompt_ids, responses)]
         self.aggregate.extend(new)
         self.rounds_done = round_idx + 1

@@ -18,12 +18,22 @@ class SortDigits(Task):
 
     With separator "" and a byte-level vocabulary every digit is one token, so the horizon is T + 1 actions.
 
-    Expert from any prefix (also a wrong one): the digits already emitted are taken out of the input multiset
-    (a digit that is not there any more is a mistake, ignored); the rest follows in ascending order; then stop.
+    Expert from any prefix (also a wrong one), by `recovery`:
+    - "positional" (default): the sorted input's digits at the following positions, then stop: after a mistake the
+      rest of the answer is still right where it stands (the fewest further digit errors; labels stay consistent
+      with the sorted pattern, which a small model can learn from its own mistakes).
+    - "multiset": the digits not yet emitted, smallest first (a digit emitted out of order is used up, one not in
+      the input is ignored): the output's multiset ends right, but after a skipped digit the expert asks for it
+      again at every later state, labels that contradict the sorted order and are hard to learn.
     Gold: 1.0 when the emitted digits are exactly the sorted input, else 0.0.
     """
 
-    def __init__(self, length: int = 8, digits: int = 10, separator: str = " "):
+    RECOVERY = ("positional", "multiset")
+
+    def __init__(self, length: int = 8, digits: int = 10, separator: str = " ", recovery: str = "positional"):
+        if recovery not in self.RECOVERY:
+            raise ValueError(f"task.recovery must be one of {self.RECOVERY}")
+        self.recovery = recovery
         if length < 1 or not 2 <= digits <= 10:
             raise ValueError("task.length must be >= 1 and task.digits in [2, 10]")
         if separator.strip():
@@ -50,11 +60,15 @@ class SortDigits(Task):
         xs = self._digits(prompt)
         if not xs:
             raise ExpertError(f"task {self.name}: prompt {prompt.text!r} has no digits to sort")
-        remaining = Counter(xs)
-        for d in DIGIT.findall(prefix):
-            if remaining[int(d)] > 0:
-                remaining[int(d)] -= 1
-        rest = sorted(remaining.elements())
+        emitted = [int(d) for d in DIGIT.findall(prefix)]
+        if self.recovery == "positional":
+            rest = sorted(xs)[len(emitted):]
+        else:
+            remaining = Counter(xs)
+            for d in emitted:
+                if remaining[d] > 0:
+                    remaining[d] -= 1
+            rest = sorted(remaining.elements())
         if not rest:
             return ""
         text = self.sep.join(map(str, rest))
