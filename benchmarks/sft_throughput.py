@@ -63,12 +63,16 @@ def run_ours(data: Path) -> dict:
     times, tokens = [], []
 
     class Timer(pl.Callback):
-        def on_train_batch_start(self, trainer, module, batch, idx):
-            self.t = time.perf_counter()
-            tokens.append(int(batch["attention_mask"].sum()))
+        """Wall time between consecutive step ends (data loading included), as TRL's harness measures."""
 
-        def on_train_batch_end(self, *args):
-            times.append(time.perf_counter() - self.t)
+        def on_train_start(self, *args):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            tokens.append(int(batch["attention_mask"].sum()))
+            self.t = now
 
     module = CausalLMModule(model, LMCrossEntropy(), {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0})
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, max_epochs=1, limit_train_batches=STEPS,
