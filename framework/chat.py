@@ -55,6 +55,9 @@ class ChatSession:
         self.generator = HFGenerator(model, tokenizer, stop_token_ids(tokenizer))
         self.sampling = sampling
         self.budget = (context_length(model) or 2048) - max_new_tokens
+        if self.budget <= 8:
+            raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for the conversation in the model's "
+                              f"context of {context_length(model)} tokens; lower it")
         self.messages: list[dict] = []
         self.reset()
 
@@ -62,16 +65,23 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt_ids(self) -> tuple[list[int], int]:
-        """The conversation rendered for generation; drops the oldest turns until it fits. Returns (ids, dropped)."""
+        """The conversation rendered for generation; drops the oldest user/assistant exchanges until it fits (a
+        system message stays). Returns (ids, turns dropped)."""
+        def render(messages: list[dict]) -> list[int]:
+            return list(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                           return_dict=True)["input_ids"])
+
+        first = 1 if self.system else 0
+        alone = render(self.messages[:first] + self.messages[-1:])
+        if len(alone) > self.budget:
+            self.messages.pop()  # the new turn alone is too long: keep the history as it was
+            raise ConfigError(f"that message is {len(alone)} tokens with the chat template; at most {self.budget} "
+                              "fit (shorten it, or lower --max-new-tokens)")
         dropped = 0
-        while True:
-            ids = self.tokenizer.apply_chat_template(self.messages, tokenize=True, add_generation_prompt=True,
-                                                     return_dict=True)["input_ids"]
-            first = 1 if self.system else 0
-            if len(ids) <= self.budget or len(self.messages) - first <= 1:
-                return list(ids)[-self.budget:], dropped
-            del self.messages[first]
-            dropped += 1
+        while len(ids := render(self.messages)) > self.budget:
+            del self.messages[first : first + 2]  # one exchange: the user turn and the reply to it
+            dropped += 2
+        return ids, dropped
 
     def reply(self, user_text: str) -> tuple[str, int]:
         self.messages.append({"role": "user", "content": user_text})
@@ -122,7 +132,11 @@ def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
                 session.reset()
             if not interactive:
                 print(f"user> {text}", file=stdout)
-            reply, dropped = session.reply(text)
+            try:
+                reply, dropped = session.reply(text)
+            except ConfigError as err:
+                print(f"(not sent: {err})", file=stdout)
+                continue
             if dropped:
                 print(f"(history trimmed: the oldest {dropped} turn(s) no longer fit the context)", file=stdout)
             print(f"bot> {reply}", file=stdout, flush=True)

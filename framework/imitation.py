@@ -72,7 +72,7 @@ def encode_demonstration(tokenizer, demo: Demonstration, fmt: str, max_length: i
     last_run = max(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
     while last_run > 0 and labels[last_run - 1] != IGNORE_INDEX:
         last_run -= 1  # start of the final response
-    if cut > last_run:
+    if cut >= last_run:  # at least one prompt token must stay: the first response token is predicted from it
         return None, "dropped"
     return Example(ids[cut:], labels[cut:]), "truncated"
 

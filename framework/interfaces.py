@@ -183,6 +183,7 @@ class ImitationAlgorithm(ABC):
     """
 
     num_rounds: int = 1
+    requires_expert: bool = False  # True: the stage refuses to start without a task and an expert
 
     @abstractmethod
     def round_dataset(self, round_idx: int, ctx: ImitationContext) -> list[Example]:

@@ -97,5 +97,10 @@ def load_tokenizer(path: str | Path, allow_download: bool = False) -> "PreTraine
     except Exception as err:  # transformers raises many types here; the path is what the user needs
         raise ConfigError(f"cannot load a tokenizer from {str(p)!r}: {err}") from err
     if tok.chat_template is None:
+        # our template: its turn markers must be single special tokens (the model is resized to fit), else the
+        # turn end would be trained as plain text and generation would never see a stop token
         tok.chat_template = CHAT_TEMPLATE
+        missing = [t for t in (TURN_START, TURN_END) if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing})
     return ensure_pad_token(tok)

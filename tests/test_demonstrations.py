@@ -51,11 +51,16 @@ def test_bad_rows_skipped_on_request_with_a_count(tmp_path):
 
 
 def test_chitchat_as_conversations():
-    demos = list(ChitchatDemonstrations(max_conversations=3, max_turns=4).demonstrations())
-    assert len(demos) == 3
-    for d in demos:
+    one_side = list(ChitchatDemonstrations(max_conversations=3, max_turns=4, both_sides=False).demonstrations())
+    assert len(one_side) == 3
+    for d in one_side:
         roles = [m["role"] for m in d.as_messages()]
         assert roles[:2] == ["user", "assistant"] and 2 <= len(roles) <= 4
+    both = list(ChitchatDemonstrations(max_conversations=3, max_turns=4).demonstrations())
+    assert len(both) == 6  # every turn is an assistant turn in one of the two copies
+    first, second = both[0].as_messages(), both[1].as_messages()
+    assert [m["content"] for m in first] == [m["content"] for m in second]
+    assert [m["role"] for m in second][:2] == ["assistant", "user"]
 
 
 def test_saved_dataset_demonstrations(tmp_path):

@@ -60,6 +60,12 @@ def test_long_prompts_are_cut_from_the_left_and_long_responses_dropped_with_coun
     assert tok.decode([l for l in ex.labels if l != IGNORE_INDEX]) == " fine thanks<|endoftext|>"
     long_response = Demonstration(prompt="hi", response=" fine thanks" * 40)
     assert encode_demonstration(tok, long_response, "plain", 16) == (None, "dropped")
+    # exactly the response (+EOS) fits but no prompt token would precede it: its first token could not be learnt
+    response_only = Demonstration(prompt="hello there", response=" fine")
+    n_response = len(tok(" fine", add_special_tokens=False)["input_ids"]) + 1
+    assert encode_demonstration(tok, response_only, "plain", n_response) == (None, "dropped")
+    ex, status = encode_demonstration(tok, response_only, "plain", n_response + 1)
+    assert status == "truncated" and ex.labels[0] == IGNORE_INDEX
     with pytest.warns(UserWarning) as record:
         out = encode_demonstrations(tok, [long_prompt, long_response, long_prompt], "plain", 16)
     assert len(out) == 2
@@ -97,6 +103,9 @@ def test_dagger_round_bookkeeping_and_state(tok):
                            model=tiny_model(tok), tokenizer=tok, stop_id=tok.eos_token_id, max_new_tokens=8,
                            expert=expert, seed=0)
     algo = DAgger(rounds=3, first_round_demos=0.5, rollouts_per_round=6, beta_p=0.0)
+    assert DAgger(rounds=3, betas=[0.7, 0.1]).beta(2) == 0.1 and DAgger(rounds=3, beta_p=0.5).beta(2) == 0.25
+    with pytest.raises(ConfigError, match="imitation.betas needs 2 values"):
+        DAgger(rounds=3, betas=[0.5])
     r0 = algo.round_dataset(0, ctx)
     assert r0 == demos[:5] and algo.round_metrics()["expert_labels"] == sum(
         sum(l != IGNORE_INDEX for l in ex.labels) for ex in demos[:5])
@@ -110,6 +119,7 @@ def test_dagger_round_bookkeeping_and_state(tok):
     restored = DAgger(rounds=3, first_round_demos=0.5, rollouts_per_round=6, beta_p=0.0)
     restored.load_state_dict(state)
     assert restored.round_dataset(1, ctx) == r1  # a restored round is not rolled out again
+    assert restored.round_metrics()["dataset_size"] == 11
     bc = BehaviourCloning()
     assert bc.round_dataset(0, ctx) == demos and bc.round_metrics()["dataset_size"] == 10
     no_expert = ImitationContext(**{**ctx.__dict__, "expert": None})

@@ -100,9 +100,16 @@ def test_chat_session_renders_history_and_trims_it(chat_model):
     session.reply("again")
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert session.messages[2]["content"] == first
-    session.budget = 30  # a tiny context: the oldest turns go, the system message stays
-    _, dropped = session.reply("a third message that is rather long " * 2)
-    assert dropped > 0 and session.messages[0]["role"] == "system"
+    new = "a third message"
+    alone = tok.apply_chat_template([session.messages[0], {"role": "user", "content": new}], tokenize=True,
+                                    add_generation_prompt=True, return_dict=True)["input_ids"]
+    session.budget = len(alone) + 3  # the new message fits, the history does not: whole exchanges go
+    _, dropped = session.reply(new)
+    assert dropped == 4 and [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    session.budget = 5  # a message that cannot fit at all is refused and the history is kept
+    with pytest.raises(Exception, match="at most 5 fit"):
+        session.reply("this will never fit in five tokens")
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
 
 
 def test_model_dir_without_tokenizer_is_a_clear_error(run_cli, tmp_path):
@@ -121,3 +128,27 @@ def test_chat_needs_a_model():
     proc = subprocess.run([sys.executable, "-m", "framework", "chat", "model.path=/no/such/dir"], cwd=REPO,
                           capture_output=True, text=True, timeout=120, input="")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_dagger_without_an_expert_stops_before_training(run_cli):
+    overrides = [o for o in SORT if o != "expert=task"]
+    proc = run_cli(*overrides, "imitation=dagger", check=False)
+    assert proc.returncode == 2 and "needs a task to roll out on and an expert" in proc.stderr
+    assert "imitation round" not in proc.stdout
+
+
+def test_a_task_with_too_few_prompts_for_held_out_scoring(run_cli):
+    proc = run_cli("stage=sft", "task=addition", "task.digits=1", "dataset=task_demos", "dataset.n=2000",
+                   "expert=task", "stage.format=plain", "tokenizer.vocab_size=260", "model.n_layer=1",
+                   "model.n_positions=64", "stage.max_length=32", "trainer.max_steps=4", *QUIET, check=False)
+    assert proc.returncode == 2 and "every held-out prompt is also a demonstration" in proc.stderr
+
+
+def test_task_scored_without_a_validation_split_and_ddp_keeps_the_step_budget(run_cli, rlhf_home):
+    overrides = [o for o in SORT if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+    run_cli(*overrides, "stage.val_fraction=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.max_steps=30", "trainer.val_check_interval=1000", env={"OMP_NUM_THREADS": "1"})
+    client, runs = mlflow_runs(rlhf_home)
+    assert "eval/exact_match" in runs[0].data.metrics  # scored at the end even with no validation loop
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert max(steps) >= 25  # each rank trained the whole budget (Lightning's DistributedSampler would cut it)

@@ -82,3 +82,16 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="has no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_without_chat_template_gets_ours_with_single_token_turn_markers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "hello": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    ids = tok.apply_chat_template([{"role": "assistant", "content": "hello"}], tokenize=True, return_dict=True)
+    assert tok.convert_tokens_to_ids(TURN_END) in ids["input_ids"]  # one token, so a model can learn to emit it

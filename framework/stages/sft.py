@@ -90,9 +90,12 @@ class ImitationDataModule(pl.LightningDataModule):
         if not examples:
             raise DataError(f"imitation round {round_idx} produced an empty dataset")
         self.last_round_metrics = self.algorithm.round_metrics()
+        # Each rank draws its own steps_per_round batches (Lightning's DistributedSampler is switched off for this
+        # stage: it would drop replacement and the step count).
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = RandomSampler(Examples(examples), replacement=True,
                                 num_samples=self.steps_per_round * self.batch_size,
-                                generator=torch.Generator().manual_seed(self.seed + round_idx))
+                                generator=torch.Generator().manual_seed(self.seed + 1000 * round_idx + 7919 * rank))
         return DataLoader(Examples(examples), batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=partial(collate_examples, pad_id=self.pad_id), num_workers=self.num_workers)
 
@@ -161,13 +164,25 @@ class SFTStage(Stage):
 
         train_examples = encode_demonstrations(tokenizer, train_demos, self.format, self.max_length)
         val_examples = encode_demonstrations(tokenizer, val_demos, self.format, self.max_length) if val_demos else []
-        seen = {d.prompt for d in demos if d.prompt is not None}
-        rollout_prompts = task.prompts(self.rollout_prompts, cfg.seed) if task else []
         max_new = int(self.eval.get("max_new_tokens", 64))
-        evaluator = None
+        evaluator, rollout_prompts = None, []
         if task is not None:
+            seen = {d.prompt for d in demos if d.prompt is not None}
             held_out = [p for p in task.prompts(int(self.eval.get("prompts", 64)), cfg.seed + 7919) if p.text not in seen]
+            if not held_out:
+                raise ConfigError(f"task {task.name}: every held-out prompt is also a demonstration; the task has too "
+                                  "few distinct prompts for that many demonstrations (lower dataset.n)")
+            # prompts to roll out on: their own stream, never a validation or held-out prompt
+            excluded = {d.prompt for d in val_demos} | {p.text for p in held_out}
+            rollout_prompts = [p for p in task.prompts(self.rollout_prompts, cfg.seed + 1) if p.text not in excluded]
+            longest = max(len(encode_prompt(tokenizer, p.text, self.format)) for p in held_out + rollout_prompts)
+            if n_ctx is not None and longest + max_new + 1 > n_ctx:
+                raise ConfigError(f"task prompts of up to {longest} tokens + stage.eval.max_new_tokens={max_new} "
+                                  f"exceed the model's context ({n_ctx}); lower max_new_tokens or use a longer context")
             evaluator = lambda m: evaluate_task(m, tokenizer, task, held_out, self.format, max_new, expert)[0]  # noqa: E731
+        if algorithm.requires_expert and (expert is None or task is None):
+            raise ConfigError(f"imitation {type(algorithm).__name__} needs a task to roll out on and an expert to "
+                              "label states: add task=<sort|addition|reasoning_gym> expert=task (or expert=teacher_lm)")
 
         def make_context() -> ImitationContext:
             return ImitationContext(
@@ -188,11 +203,15 @@ class SFTStage(Stage):
         trainer = build_trainer(ctx, callbacks=[RoundMetrics()], every_n_steps=self.checkpoint_every_n_steps,
                                 limit_val_batches=(self.val_batches or 1.0) if val_examples else 0,
                                 max_epochs=rounds, limit_train_batches=max_steps // rounds,
-                                reload_dataloaders_every_n_epochs=1)
+                                reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False)
         if ctx.ckpt_path is None:  # the starting model's scores at step 0 (what SFT must improve on)
             trainer.validate(module, datamodule=data, verbose=False)
         trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
-        final = trainer.validate(module, datamodule=data, verbose=False)[0] if val_examples or task else {}
+        results = trainer.validate(module, datamodule=data, verbose=False) if val_examples else []
+        final = dict(results[0]) if results else {}
+        if evaluator is not None and not val_examples and trainer.is_global_zero:  # no validation loop ran it
+            final.update(evaluator(model))
+            trainer.logger.log_metrics(final, step=trainer.global_step)
 
         artifact_dir = ctx.output_dir / "model"
         if trainer.is_global_zero:

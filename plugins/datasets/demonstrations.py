@@ -105,10 +105,11 @@ class HFDiskDemonstrations(DemonstrationDataset):
 
 
 class ChitchatDemonstrations(DemonstrationDataset):
-    """Each conversation as a chat: the first speaker is the user, the other the assistant; all assistant turns train."""
+    """Each conversation as a chat, all assistant turns trained. both_sides: each conversation twice, once with
+    each speaker as the assistant, so every turn is learnt as (conversation so far -> next turn)."""
 
-    def __init__(self, max_conversations: int | None = None, max_turns: int | None = 8):
-        self.max_conversations, self.max_turns = max_conversations, max_turns
+    def __init__(self, max_conversations: int | None = None, max_turns: int | None = 8, both_sides: bool = True):
+        self.max_conversations, self.max_turns, self.both_sides = max_conversations, max_turns, both_sides
 
     def demonstrations(self) -> Iterator[Demonstration]:
         n = 0
@@ -118,10 +119,10 @@ class ChitchatDemonstrations(DemonstrationDataset):
             turns = conversation_turns(conv)[: self.max_turns]
             if len(turns) < 2:
                 continue
-            roles = ["user", "assistant"]
-            messages = tuple({"role": roles[i % 2], "content": t} for i, t in enumerate(turns))
             n += 1
-            yield Demonstration(messages=messages, source=f"chitchat:{conv_id}")
+            for side, roles in enumerate([("user", "assistant"), ("assistant", "user")][: 2 if self.both_sides else 1]):
+                messages = tuple({"role": roles[i % 2], "content": t} for i, t in enumerate(turns))
+                yield Demonstration(messages=messages, source=f"chitchat:{conv_id}:{side}")
 
     def describe(self) -> str:
         return "chitchat conversations as demonstrations"

@@ -19,8 +19,10 @@ def count_labels(examples: list[Example]) -> int:
 
 
 class DAgger(ImitationAlgorithm):
+    requires_expert = True
+
     def __init__(self, rounds: int = 4, first_round_demos: float = 0.5, rollouts_per_round: int = 200,
-                 beta_p: float = 0.5, rollout_batch_size: int = 64):
+                 beta_p: float = 0.5, rollout_batch_size: int = 64, betas: list[float] | None = None):
         if rounds < 2:
             raise ConfigError("imitation.rounds must be >= 2 for DAgger (round 0 is the demonstrations)")
         if not 0.0 < first_round_demos <= 1.0 or not 0.0 <= beta_p <= 1.0:
@@ -28,15 +30,21 @@ class DAgger(ImitationAlgorithm):
         self.num_rounds = rounds
         self.first_round_demos, self.rollouts_per_round = first_round_demos, rollouts_per_round
         self.beta_p, self.rollout_batch_size = beta_p, rollout_batch_size
+        if betas is not None and (len(betas) != rounds - 1 or not all(0.0 <= b <= 1.0 for b in betas)):
+            raise ConfigError(f"imitation.betas needs {rounds - 1} values in [0, 1], one per rollout round")
+        self.betas = list(betas) if betas is not None else None
         self.aggregate: list[Example] = []
         self.rounds_done = 0
         self._metrics: dict[str, float] = {}
 
     def beta(self, round_idx: int) -> float:
-        return self.beta_p**round_idx
+        """beta_i: the explicit schedule `betas[i - 1]` when given, else beta_p ** i."""
+        return self.betas[round_idx - 1] if self.betas is not None else self.beta_p**round_idx
 
     def round_dataset(self, round_idx: int, ctx: ImitationContext) -> list[Example]:
         if round_idx < self.rounds_done:  # restored from a checkpoint: the aggregate already holds this round
+            self._metrics = {"round": round_idx, "dataset_size": len(self.aggregate),
+                             "expert_labels": count_labels(self.aggregate)}
             return list(self.aggregate)
         if round_idx == 0:
             n = max(1, round(self.first_round_demos * len(ctx.demonstrations)))
