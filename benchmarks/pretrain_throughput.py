@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from statistics import median
 
 import torch
 
@@ -106,11 +107,6 @@ def lightning_stage(model, cfg, batches, precision: str) -> float:
                          gradient_clip_val=1.0, callbacks=[timer], limit_val_batches=0, inference_mode=False)
     trainer.fit(module, train_dataloaders=data)
     return batches[0].numel() / median(timer.times[len(timer.times) // 5 :])
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def main() -> None:

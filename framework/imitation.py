@@ -9,7 +9,7 @@ import warnings
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from framework.errors import ConfigError, DataError
-from framework.interfaces import Example, Expert, Task
+from framework.interfaces import IGNORE_INDEX, Example, Expert, Task
 from framework.records import Demonstration, Prompt
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.tokenization import TURN_END
@@ -17,7 +17,6 @@ from framework.tokenization import TURN_END
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 FORMATS = ("chat", "plain")
 
 
@@ -110,6 +109,11 @@ def trajectory_example(prompt_ids: Sequence[int], response_ids: Sequence[int], l
     elif n != len(response_ids):
         raise ValueError(f"{n} labels for {len(response_ids)} response tokens")
     return Example(ids, [IGNORE_INDEX] * len(prompt_ids) + list(labels))
+
+
+def count_labels(examples: Sequence[Example]) -> int:
+    """Expert labels in `examples`: positions that take loss."""
+    return sum(sum(l != IGNORE_INDEX for l in ex.labels) for ex in examples)
 
 
 def label_trajectory(expert: Expert, prompt: Prompt, prompt_ids: Sequence[int], response_ids: Sequence[int],

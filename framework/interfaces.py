@@ -152,6 +152,9 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+IGNORE_INDEX = -100  # label of a position that takes no loss (prompt tokens, padding)
+
+
 @dataclass
 class Example:
     """One tokenised training sequence: `labels` is -100 where no loss is taken (prompt tokens, padding)."""

@@ -12,10 +12,8 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from framework.interfaces import Loss
+from framework.interfaces import IGNORE_INDEX, Loss
 from framework.stages.common import adamw_param_groups, warmup_cosine
-
-IGNORE_INDEX = -100
 
 
 class CausalLMModule(pl.LightningModule):

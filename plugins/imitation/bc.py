@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from framework.imitation import count_labels
 from framework.interfaces import Example, ImitationAlgorithm, ImitationContext
 
 
@@ -12,8 +13,8 @@ class BehaviourCloning(ImitationAlgorithm):
         self._metrics: dict[str, float] = {}
 
     def round_dataset(self, round_idx: int, ctx: ImitationContext) -> list[Example]:
-        labels = sum(sum(l != -100 for l in ex.labels) for ex in ctx.demonstrations)
-        self._metrics = {"round": round_idx, "dataset_size": len(ctx.demonstrations), "expert_labels": labels}
+        self._metrics = {"round": round_idx, "dataset_size": len(ctx.demonstrations),
+                         "expert_labels": count_labels(ctx.demonstrations)}
         return list(ctx.demonstrations)
 
     def round_metrics(self) -> dict[str, float]:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import random
 
 from framework.errors import ConfigError
-from framework.imitation import label_trajectory, rollout
+from framework.imitation import count_labels, label_trajectory, rollout
 from framework.interfaces import Example, ImitationAlgorithm, ImitationContext
-
-
-def count_labels(examples: list[Example]) -> int:
-    return sum(sum(l != -100 for l in ex.labels) for ex in examples)
 
 
 class DAgger(ImitationAlgorithm):

@@ -7,9 +7,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from framework.interfaces import Loss
-
-IGNORE_INDEX = -100
+from framework.interfaces import IGNORE_INDEX, Loss
 
 
 def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
