@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from itertools import islice
 from typing import Any, Iterator, Sequence
 
 from framework.errors import DataError
@@ -76,10 +77,7 @@ class JsonlDemonstrations(DemonstrationDataset):
                 yield str(path), lineno, row, problem
 
     def demonstrations(self) -> Iterator[Demonstration]:
-        for i, demo in enumerate(_validated(self._rows(), self.skip_bad_rows)):
-            if self.max_demonstrations is not None and i >= self.max_demonstrations:
-                return
-            yield demo
+        yield from islice(_validated(self._rows(), self.skip_bad_rows), self.max_demonstrations)
 
     def describe(self) -> str:
         return f"demonstrations from {self.paths}"
@@ -95,10 +93,7 @@ class HFDiskDemonstrations(DemonstrationDataset):
     def demonstrations(self) -> Iterator[Demonstration]:
         ds = load_saved_dataset(self.path, self.split)
         rows = ((f"{self.path}#{i}", None, row, None) for i, row in enumerate(ds))
-        for i, demo in enumerate(_validated(rows, self.skip_bad_rows)):
-            if self.max_demonstrations is not None and i >= self.max_demonstrations:
-                return
-            yield demo
+        yield from islice(_validated(rows, self.skip_bad_rows), self.max_demonstrations)
 
     def describe(self) -> str:
         return f"saved dataset {self.path} [{self.split}]"
