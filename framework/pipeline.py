@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
 from framework.interfaces import Stage, StageContext, StageResult
+from framework.interrupts import deferred_interrupts
 from framework.tracking import flatten_config, follow_run, git_commit, is_rank_zero, open_run, plugin_targets, read_pointer
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
@@ -80,7 +81,8 @@ def run(cfg: DictConfig) -> StageResult:
 
     if not is_rank_zero():
         tracked = follow_run(output_dir)
-        return stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
+        with deferred_interrupts():
+            return stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
 
     commit = git_commit()
     run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -98,18 +100,25 @@ def run(cfg: DictConfig) -> StageResult:
             tracked.set_tags(tags)
         tracked.log_params(flatten_config(cfg))
         tracked.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-        result = stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
+        with deferred_interrupts():
+            result = stage.run(StageContext(cfg=cfg, output_dir=output_dir, run=tracked, ckpt_path=ckpt_path))
         tracked.set_tags({"artifact_dir": str(result.artifact_dir.resolve())})
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit() into SystemExit(1)
         status = "KILLED"
         raise
     finally:
-        tracked.end(status)
         ckpts = output_dir / "checkpoints"
         if status != "FINISHED":
             hint = (f"; its checkpoints are in {ckpts}: continue with `resume=true` or ckpt_path=..."
                     if any(ckpts.glob("*.ckpt")) else "")
-            print(f"[rlhf] stage {stage.name!r} did not finish ({status}){hint}")
+            print(f"[rlhf] stage {stage.name!r} did not finish ({status}){hint}", flush=True)
+        try:
+            tracked.end(status)
+        except Exception as err:  # a broken store must not hide the stage's own error or lose the checkpoints
+            if status == "FINISHED":
+                raise
+            print(f"[rlhf] warning: could not mark MLflow run {tracked.run_id} as {status} "
+                  f"({type(err).__name__}: {err}); the run's files and checkpoints are untouched", flush=True)
     print(f"[rlhf] {stage.name} done: {result.artifact_dir}")
     return result

@@ -77,7 +77,11 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(rlhf_home, tokenizer_c
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-2000:]
     assert "did not finish" in out and "resume=true" in out
+    # the first Ctrl-C is honoured at a batch boundary, never inside a tracking-store write
+    assert "stopping at the end of this batch" in out and "could not mark" not in out, out[-2000:]
+    assert list(rlhf_home.glob("runs/**/checkpoints/on_exception.ckpt")), out[-2000:]
     client, runs = mlflow_runs(rlhf_home)
+    assert runs[0].info.status == "KILLED"
     run_id = runs[0].info.run_id
     steps_before = max(m.step for m in client.get_metric_history(run_id, "train/loss"))
 

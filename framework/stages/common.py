@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from framework.errors import ConfigError
 from framework.instantiate import instantiate_plugin
+from framework.interrupts import stop_callback
 from framework.interfaces import ModelSource, StageContext, TokenizerSource
 from framework.models import context_length
 from framework.tokenization import has_tokenizer_files, load_tokenizer, stop_token_ids
@@ -50,10 +51,12 @@ def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **l
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
-def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, **defaults: Any):
+def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overrides: Mapping[str, Any] | None = None,
+                  **defaults: Any):
     """`cfg.trainer` + our logger and checkpoint callbacks; checkpoints go to <output_dir>/checkpoints.
 
     defaults: Trainer arguments the stage chooses unless the user set them in `trainer.*`.
+    overrides: Trainer arguments the stage has resolved from its own settings (e.g. max_steps from stage.epochs).
     """
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
@@ -62,6 +65,7 @@ def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, **defa
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                         every_n_train_steps=every_n_steps, save_last=True, save_top_k=1),
         OnExceptionCheckpoint(dirpath=ckpt_dir),
+        stop_callback(),
     ]
     return instantiate_plugin(
         ctx.cfg.trainer, "trainer", None,
@@ -69,6 +73,7 @@ def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, **defa
         callbacks=[*checkpointing, *callbacks],
         default_root_dir=str(ctx.output_dir),
         **{k: v for k, v in defaults.items() if k not in ctx.cfg.trainer},
+        **dict(overrides or {}),
     )
 
 
