@@ -1,11 +1,55 @@
-"""Data plumbing shared by stages: deterministic hash splits and sequence packing (pure functions)."""
+"""Data plumbing shared by stages: deterministic hash splits, sequence packing, lists as datasets."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable, Sequence, TypeVar
+import random
+from typing import Callable, Generic, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
+
+
+class ListDataset(Generic[T]):
+    """A list as a map-style dataset (what a DataLoader needs: __len__ and __getitem__)."""
+
+    def __init__(self, items: Sequence[T]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> T:
+        return self.items[i]
+
+
+class LengthGroupedSampler:
+    """Shuffled indices whose batches hold items of similar length, so they pad less (transformers'
+    `group_by_length`): shuffle, cut into mega-batches of `mega` batches, sort each by length (longest first), then
+    shuffle the order of the full batches (a short last batch stays last). Reshuffled by `set_epoch`."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50):
+        self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.mega
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(full)
+        short = [b for b in batches if len(b) < self.batch_size]
+        return iter([i for b in full + short for i in b])
 
 
 def hash_fraction(key: str, seed: int) -> float:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from framework.records import Demonstration, Prompt, Text
+from framework.records import Demonstration, Prompt, Ranking, Text
 
 if TYPE_CHECKING:  # heavy imports stay out of `rlhf --help`
+    import random
+
     import torch
     from omegaconf import DictConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -124,14 +126,149 @@ class ModelSource(ABC):
 class Loss(ABC):
     """`(model outputs, batch) -> (scalar loss, metrics)`.
 
-    outputs: what the stage's model returned (for LMs a `CausalLMOutput` with `logits: [batch, seq, vocab]`).
-    batch: the collated batch (for LMs `input_ids`, `labels: [batch, seq]` with -100 for ignored positions).
+    kind "lm": outputs is a `CausalLMOutput` with `logits: [batch, seq, vocab]`; batch has `input_ids` and
+    `labels: [batch, seq]` with -100 for ignored positions (pretraining, SFT).
+    kind "preference": outputs is a tensor of rewards `[groups, K]` in preference order (column 0 = the best
+    response of its group); batch has `rank_mask: [groups, K]` (False where a group has fewer than K responses) and,
+    when the data gave one, `margin: [groups]` (pairwise rows; NaN where absent) (reward modelling).
     metrics: extra detached scalars the stage logs under `train/` and `val/`.
     """
+
+    kind: str = "lm"
 
     @abstractmethod
     def __call__(self, outputs: Any, batch: Mapping[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
         ...
+
+
+class RewardFunction(ABC):
+    """A programmatic reward: a task's gold scorer, a sentiment lexicon, ... Used as the hidden truth that
+    synthetic labellers compare by and that experiments judge learned rewards (and policies) against."""
+
+    name: str = "reward"
+
+    @abstractmethod
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        """One score per (prompt, completion); higher is better."""
+
+
+class Labeller(ABC):
+    """Turns K responses to one prompt into a preference ranking (a synthetic human, or a lookup of real labels)."""
+
+    @abstractmethod
+    def label(self, prompt: Prompt, responses: Sequence[str], rng: "random.Random") -> Ranking:
+        """Rank `responses` (best first); record the gold scores in the Ranking when there are any."""
+
+
+@dataclass
+class ComparisonContext:
+    """What a comparison dataset that makes its comparisons here may use (file datasets ignore it).
+
+    sample(prompts, k, max_new_tokens, temperature): k completions per prompt sampled from the stage's policy (the
+    SFT model) with top_k=0, top_p=1; cached by the stage, keyed by the policy's weights and the arguments.
+    """
+
+    sample: Callable[[Sequence[Prompt], int, int, float], list[list[str]]]
+    task: Task | None = None
+    labeller: Labeller | None = None
+    seed: int = 0
+
+
+class ComparisonDataset(ABC):
+    """Preference data for reward modelling: pairwise comparisons and K-wise rankings, as `Ranking` records.
+
+    needs_policy: True when the dataset samples responses from the policy being judged (and asks a labeller).
+    """
+
+    needs_policy: bool = False
+
+    @abstractmethod
+    def comparisons(self, ctx: ComparisonContext) -> Iterator[Ranking]:
+        """Yield every comparison, validated, in a deterministic order."""
+
+    def validation(self, ctx: ComparisonContext) -> Iterator[Ranking] | None:
+        """A held-out set of its own (e.g. fixed across a sweep over the number of labels); None: the stage holds
+        out `stage.val_fraction` of `comparisons()` by a seeded hash."""
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class RewardHead(ABC):
+    """Builds the module that turns the trunk's hidden states into rewards.
+
+    The module is called as `head(hidden: [batch, seq, d], attention_mask: [batch, seq]) -> [batch, members]`
+    (members = 1 except for ensembles; the reward of a sequence is the mean over members).
+    sequence_classification: True when the head is exactly a bias-free linear map of the last non-pad token, so
+    the reward model exports as a Hugging Face `...ForSequenceClassification` (num_labels=1) directory.
+    """
+
+    members: int = 1
+    sequence_classification: bool = False
+
+    @abstractmethod
+    def build(self, hidden_size: int) -> "torch.nn.Module":
+        ...
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples, as the RL stage hands them to a policy algorithm. Tensors are [B, ...] with
+    B = prompts x generations_per_prompt (the copies of a prompt are adjacent); response tensors are [B, T].
+
+    query_ids/query_mask: left-padded prompts; response_mask: 1 up to and including the stop token.
+    logprobs/ref_logprobs: per-token log-probs of the sampled tokens under the policy at sampling time and under the
+    frozen reference, both at the sampling temperature; values: the critic's values (algorithms with a critic).
+    scores: the reward source's scores after the no-EOS penalty and clipping (raw_scores: before).
+    """
+
+    prompts: list
+    texts: list[str]
+    query_ids: "torch.Tensor"
+    query_mask: "torch.Tensor"
+    response_ids: "torch.Tensor"
+    response_mask: "torch.Tensor"
+    logprobs: "torch.Tensor"
+    ref_logprobs: "torch.Tensor"
+    values: "torch.Tensor | None"
+    scores: "torch.Tensor"
+    raw_scores: "torch.Tensor"
+    ended: "torch.Tensor"
+    group_size: int = 1
+    stats: dict = field(default_factory=dict)
+
+
+class PolicyAlgorithm(ABC):
+    """An on-policy RL algorithm for LMs: experience from a rollout, then a loss per minibatch.
+
+    generations_per_prompt: samples per prompt (group methods: GRPO, RLOO); needs_value: a value head on the policy;
+    epochs x minibatches: the updates per rollout (each minibatch one optimizer step).
+    """
+
+    generations_per_prompt: int = 1
+    needs_value: bool = False
+    epochs: int = 1
+    minibatches: int = 1
+
+    @abstractmethod
+    def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, "torch.Tensor"]:
+        """Tensors for the updates: per-sample ones are [B, ...] and are split into minibatches; must include
+        `seq_kl` [B] (KL to the reference summed over tokens, for the KL controller and the logs). Entries named
+        `returns/...` or `advantages/...` holding scalars are logged."""
+
+    @abstractmethod
+    def loss(self, logprobs: "torch.Tensor", values: "torch.Tensor | None",
+             minibatch: Mapping[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        """The loss of a minibatch from the policy's current log-probs [b, T] (and values); metrics are logged
+        averaged over the iteration's minibatches (names like `loss/policy`, `policy/clipfrac`)."""
+
+    def state_dict(self) -> dict:
+        """State that must survive a checkpoint (e.g. a running baseline)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass

@@ -37,6 +37,9 @@ def resolve_model_path(path: str, allow_download: bool = False) -> str:
     )
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "PreTrainedModel":
     """Load a causal LM with clear errors (not a causal LM, unreadable weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -44,6 +47,12 @@ def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "P
     ref = resolve_model_path(path, allow_download)
     local = not allow_download or Path(ref).is_dir()
     config = AutoConfig.from_pretrained(ref, local_files_only=local)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        raise ConfigError(
+            f"model.path={path!r} holds a {', '.join(architectures)}, not a causal LM; stages start from an "
+            "AutoModelForCausalLM directory (a pretraining or SFT `model/` export)"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs)
     except ValueError as err:

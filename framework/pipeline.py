@@ -22,6 +22,7 @@ QUIET_WARNINGS = (
     r".*ckpt_path=None\)` was called without a model",
     r'.*ckpt_path="last"\) is set, but there is no last checkpoint',
     r".*isinstance\(treespec, LeafSpec\)",
+    r"Metric `SpearmanCorrcoef` will save all targets",
 )
 
 

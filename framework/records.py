@@ -49,3 +49,37 @@ class Prompt:
     text: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     source: str = ""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Responses to one prompt, ordered by preference: `order` lists indices into `responses`, best first.
+
+    A pairwise comparison (prompt, chosen, rejected) is a Ranking of two: responses=(chosen, rejected), order=(0, 1).
+    gold: the hidden gold score of each response, when the labels were made from one (synthetic labellers); it lets
+    metrics judge a reward model against the truth and is never used for training.
+    margin: an optional preference strength of a pairwise row (Llama-2 style margin loss).
+    """
+
+    prompt: str
+    responses: tuple[str, ...]
+    order: tuple[int, ...]
+    source: str = ""
+    gold: tuple[float, ...] | None = None
+    margin: float | None = None
+
+    @classmethod
+    def pair(cls, prompt: str, chosen: str, rejected: str, source: str = "", gold: tuple[float, float] | None = None,
+             margin: float | None = None) -> "Ranking":
+        return cls(prompt, (chosen, rejected), (0, 1), source=source, gold=gold, margin=margin)
+
+    @property
+    def ranked(self) -> list[str]:
+        return [self.responses[i] for i in self.order]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """All C(K, 2) (better, worse) index pairs the ranking implies."""
+        return [(self.order[a], self.order[b]) for a in range(len(self.order)) for b in range(a + 1, len(self.order))]
+
+    def text(self) -> str:
+        return "\n".join([self.prompt, *self.responses])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +47,31 @@ def run_cli(rlhf_home: Path, tokenizer_cache: Path):
         return proc
 
     return _run
+
+
+def exported_dir(stdout: str, what: str = "model") -> Path:
+    """The directory a stage printed as its export ("exported model + tokenizer to ...")."""
+    match = re.search(rf"exported {what} \+ tokenizer to (\S+)", stdout)
+    assert match, stdout[-2000:]
+    return Path(match.group(1))
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, tokenizer_cache):
+    """A smoke-pretrained model, then chat-format SFT on chitchat conversations from it (model.path).
+    Returns (home, pretrained dir, sft dir, the SFT CompletedProcess); shared by the SFT and reward-model tests."""
+    home = tmp_path_factory.mktemp("chat-home")
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "framework", *args], cwd=REPO, env=cli_env(home, tokenizer_cache),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    pretrained = exported_dir(cli("experiment=smoke", "trainer.max_steps=60", *QUIET).stdout)
+    sft = cli("stage=sft", f"model.path={pretrained}", "dataset.max_conversations=300", "stage.max_length=128",
+              "stage.batch_size=8", "trainer.max_steps=40", "trainer.val_check_interval=20", *QUIET)
+    return home, pretrained, exported_dir(sft.stdout), sft
 
 
 def mlflow_runs(home: Path, experiment: str = "rlhf-lab"):

@@ -23,5 +23,5 @@ def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):
     assert {r.data.params["task.length"] for r in jobs} == {"2", "3"}
     steps = {m.step for m in client.get_metric_history(report[0].info.run_id, "BC/mistakes_per_seq")}
     assert steps == {2, 3}
-    assert {"horizon_report.png", "horizon_table.json", "horizon_report.txt"} <= {
+    assert {"horizon_report.png", "horizon_report_table.json", "horizon_report.txt"} <= {
         a.path for a in client.list_artifacts(report[0].info.run_id)}

@@ -1,7 +1,6 @@
 """Stage 1 end to end through the real CLI: train, export, reload with plain transformers, MLflow contents, resume."""
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -11,13 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import QUIET, REPO, cli_env, mlflow_runs
-
-
-def exported_dir(stdout: str) -> Path:
-    match = re.search(r"exported model \+ tokenizer to (\S+)", stdout)
-    assert match, stdout[-2000:]
-    return Path(match.group(1))
+from conftest import QUIET, REPO, cli_env, exported_dir, mlflow_runs
 
 
 def test_pretrain_smoke_trains_exports_and_tracks(run_cli, rlhf_home):

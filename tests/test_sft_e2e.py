@@ -6,8 +6,8 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import QUIET, REPO, cli_env, mlflow_runs
-from test_pretrain_e2e import exported_dir
+from conftest import QUIET, REPO, exported_dir, mlflow_runs
+
 
 SORT = ["stage=sft", "task=sort", "task.length=4", "task.separator=", "dataset=task_demos", "dataset.n=300",
         "expert=task", "stage.format=plain", "tokenizer.vocab_size=260", "model.n_layer=2", "model.n_head=2",
@@ -39,23 +39,6 @@ def test_sft_on_sort_beats_the_starting_model(run_cli, rlhf_home, imitation):
         assert run.data.tags["plugin.imitation"] == "plugins.imitation.dagger.DAgger"
     else:
         assert len(sizes) == 1
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, tokenizer_cache):
-    """A smoke-pretrained model, then chat-format SFT on chitchat conversations from it (model.path)."""
-    home = tmp_path_factory.mktemp("chat-home")
-
-    def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "framework", *args], cwd=REPO, env=cli_env(home, tokenizer_cache),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc
-
-    pretrained = exported_dir(cli("experiment=smoke", "trainer.max_steps=60", *QUIET).stdout)
-    sft = cli("stage=sft", f"model.path={pretrained}", "dataset.max_conversations=300", "stage.max_length=128",
-              "stage.batch_size=8", "trainer.max_steps=40", "trainer.val_check_interval=20", *QUIET)
-    return home, pretrained, exported_dir(sft.stdout), sft
 
 
 def test_chitchat_sft_from_a_pretrained_dir(chat_model):

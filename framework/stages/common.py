@@ -88,6 +88,38 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def use_fused_adamw(model: torch.nn.Module, fused: bool | str) -> bool | None:
+    """`optimizer.fused`: true/false, or "auto": the fused kernel (one pass over all parameters, ~4x faster steps
+    on CPU here) where torch has it for this device: CPU needs torch >= 2.4; floating-point parameters only."""
+    if fused != "auto":
+        return bool(fused)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or not all(p.is_floating_point() for p in params):
+        return None
+    device = params[0].device.type
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return True if device == "cuda" or (device == "cpu" and (major, minor) >= (2, 4)) else None
+
+
+def adamw_warmup_cosine(model: torch.nn.Module, total_steps: int, optimizer: Mapping[str, Any],
+                        scheduler: Mapping[str, Any]) -> dict:
+    """What `configure_optimizers` returns in every training stage: AdamW (`adamw_param_groups`) with a linear warmup
+    then cosine decay over `total_steps`, stepped per optimizer step."""
+    from functools import partial
+
+    opt = torch.optim.AdamW(
+        adamw_param_groups(model, optimizer.get("weight_decay", 0.0)),
+        lr=optimizer["lr"],
+        betas=tuple(optimizer.get("betas", (0.9, 0.95))),
+        eps=optimizer.get("eps", 1e-8),
+        fused=use_fused_adamw(model, optimizer.get("fused", "auto")),
+    )
+    schedule = partial(warmup_cosine, warmup_steps=int(scheduler.get("warmup_steps", 0)), total_steps=total_steps,
+                       min_ratio=float(scheduler.get("min_lr_ratio", 0.1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear from 1/warmup to 1 over warmup_steps, then cosine to min_ratio at total_steps."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -4,7 +4,6 @@ cosine, throughput, validation loss/perplexity/token accuracy, and an optional t
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any, Callable, Mapping
 
 import pytorch_lightning as pl
@@ -13,34 +12,29 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from framework.interfaces import IGNORE_INDEX, Loss
-from framework.stages.common import adamw_param_groups, warmup_cosine
+from framework.stages.common import adamw_warmup_cosine
 
 
-class CausalLMModule(pl.LightningModule):
-    """Logs train/loss, train/tokens_per_s, lr per step; val/loss, val/perplexity, val/token_accuracy per validation.
+class TrainingModule(pl.LightningModule):
+    """What every training stage's module shares: the loss and its metrics under `train/`, `lr`, a throughput under
+    `train/<unit>_per_s` (wall time between batch ends: data + forward + backward + step), and AdamW with warmup and
+    cosine decay over all of the module's parameters. Subclasses give `train_loss` and `throughput`."""
 
-    evaluator: called with the model at the end of each validation (rank 0 only, dropout off); returns metrics to log
-    (e.g. greedy-decoding task scores).
-    """
-
-    def __init__(self, model: torch.nn.Module, loss: Loss, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any],
-                 evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+    def __init__(self, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]):
         super().__init__()
-        self.model = model
-        self.loss_fn = loss
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)
-        self.evaluator = evaluator
-        self.val_loss = MeanMetric()
-        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
-        self.val_correct = MeanMetric()
         self._last_step_end: float | None = None
 
-    def forward(self, batch: Mapping[str, torch.Tensor]):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def throughput(self, batch: dict[str, torch.Tensor]) -> tuple[str, int]:
+        """(unit, how many of it this rank's batch holds)."""
+        raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.loss_fn(self(batch), batch)
+        loss, metrics = self.train_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in metrics.items():
             self.log(f"train/{name}", value)
@@ -49,14 +43,46 @@ class CausalLMModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         now = time.perf_counter()
-        if self._last_step_end is not None:  # wall time between batch ends: data + forward + backward + step
-            mask = batch.get("attention_mask")
-            tokens = (int(mask.sum()) if mask is not None else batch["input_ids"].numel()) * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), prog_bar=True)
+        if self._last_step_end is not None:
+            unit, count = self.throughput(batch)
+            self.log(f"train/{unit}_per_s", count * self.trainer.world_size / max(now - self._last_step_end, 1e-9),
+                     prog_bar=True)
         self._last_step_end = now
 
     def on_validation_start(self) -> None:
         self._last_step_end = None  # validation time is not a training step
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(self, int(self.trainer.estimated_stepping_batches), self.optimizer_cfg,
+                                   self.scheduler_cfg)
+
+
+class CausalLMModule(TrainingModule):
+    """Logs train/loss, train/tokens_per_s, lr per step; val/loss, val/perplexity, val/token_accuracy per validation.
+
+    evaluator: called with the model at the end of each validation (rank 0 only, dropout off); returns metrics to log
+    (e.g. greedy-decoding task scores).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: Loss, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any],
+                 evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+        super().__init__(optimizer, scheduler)
+        self.model = model
+        self.loss_fn = loss
+        self.evaluator = evaluator
+        self.val_loss = MeanMetric()
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_correct = MeanMetric()
+
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss_fn(self(batch), batch)
+
+    def throughput(self, batch: dict[str, torch.Tensor]) -> tuple[str, int]:
+        mask = batch.get("attention_mask")
+        return "tokens", int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         outputs = self(batch)
@@ -77,16 +103,3 @@ class CausalLMModule(pl.LightningModule):
         metrics = self.evaluator(self.model) if self.trainer.is_global_zero else {}
         for name, value in metrics.items():
             self.log(name, float(value), rank_zero_only=True)
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(
-            adamw_param_groups(self.model, self.optimizer_cfg.get("weight_decay", 0.0)),
-            lr=self.optimizer_cfg["lr"],
-            betas=tuple(self.optimizer_cfg.get("betas", (0.9, 0.95))),
-            eps=self.optimizer_cfg.get("eps", 1e-8),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        schedule = partial(warmup_cosine, warmup_steps=int(self.scheduler_cfg.get("warmup_steps", 0)),
-                           total_steps=total, min_ratio=float(self.scheduler_cfg.get("min_lr_ratio", 0.1)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

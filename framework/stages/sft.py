@@ -5,13 +5,13 @@ gold scorer and an expert."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
-from framework.data import hash_split
+from framework.data import ListDataset, hash_split
 from framework.errors import ConfigError, DataError
 from framework.imitation import (
     IGNORE_INDEX,
@@ -43,17 +43,6 @@ from framework.stages.common import (
     log_samples,
 )
 from framework.stages.lm_module import CausalLMModule
-
-
-class Examples(Dataset):
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
 
 
 def collate_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -93,14 +82,14 @@ class ImitationDataModule(pl.LightningDataModule):
         # Each rank draws its own steps_per_round batches (Lightning's DistributedSampler is switched off for this
         # stage: it would drop replacement and the step count).
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = RandomSampler(Examples(examples), replacement=True,
+        sampler = RandomSampler(ListDataset(examples), replacement=True,
                                 num_samples=self.steps_per_round * self.batch_size,
                                 generator=torch.Generator().manual_seed(self.seed + 1000 * round_idx + 7919 * rank))
-        return DataLoader(Examples(examples), batch_size=self.batch_size, sampler=sampler, drop_last=True,
+        return DataLoader(ListDataset(examples), batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=partial(collate_examples, pad_id=self.pad_id), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(Examples(self.val_examples), batch_size=self.batch_size, num_workers=self.num_workers,
+        return DataLoader(ListDataset(self.val_examples), batch_size=self.batch_size, num_workers=self.num_workers,
                           collate_fn=partial(collate_examples, pad_id=self.pad_id))
 
     def state_dict(self) -> dict:

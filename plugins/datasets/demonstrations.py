@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from itertools import islice
 from typing import Any, Iterator, Sequence
 
@@ -11,7 +10,7 @@ from framework.interfaces import DemonstrationDataset, Task
 from framework.records import ROLES, Demonstration
 from plugins.datasets.chitchat import conversation_turns, load_conversations
 from plugins.datasets.hf_disk import load_saved_dataset
-from plugins.datasets.text_files import expand_paths, read_jsonl_rows
+from plugins.datasets.text_files import expand_paths, read_jsonl_rows, validated_rows
 
 
 def parse_demonstration(row: Any, source: str) -> Demonstration:
@@ -49,22 +48,6 @@ def parse_demonstration(row: Any, source: str) -> Demonstration:
     return Demonstration(prompt=row["prompt"], response=row["response"], source=source)
 
 
-def _validated(rows: Iterator[tuple[str, int | None, Any, str | None]], skip_bad_rows: bool) -> Iterator[Demonstration]:
-    """rows: (path, line, parsed row, problem found while reading it or None)."""
-    skipped = 0
-    for path, line, row, problem in rows:
-        try:
-            if problem:
-                raise ValueError(problem)
-            yield parse_demonstration(row, f"{path}:{line}" if line else path)
-        except ValueError as err:
-            if not skip_bad_rows:
-                raise DataError(f"{err} (add dataset.skip_bad_rows=true to skip such rows)", path, line) from None
-            skipped += 1
-    if skipped:
-        warnings.warn(f"skipped {skipped} bad demonstration row(s) (dataset.skip_bad_rows=true)", stacklevel=2)
-
-
 class JsonlDemonstrations(DemonstrationDataset):
     """jsonl rows of {"prompt", "response"} or {"messages": [...]}, validated row by row."""
 
@@ -77,7 +60,8 @@ class JsonlDemonstrations(DemonstrationDataset):
                 yield str(path), lineno, row, problem
 
     def demonstrations(self) -> Iterator[Demonstration]:
-        yield from islice(_validated(self._rows(), self.skip_bad_rows), self.max_demonstrations)
+        rows = validated_rows(self._rows(), parse_demonstration, self.skip_bad_rows, "demonstration")
+        yield from islice(rows, self.max_demonstrations)
 
     def describe(self) -> str:
         return f"demonstrations from {self.paths}"
@@ -93,7 +77,8 @@ class HFDiskDemonstrations(DemonstrationDataset):
     def demonstrations(self) -> Iterator[Demonstration]:
         ds = load_saved_dataset(self.path, self.split)
         rows = ((f"{self.path}#{i}", None, row, None) for i, row in enumerate(ds))
-        yield from islice(_validated(rows, self.skip_bad_rows), self.max_demonstrations)
+        yield from islice(validated_rows(rows, parse_demonstration, self.skip_bad_rows, "demonstration"),
+                          self.max_demonstrations)
 
     def describe(self) -> str:
         return f"saved dataset {self.path} [{self.split}]"

@@ -7,7 +7,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from framework.errors import DataError
 from framework.interfaces import TextDataset
@@ -15,6 +15,8 @@ from framework.records import Text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+T = TypeVar("T")
 
 
 def expand_paths(patterns: Sequence[str] | str) -> list[Path]:
@@ -75,6 +77,33 @@ def read_jsonl_field(path: Path, field: str, skip_bad_rows: bool) -> Iterator[tu
             raise DataError(problem + " (add dataset.skip_bad_rows=true to skip such rows)", str(path), lineno)
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} bad row(s) (dataset.skip_bad_rows=true)", stacklevel=2)
+
+
+def validated_rows(rows: Iterable[tuple[str, int | None, Any, str | None]], parse: Callable[[Any, str], T],
+                   skip_bad_rows: bool, what: str = "row") -> Iterator[T]:
+    """Parse rows, raising DataError at the first bad one or (skip_bad_rows) skipping bad ones with one warning.
+
+    rows: (path, 1-based line or None, parsed row, problem found while reading it or None).
+    parse(row, source) returns the record or raises ValueError saying what is wrong; source is "path:line" (or path).
+    what: the kind of row, for the warning ("skipped 2 bad demonstration row(s)").
+    """
+    skipped, first = 0, ""
+    for path, line, row, problem in rows:
+        source = f"{path}:{line}" if line else path
+        try:
+            if problem:
+                raise ValueError(problem)
+            record = parse(row, source)
+        except ValueError as err:
+            if not skip_bad_rows:
+                raise DataError(f"{err} (add dataset.skip_bad_rows=true to skip such rows)", path, line) from None
+            skipped += 1
+            first = first or f"{source}: {err}"
+            continue
+        yield record
+    if skipped:
+        warnings.warn(f"skipped {skipped} bad {what} row(s) (dataset.skip_bad_rows=true); the first: {first}",
+                      stacklevel=2)
 
 
 class TextFiles(TextDataset):

@@ -4,15 +4,13 @@ to a report run."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework.tracking import open_run, resolve_tracking_uri
+from plugins.experiments.sweep_report import SweepReport, figure, save_figure
 
 ALGOS = {"plugins.imitation.bc.BehaviourCloning": "BC", "plugins.imitation.dagger.DAgger": "DAgger"}
 
@@ -28,21 +26,17 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / var if var else None
 
 
-class HorizonReport(Callback):
+class HorizonReport(SweepReport):
     """on_multirun_end: one row per (algorithm, T) from the runs tagged with this sweep's directory."""
+
+    kind = "horizon_report"
 
     def __init__(self, horizon_key: str = "task.length"):
         self.horizon_key = horizon_key
 
     def collect(self, config: DictConfig) -> list[dict]:
-        from mlflow import MlflowClient
-
-        sweep = str(config.hydra.sweep.dir)
-        client = MlflowClient(resolve_tracking_uri(config.logger.get("tracking_uri"), config.paths.root))
-        exp = client.get_experiment_by_name(config.logger.experiment_name)
-        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}' and tags.stage = 'sft'")
         rows = []
-        for r in runs:
+        for r in self.sweep_runs(config, "sft"):
             m, p = r.data.metrics, r.data.params
             if "eval/exact_match" not in m:
                 continue
@@ -78,29 +72,13 @@ class HorizonReport(Callback):
 
         png = sweep_dir / "horizon_report.png"
         self.plot(by_algo, png)
-        (sweep_dir / "horizon_report.json").write_text(json.dumps({"rows": rows, "growth_exponent": slopes}, indent=1))
-        tracked = open_run(config.logger, config.paths.root, "horizon-report",
-                           {"stage": "report", "sweep": str(sweep_dir), "kind": "dagger_vs_bc"})
-        for r in rows:
-            tracked.client.log_metric(tracked.run_id, f"{r['algorithm']}/mistakes_per_seq", r["mistakes_per_seq"], step=r["T"])
-            tracked.client.log_metric(tracked.run_id, f"{r['algorithm']}/seq_error", r["seq_error"], step=r["T"])
-        for a, s in slopes.items():
-            if s is not None:
-                tracked.client.log_metric(tracked.run_id, f"{a}/growth_exponent", s)
-        tracked.log_table({k: [r[k] for r in rows] for k in rows[0]}, "horizon_table.json")
-        tracked.client.log_artifact(tracked.run_id, str(png))
-        tracked.log_text("\n".join(lines), "horizon_report.txt")
-        tracked.end()
-        print(f"[rlhf] horizon report: {png} (MLflow run {tracked.run_id})")
+        metrics = [(f"{r['algorithm']}/{k}", r[k], r["T"]) for r in rows for k in ("mistakes_per_seq", "seq_error")]
+        metrics += [(f"{a}/growth_exponent", s, 0) for a, s in slopes.items() if s is not None]
+        self.publish(config, rows, lines, png, metrics, extra={"growth_exponent": slopes})
 
     @staticmethod
     def plot(by_algo: dict[str, list[dict]], path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        plt, fig, axes = figure(2)
         for algo, rs in sorted(by_algo.items()):
             ts = [r["T"] for r in rs]
             axes[0].plot(ts, [r["mistakes_per_seq"] for r in rs], marker="o", label=algo)
@@ -109,9 +87,4 @@ class HorizonReport(Callback):
                     title="cumulative per-step cost")
         axes[1].set(xlabel="horizon T (digits to sort)", ylabel="sequence error (1 - exact match)",
                     title="sequence-level error", ylim=(0, 1.05))
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(plt, fig, axes, path)

@@ -1,22 +1,25 @@
-"""Sort T digits: the horizon T is a knob. The expert emits the smallest digit not yet emitted, from any prefix."""
+"""Sort T symbols: the horizon T is a knob. The expert knows the best next symbol from any prefix."""
 
 from __future__ import annotations
 
 import random
-import re
+import string
 from collections import Counter
 
 from framework.errors import ExpertError
 from framework.interfaces import Task
 from framework.records import Prompt
 
-DIGIT = re.compile(r"\d")
+# symbols in ASCII order, so that "sorted" means the same to Python, to the reader and to a byte-level tokenizer
+ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
 class SortDigits(Task):
     """Prompt "sort: 3 1 2 =", response " 1 2 3" (separator " "), or "sort: 312 =" -> "123" (separator "").
 
-    With separator "" and a byte-level vocabulary every digit is one token, so the horizon is T + 1 actions.
+    With separator "" and a byte-level vocabulary every symbol is one token, so the horizon is T + 1 actions.
+    `digits` is the alphabet size: 10 draws decimal digits, up to 62 adds A-Z then a-z (ASCII order).
+    `distinct=true` draws T different symbols (needs digits >= T), so that "not yet emitted" is a set question.
 
     Expert from any prefix (also a wrong one), by `recovery`:
     - "positional" (default): the sorted input's digits at the following positions, then stop: after a mistake the
@@ -30,37 +33,46 @@ class SortDigits(Task):
 
     RECOVERY = ("positional", "multiset")
 
-    def __init__(self, length: int = 8, digits: int = 10, separator: str = " ", recovery: str = "positional"):
+    def __init__(self, length: int = 8, digits: int = 10, separator: str = " ", recovery: str = "positional",
+                 distinct: bool = False):
         if recovery not in self.RECOVERY:
             raise ValueError(f"task.recovery must be one of {self.RECOVERY}")
         self.recovery = recovery
-        if length < 1 or not 2 <= digits <= 10:
-            raise ValueError("task.length must be >= 1 and task.digits in [2, 10]")
+        if length < 1 or not 2 <= digits <= len(ALPHABET):
+            raise ValueError(f"task.length must be >= 1 and task.digits in [2, {len(ALPHABET)}]")
+        if distinct and digits < length:
+            raise ValueError(f"task.distinct=true draws {length} different symbols: task.digits must be >= {length}")
         if separator.strip():
             raise ValueError("task.separator must be whitespace or empty")
-        self.length, self.digits, self.sep = length, digits, separator
+        self.length, self.digits, self.sep, self.distinct = length, digits, separator, distinct
+        self.symbols = ALPHABET[:digits]
         self.name = f"sort{length}"
 
     def prompts(self, n: int, seed: int) -> list[Prompt]:
         rng = random.Random(f"{self.name}:{seed}")
         out = []
         for i in range(n):
-            xs = [rng.randrange(self.digits) for _ in range(self.length)]
-            out.append(Prompt(f"sort: {self.sep.join(map(str, xs))} =", meta={"digits": xs}, source=f"{self.name}:{seed}:{i}"))
+            if self.distinct:
+                xs = rng.sample(self.symbols, self.length)
+            else:
+                xs = [rng.choice(self.symbols) for _ in range(self.length)]
+            out.append(Prompt(f"sort: {self.sep.join(xs)} =", meta={"digits": xs}, source=f"{self.name}:{seed}:{i}"))
         return out
 
-    @staticmethod
-    def _digits(prompt: Prompt) -> list[int]:
+    def _symbols_in(self, text: str) -> list[str]:
+        return [c for c in text if c in self.symbols]
+
+    def _digits(self, prompt: Prompt) -> list[str]:
         if "digits" in prompt.meta:
-            return list(prompt.meta["digits"])
+            return [str(d) for d in prompt.meta["digits"]]
         head = prompt.text.split("=")[0]
-        return [int(d) for d in DIGIT.findall(head)]
+        return self._symbols_in(head.removeprefix("sort:"))
 
     def expert_continuation(self, prompt: Prompt, prefix: str) -> str:
         xs = self._digits(prompt)
         if not xs:
-            raise ExpertError(f"task {self.name}: prompt {prompt.text!r} has no digits to sort")
-        emitted = [int(d) for d in DIGIT.findall(prefix)]
+            raise ExpertError(f"task {self.name}: prompt {prompt.text!r} has no symbols to sort")
+        emitted = self._symbols_in(prefix)
         if self.recovery == "positional":
             rest = sorted(xs)[len(emitted):]
         else:
@@ -71,8 +83,8 @@ class SortDigits(Task):
             rest = sorted(remaining.elements())
         if not rest:
             return ""
-        text = self.sep.join(map(str, rest))
+        text = self.sep.join(rest)
         return text if not self.sep or prefix.endswith(self.sep) else self.sep + text
 
     def gold(self, prompt: Prompt, completion: str) -> float:
-        return float([int(d) for d in DIGIT.findall(completion)] == sorted(self._digits(prompt)))
+        return float(self._symbols_in(completion) == sorted(self._digits(prompt)))

@@ -1,0 +1,206 @@
+"""Reward models: a transformers trunk + a reward head plugin, their normalisation, export and loading.
+
+Two artifact layouts, both with the tokenizer and a `rlhf_reward` entry in config.json (gain, bias, format,
+max_length, head):
+- a head with `sequence_classification=True` (the linear last-token head) exports as a Hugging Face
+  `...ForSequenceClassification` directory with num_labels=1, which plain transformers (and TRL, OpenRLHF, vLLM)
+  load and score with; its logit is the *raw* reward, the normalised one is gain * raw + bias;
+- any other head exports the trunk (`AutoModel` layout) plus `reward_head.safetensors`, and the head's `_target_`
+  and arguments in `rlhf_reward.head`; `load_reward_model` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from framework.errors import ConfigError
+from framework.interfaces import RewardHead
+from framework.records import Demonstration
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+HEAD_WEIGHTS = "reward_head.safetensors"
+CONFIG_KEY = "rlhf_reward"
+
+
+class RewardModel(nn.Module):
+    """trunk(input_ids, attention_mask) -> hidden states -> head -> raw rewards [batch, members].
+
+    gain/bias (buffers, saved in checkpoints) normalise the member mean: reward = gain * mean + bias.
+    """
+
+    def __init__(self, trunk: "PreTrainedModel", head: nn.Module, members: int = 1):
+        super().__init__()
+        self.trunk, self.head, self.members = trunk, head, members
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("bias", torch.tensor(0.0))
+
+    @classmethod
+    def from_causal_lm(cls, lm: "PreTrainedModel", head: RewardHead) -> "RewardModel":
+        """The LM's transformer without its LM head, and a fresh reward head on its hidden size."""
+        trunk = lm.base_model
+        if trunk is lm:
+            raise ConfigError(f"{type(lm).__name__} has no separate base model to put a reward head on")
+        return cls(trunk, head.build(int(lm.config.hidden_size)), int(head.members))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden, attention_mask)
+
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised reward per sequence [batch]."""
+        return self.gain * self(input_ids, attention_mask).float().mean(-1) + self.bias
+
+    def set_normalization(self, raw_rewards: torch.Tensor, target_mean: float = 0.0, target_std: float = 1.0) -> dict:
+        """gain, bias such that gain * raw + bias has the target mean and std on `raw_rewards` (member means of
+        policy samples): RLHF_REFERENCE 1.2 item 3."""
+        raw = raw_rewards.float()
+        mean, std = raw.mean(), raw.std().clamp(min=1e-6)
+        gain = target_std / std
+        self.gain.fill_(float(gain))
+        self.bias.fill_(float(target_mean - gain * mean))
+        return {"raw_mean": float(mean), "raw_std": float(std), "gain": float(self.gain), "bias": float(self.bias)}
+
+
+class SequenceClassifierReward(nn.Module):
+    """A `...ForSequenceClassification` model (num_labels=1) behind the RewardModel interface."""
+
+    def __init__(self, model: "PreTrainedModel", gain: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.model, self.members = model, 1
+        self.register_buffer("gain", torch.tensor(float(gain)))
+        self.register_buffer("bias", torch.tensor(float(bias)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.gain * self(input_ids, attention_mask).float().mean(-1) + self.bias
+
+
+def export_reward_model(rm: RewardModel, head: RewardHead, head_spec: Mapping[str, Any], tokenizer,
+                        out_dir: Path, extra: Mapping[str, Any]) -> Path:
+    """Write the reward model directory (layouts in the module docstring)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"gain": float(rm.gain), "bias": float(rm.bias), "members": rm.members, "head": dict(head_spec), **extra}
+    if head.sequence_classification:
+        from transformers import AutoModelForSequenceClassification
+
+        config = rm.trunk.config.__class__.from_dict(rm.trunk.config.to_dict())
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+        config.architectures = None
+        model = AutoModelForSequenceClassification.from_config(config)
+        model.base_model.load_state_dict(rm.trunk.state_dict())
+        score = getattr(model, "score", None)
+        if not isinstance(score, nn.Linear) or score.bias is not None or score.weight.shape != rm.head.score.weight.shape:
+            raise ConfigError(f"{type(model).__name__} has no bias-free `score` layer matching the head; "
+                              "use another reward_head (exported in rlhf-lab's own layout)")
+        with torch.no_grad():
+            score.weight.copy_(rm.head.score.weight)
+        setattr(model.config, CONFIG_KEY, info)
+        model.save_pretrained(str(out_dir))
+    else:
+        setattr(rm.trunk.config, CONFIG_KEY, info)
+        rm.trunk.save_pretrained(str(out_dir))
+        delattr(rm.trunk.config, CONFIG_KEY)
+        save_file({k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()}, str(out_dir / HEAD_WEIGHTS))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def reward_info(path: str | Path) -> dict:
+    """The `rlhf_reward` entry of a reward-model dir's config.json ({} for a plain transformers classifier)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path}: not a reward model directory (no config.json)")
+    return dict(json.loads(config_file.read_text()).get(CONFIG_KEY) or {})
+
+
+def load_reward_model(path: str | Path) -> tuple[nn.Module, "PreTrainedTokenizerBase", dict]:
+    """(model with `.reward(input_ids, attention_mask)`, tokenizer, rlhf_reward info) from a reward-model dir: ours
+    in either layout, or any `...ForSequenceClassification` dir with num_labels=1 (then gain 1, bias 0)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from framework.instantiate import instantiate_plugin
+    from framework.tokenization import load_tokenizer
+
+    path = Path(path).expanduser()
+    info = reward_info(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_tokenizer(path)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        if int(getattr(config, "num_labels", 1)) != 1:
+            raise ConfigError(f"{path}: a classifier with num_labels={config.num_labels}; a reward model has 1")
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+        rm: nn.Module = SequenceClassifierReward(model, info.get("gain", 1.0), info.get("bias", 0.0))
+    elif (path / HEAD_WEIGHTS).is_file() and info.get("head"):
+        from omegaconf import OmegaConf
+        from safetensors.torch import load_file
+
+        head = instantiate_plugin(OmegaConf.create(info["head"]), "reward_head", RewardHead)
+        trunk = AutoModel.from_pretrained(str(path), local_files_only=True)
+        rm = RewardModel(trunk, head.build(int(config.hidden_size)), int(head.members))
+        rm.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
+        rm.gain.fill_(float(info.get("gain", 1.0)))
+        rm.bias.fill_(float(info.get("bias", 0.0)))
+    else:
+        raise ConfigError(f"{path}: not a reward model (architectures {architectures or 'unknown'}; neither a "
+                          f"...ForSequenceClassification dir nor a trunk with {HEAD_WEIGHTS})")
+    rm.eval()
+    return rm, tokenizer, info
+
+
+def encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int) -> list[int] | None:
+    """prompt + response tokens as the reward model reads them (the SFT formatting: chat template or plain + EOS);
+    too long: prompt cut from the left; None when the response alone does not fit."""
+    from framework.imitation import encode_demonstration
+
+    example, _ = encode_demonstration(tokenizer, Demonstration(prompt=prompt, response=response), fmt, max_length)
+    return None if example is None else list(example.input_ids)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_texts(rm: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str], fmt: str,
+                max_length: int, batch_size: int = 64, raw: bool = False) -> torch.Tensor:
+    """Rewards of (prompt, response) pairs: normalised (default) or the raw member mean. A response that does not
+    fit in max_length even without its prompt gets NaN."""
+    device = next(rm.parameters()).device
+    encoded = [encode_scored(tokenizer, p, r, fmt, max_length) for p, r in zip(prompts, responses)]
+    out = torch.full((len(encoded),), float("nan"))
+    keep = [i for i, e in enumerate(encoded) if e is not None]
+    was_training = rm.training
+    rm.eval()  # no dropout when scoring
+    try:
+        for start in range(0, len(keep), batch_size):
+            idx = keep[start : start + batch_size]
+            ids, mask = pad_right([encoded[i] for i in idx], tokenizer.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            values = rm(ids, mask).float().mean(-1) if raw else rm.reward(ids, mask)
+            out[idx] = values.float().cpu()
+    finally:
+        rm.train(was_training)
+    return out
+
+
+__all__ = ["RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
+           "score_texts", "encode_scored", "pad_right"]

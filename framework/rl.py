@@ -1,0 +1,145 @@
+"""The arithmetic of RL from feedback, as plain tensor functions (RLHF_REFERENCE section 1): log-probs at a sampling
+temperature, KL estimators, per-token rewards with the score at the last real token, GAE, masked whitening, and
+the KL coefficient controllers. No Lightning, no models: every piece is unit-tested against a hand computation.
+
+Shapes: `[batch, T]` over response tokens; `mask` is 1 on real response tokens (up to and including the stop
+token) and 0 on the padding after it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Biased variance over the masked entries (tf.moments, as the reference implementations)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; shift_mean=False adds the mean back (LHP's reward whitening).
+    Entries outside the mask are returned as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`: logits [B, T, V] are the predictions of tokens [B, T]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman, "Approximating KL divergence"):
+    k1 = log r (unbiased, high variance), k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r (unbiased, >= 0)."""
+    logr = logp - ref_logp
+    if estimator == "k1":
+        return logr
+    if estimator == "k2":
+        return 0.5 * logr**2
+    if estimator == "k3":
+        return torch.exp(-logr) - 1 + logr
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {ESTIMATORS}")
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (0 for an empty row)."""
+    positions = torch.arange(mask.size(1), device=mask.device)
+    return (positions * mask.to(positions.dtype)).argmax(-1)
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = -beta * kl_t on real tokens, plus the sequence score at the last real token (LHP / TRL)."""
+    rewards = -beta * kl * mask.to(kl.dtype)
+    rows = torch.arange(score.size(0), device=score.device)
+    rewards[rows, last_index(mask)] += score.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation by the reverse loop; V after the last real token is 0.
+    Returns (advantages, returns = advantages + values), both 0 outside the mask."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    steps = values.size(1)
+    for t in reversed(range(steps)):  # padding has value 0 and reward 0, so it adds nothing after the last token
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+class FixedKL:
+    """A constant KL coefficient."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKL(FixedKL):
+    """Ziegler et al. 2019, 2.2: e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon), with n the
+    episodes of the rollout and KL the per-sequence sum over tokens, averaged over the rollout."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        super().__init__(coef)
+        if target <= 0 or horizon <= 0:
+            raise ValueError("kl.target and kl.horizon must be > 0 for the adaptive controller")
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        if not math.isfinite(kl):
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_episodes / self.horizon
+
+
+def kl_controller(controller: str, coef: float, target: float | None = None, horizon: int = 10000) -> FixedKL:
+    if controller == "fixed":
+        return FixedKL(coef)
+    if controller == "adaptive":
+        if target is None:
+            raise ValueError("kl.controller=adaptive needs kl.target (nats per sequence)")
+        return AdaptiveKL(coef, target, horizon)
+    raise ValueError(f"kl.controller={controller!r}; expected fixed or adaptive")
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked entries."""
+    var_returns = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)

@@ -1,0 +1,404 @@
+"""Stage 3, reward learning from preferences: an LM trunk + a reward head plugin trained with a preference loss
+plugin on pairwise comparisons or K-wise rankings (from files, or made here by sampling the policy and asking a
+labeller plugin), then normalised on policy samples and exported."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics import CatMetric, MeanMetric
+from torchmetrics.classification import BinaryCalibrationError
+from torchmetrics.regression import SpearmanCorrCoef
+
+from framework.data import LengthGroupedSampler, ListDataset, hash_split
+from framework.errors import ConfigError, DataError
+from framework.imitation import check_format, encode_prompt, stop_token_id
+from framework.instantiate import instantiate_plugin
+from framework.interfaces import (
+    ComparisonContext,
+    ComparisonDataset,
+    Labeller,
+    Loss,
+    RewardHead,
+    Stage,
+    StageContext,
+    StageResult,
+    Task,
+)
+from framework.records import Prompt, Ranking
+from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
+from framework.rollout import HFGenerator, SamplingSettings
+from framework.stages.common import build_tokenizer_and_model, build_trainer, check_stage_values
+from framework.stages.lm_module import TrainingModule
+from framework.models import context_length, count_parameters
+
+
+@dataclass
+class Group:
+    """One ranking, encoded: token ids of its responses in preference order (best first)."""
+
+    input_ids: list[list[int]]
+    gold: list[float] | None
+    margin: float | None
+
+
+def encode_rankings(tokenizer, rankings: Sequence[Ranking], fmt: str, max_length: int) -> list[Group]:
+    """Encode every response with its prompt (the SFT formatting); a ranking loses a response that does not fit
+    even with its prompt cut from the left, and is dropped when fewer than two are left (counted warnings)."""
+    groups, shortened, dropped = [], 0, 0
+    for r in rankings:
+        ranked = [(encode_scored(tokenizer, r.prompt, r.responses[i], fmt, max_length),
+                   None if r.gold is None else float(r.gold[i])) for i in r.order]
+        kept = [(ids, g) for ids, g in ranked if ids is not None]
+        if len(kept) < 2:
+            dropped += 1
+            continue
+        shortened += len(kept) < len(ranked)
+        groups.append(Group([ids for ids, _ in kept], None if r.gold is None else [g for _, g in kept],
+                            r.margin if len(kept) == len(ranked) else None))
+    if shortened:
+        warnings.warn(f"{shortened} ranking(s) lost responses longer than stage.max_length={max_length}", stacklevel=2)
+    if dropped:
+        warnings.warn(f"{dropped} comparison(s) dropped: fewer than two responses fit in stage.max_length="
+                      f"{max_length}; raise it (and the model's context) to keep them", stacklevel=2)
+    return groups
+
+
+def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
+    """Flattened responses (right-padded) + the group structure: rank_mask [G, K], margin [G], gold [G, K]."""
+    ids, mask = pad_right([row for g in groups for row in g.input_ids], pad_id)
+    sizes = torch.tensor([len(g.input_ids) for g in groups])
+    k = int(sizes.max())
+    rank_mask = torch.arange(k).unsqueeze(0) < sizes.unsqueeze(1)
+    margin = torch.tensor([float("nan") if g.margin is None else g.margin for g in groups])
+    gold = torch.full((len(groups), k), float("nan"))
+    for i, g in enumerate(groups):
+        if g.gold is not None:
+            gold[i, : len(g.gold)] = torch.tensor(g.gold)
+    return {"input_ids": ids, "attention_mask": mask, "rank_mask": rank_mask, "margin": margin, "gold": gold}
+
+
+def ranked(values: torch.Tensor, rank_mask: torch.Tensor) -> torch.Tensor:
+    """Per-response values [N, M] -> [G, K, M] in preference order (zeros where a group has fewer responses)."""
+    out = values.new_zeros(*rank_mask.shape, values.size(-1))
+    out[rank_mask] = values
+    return out
+
+
+class RewardModule(TrainingModule):
+    """Trains a RewardModel with a preference loss; validation metrics (torchmetrics, synced across ranks):
+    loss, pairwise accuracy, agreement with gold preferences and Spearman correlation with gold scores (when the
+    labels came from a gold), calibration error of sigmoid(r_a - r_b), reward mean/std of chosen and rejected
+    (best and worst of a ranking), and the spread of ensemble members."""
+
+    def __init__(self, rm: RewardModel, loss: Loss, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]):
+        super().__init__(optimizer, scheduler)
+        self.rm, self.loss_fn = rm, loss
+        self.val_loss, self.val_accuracy, self.val_gold_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_spearman = SpearmanCorrCoef()
+        self.val_calibration = BinaryCalibrationError(n_bins=10)
+        self.val_chosen, self.val_rejected, self.val_member_std = CatMetric(), CatMetric(), MeanMetric()
+        self._has_gold = False
+
+    def member_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The loss of every member on its own rewards; returns (loss, metrics, ranked rewards [G, K, M])."""
+        values = self.rm(batch["input_ids"], batch["attention_mask"])
+        r = ranked(values, batch["rank_mask"])
+        g, k, m = r.shape
+        flat = r.permute(0, 2, 1).reshape(g * m, k)
+        loss, metrics = self.loss_fn(flat, {"rank_mask": batch["rank_mask"].repeat_interleave(m, 0),
+                                            "margin": batch["margin"].repeat_interleave(m, 0)})
+        return loss, metrics, r
+
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.member_loss(batch)[:2]
+
+    def throughput(self, batch: dict[str, torch.Tensor]) -> tuple[str, int]:
+        mask = batch["rank_mask"]
+        return "pairs", int(torch.triu(mask.unsqueeze(2) & mask.unsqueeze(1), 1).sum())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, _, r = self.member_loss(batch)
+        mask = batch["rank_mask"]
+        self.val_loss.update(loss, weight=mask.size(0))
+        mean = r.float().mean(-1)  # [G, K]
+        a, b = torch.triu_indices(mask.size(1), mask.size(1), offset=1, device=mask.device)
+        valid = mask[:, a] & mask[:, b]
+        diff = (mean[:, a] - mean[:, b])[valid]
+        self.val_accuracy.update((diff > 0).float())
+        # calibration of P(a > b) = sigmoid(r_a - r_b), with every other pair presented the other way round
+        flip = torch.arange(diff.numel(), device=diff.device) % 2 == 1
+        self.val_calibration.update(torch.sigmoid(torch.where(flip, -diff, diff)), (~flip).long())
+        last = mask.sum(1) - 1
+        rows = torch.arange(mask.size(0), device=mask.device)
+        self.val_chosen.update(mean[:, 0])
+        self.val_rejected.update(mean[rows, last])
+        if r.size(-1) > 1:
+            self.val_member_std.update(r.float().std(-1)[mask])
+        gold = batch["gold"].to(mean)
+        has_gold = ~torch.isnan(gold) & mask
+        if has_gold.any():
+            self._has_gold = True
+            self.val_spearman.update(mean[has_gold], gold[has_gold])
+            gold_diff = (gold[:, a] - gold[:, b])[valid]
+            decided = ~torch.isnan(gold_diff) & (gold_diff != 0)
+            if decided.any():
+                self.val_gold_accuracy.update(((diff * gold_diff.sign())[decided] > 0).float())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val/loss": self.val_loss.compute(), "val/accuracy": self.val_accuracy.compute(),
+                   "val/calibration_error": self.val_calibration.compute()}
+        chosen, rejected = self.val_chosen.compute(), self.val_rejected.compute()
+        metrics.update({"val/reward_chosen_mean": chosen.mean(), "val/reward_chosen_std": chosen.std(),
+                        "val/reward_rejected_mean": rejected.mean(), "val/reward_rejected_std": rejected.std()})
+        if self.val_member_std.update_count:
+            metrics["val/reward_std_members"] = self.val_member_std.compute()
+        if self._has_gold:
+            metrics["val/spearman_gold"] = self.val_spearman.compute()
+            if self.val_gold_accuracy.update_count:
+                metrics["val/gold_accuracy"] = self.val_gold_accuracy.compute()
+        for name, value in metrics.items():
+            self.log(name, value.float(), prog_bar=name in ("val/loss", "val/accuracy"))
+        for metric in (self.val_loss, self.val_accuracy, self.val_gold_accuracy, self.val_spearman,
+                       self.val_calibration, self.val_chosen, self.val_rejected, self.val_member_std):
+            metric.reset()
+
+
+class ComparisonDataModule(pl.LightningDataModule):
+    """group_by_length: batches of comparisons of similar length (less padding), else a plain shuffle."""
+
+    def __init__(self, train: list[Group], val: list[Group], batch_size: int, pad_id: int, num_workers: int = 0,
+                 group_by_length: bool = True, seed: int = 0):
+        super().__init__()
+        self.train, self.val, self.batch_size = train, val, batch_size
+        self.collate = partial(collate_groups, pad_id=pad_id)
+        self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.group_by_length:
+            sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train], self.batch_size,
+                                           self.seed)
+        return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
+                          sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+                          drop_last=len(self.train) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+
+def weights_fingerprint(path: str | None) -> str | None:
+    """Identity of a saved model's weights (path + size + mtime of each weights file), for caching its samples."""
+    if not path or not Path(path).is_dir():
+        return None
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    if not files:
+        return None
+    return json.dumps([str(Path(path).resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+class PolicySampler:
+    """`sample(prompts, k, max_new_tokens, temperature)` from the policy, cached on disk when the policy is a saved
+    model (the same samples serve every run of a sweep over labels, noise, heads or losses)."""
+
+    def __init__(self, model, tokenizer, fmt: str, seed: int, cache_dir: Path | None, fingerprint: str | None,
+                 context: int | None = None, batch_size: int = 64):
+        self.model, self.tokenizer, self.fmt, self.seed, self.context = model, tokenizer, fmt, seed, context
+        self.cache_dir = cache_dir if fingerprint else None
+        self.fingerprint, self.batch_size = fingerprint, batch_size
+        self.stop_id = stop_token_id(tokenizer, fmt)
+
+    def __call__(self, prompts: Sequence[Prompt], k: int, max_new_tokens: int = 48,
+                 temperature: float = 1.0) -> list[list[str]]:
+        key = hashlib.sha256(json.dumps([self.fingerprint, self.fmt, self.seed, k, max_new_tokens, temperature,
+                                         [p.text for p in prompts]]).encode()).hexdigest()[:24]
+        cache = self.cache_dir / "policy_samples" / f"{key}.json" if self.cache_dir else None
+        if cache is not None and cache.is_file():
+            print(f"[rlhf] policy samples: {len(prompts)} x {k} from cache {cache}")
+            return json.loads(cache.read_text())
+        started = time.perf_counter()
+        gen = HFGenerator(self.model, self.tokenizer, [self.stop_id])
+        settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)  # top_k 0, top_p 1
+        encoded = [encode_prompt(self.tokenizer, p.text, self.fmt) for p in prompts]
+        if self.context is not None:  # prompts lose tokens from the left so that prompt + response fit the context
+            room = self.context - max_new_tokens
+            if room < 1:
+                raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                                  f"context of {self.context} tokens")
+            cut = sum(len(ids) > room for ids in encoded)
+            if cut:
+                warnings.warn(f"{cut} prompt(s) longer than {room} tokens (context {self.context} - max_new_tokens "
+                              f"{max_new_tokens}) were cut from the left for sampling", stacklevel=2)
+            encoded = [ids[-room:] for ids in encoded]
+        flat = [ids for ids in encoded for _ in range(k)]
+        torch.manual_seed(self.seed)
+        texts: list[str] = []
+        for start in range(0, len(flat), self.batch_size):
+            out = gen.generate_ids(flat[start : start + self.batch_size], settings)
+            texts.extend(t.strip() for t in self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True))
+        result = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        print(f"[rlhf] policy samples: {len(prompts)} x {k} in {time.perf_counter() - started:.1f}s")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(cache)
+        return result
+
+
+class RewardModelStage(Stage):
+    def __init__(self, name: str = "reward_model", format: str = "chat", max_length: int = 256, batch_size: int = 16,
+                 epochs: float | None = None, val_fraction: float = 0.1, num_workers: int = 0,
+                 optimizer: Mapping | None = None, scheduler: Mapping | None = None, checkpoint_every_n_steps: int = 200,
+                 normalize: Mapping | None = None, disable_dropout: bool = True, group_by_length: bool = True):
+        check_format(format)
+        self.disable_dropout, self.group_by_length = disable_dropout, group_by_length
+        self.name, self.format, self.max_length = name, format, max_length
+        self.batch_size, self.epochs, self.val_fraction, self.num_workers = batch_size, epochs, val_fraction, num_workers
+        self.optimizer = dict(optimizer or {"lr": 5e-5})
+        self.scheduler = dict(scheduler or {})
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.normalize = dict(normalize or {})
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.cfg
+        loss: Loss = instantiate_plugin(cfg.loss, "loss", Loss)
+        if loss.kind != "preference":
+            raise ConfigError(f"loss._target_={cfg.loss._target_} is a {loss.kind!r} loss; the reward_model stage "
+                              "trains on preferences: loss=bradley_terry | margin | kwise")
+        head: RewardHead = instantiate_plugin(cfg.reward_head, "reward_head", RewardHead)
+        dataset: ComparisonDataset = instantiate_plugin(cfg.dataset, "dataset", ComparisonDataset)
+        task: Task | None = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
+        labeller: Labeller | None = None
+        if dataset.needs_policy:
+            if not cfg.model.get("path"):
+                raise ConfigError(f"{dataset.describe()}: comparisons are sampled from the policy, so the stage needs "
+                                  "model.path=<the SFT model dir>")
+            if not cfg.get("labeller"):
+                raise ConfigError(f"{dataset.describe()}: needs a labeller to rank the samples: labeller=synthetic")
+            labeller = instantiate_plugin(cfg.labeller, "labeller", Labeller)
+
+        rankings: list[Ranking] = []
+        heldout: list[Ranking] | None = None
+        if not dataset.needs_policy:  # a file: read it first, a trained tokenizer needs its text
+            file_ctx = ComparisonContext(sample=_no_sampling, task=task, seed=int(cfg.seed))
+            rankings = list(dataset.comparisons(file_ctx))
+            if not rankings:
+                raise DataError(f"{dataset.describe()}: no comparisons")
+            own = dataset.validation(file_ctx)
+            heldout = None if own is None else list(own)
+        tokenizer, lm = build_tokenizer_and_model(cfg, [r.text() for r in rankings])
+        n_ctx = context_length(lm)
+        if n_ctx is not None and self.max_length > n_ctx:
+            raise ConfigError(f"stage.max_length={self.max_length} exceeds the model's context length {n_ctx}")
+        sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), Path(cfg.paths.cache_dir),
+                                weights_fingerprint(cfg.model.get("path")), context=n_ctx)
+        if dataset.needs_policy:
+            policy_ctx = ComparisonContext(sample=sampler, task=task, labeller=labeller, seed=int(cfg.seed))
+            rankings = list(dataset.comparisons(policy_ctx))
+            own = dataset.validation(policy_ctx)
+            heldout = None if own is None else list(own)
+            skipped = getattr(dataset, "skipped", 0)
+            print(f"[rlhf] comparisons: {len(rankings)} labelled" + (f" ({skipped} prompts skipped: all their samples "
+                                                                    "were identical)" if skipped else ""))
+            if not rankings:
+                raise DataError(f"{dataset.describe()}: no comparisons (every sample group was identical)")
+
+        if heldout is None:
+            train_r, val_r = hash_split(rankings, self.val_fraction, seed=cfg.split_seed,
+                                        key=lambda r: f"{r.source}\x00{r.text()}")
+        else:  # the dataset's own held-out set: every comparison of `comparisons()` trains
+            train_r, val_r = rankings, heldout
+        train = encode_rankings(tokenizer, train_r, self.format, self.max_length)
+        val = encode_rankings(tokenizer, val_r, self.format, self.max_length) if val_r else []
+        if not train:
+            raise DataError(f"{dataset.describe()}: no training comparison fits in stage.max_length={self.max_length}")
+        pairs = sum(len(r.pairs()) for r in train_r)
+        steps_per_epoch = math.ceil(len(train) / self.batch_size)
+        max_steps = int(cfg.trainer.get("max_steps") or 0)
+        if self.epochs is not None:
+            max_steps = max(1, math.ceil(self.epochs * steps_per_epoch))
+        check_stage_values(self.val_fraction, self.batch_size, max_steps, max_length=self.max_length)
+        print(f"[rlhf] comparisons: {dataset.describe()}: {len(train)} train ({pairs} pairs) / {len(val)} val; "
+              f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} at batch "
+              f"{self.batch_size}")
+
+        norm_prompts = self._normalization_prompts(task if dataset.needs_policy else None, train_r, int(cfg.seed))
+        norm_samples = [s[0] for s in sampler(norm_prompts, 1, int(self.normalize.get("max_new_tokens", 48)),
+                                             float(self.normalize.get("temperature", 1.0)))] if norm_prompts else []
+
+        rm = RewardModel.from_causal_lm(lm, head)
+        if self.disable_dropout:  # reward targets are noisy enough; TRL's RewardConfig also disables dropout
+            for m in rm.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        rm.train()
+        print(f"[rlhf] reward model: {type(rm.trunk).__name__} trunk + {type(head).__name__} head "
+              f"({head.members} member(s)), {count_parameters(rm) / 1e6:.2f} M parameters")
+        ctx.run.log_params({"data.train_comparisons": str(len(train)), "data.val_comparisons": str(len(val)),
+                            "data.train_pairs": str(pairs), "stage.max_steps_resolved": str(max_steps)})
+        module = RewardModule(rm, loss, self.optimizer, self.scheduler)
+        data = ComparisonDataModule(train, val, self.batch_size, tokenizer.pad_token_id, self.num_workers,
+                                    self.group_by_length, int(cfg.seed))
+        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
+                                overrides={"max_steps": max_steps},
+                                limit_val_batches=1.0 if val else 0)
+        if ctx.ckpt_path is None and val:
+            trainer.validate(module, datamodule=data, verbose=False)
+        trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
+        results = trainer.validate(module, datamodule=data, verbose=False) if val else []
+        final = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+        artifact_dir = ctx.output_dir / "reward_model"
+        if trainer.is_global_zero:
+            extra: dict[str, Any] = {"format": self.format, "max_length": self.max_length, "normalized_on": 0}
+            if norm_samples:
+                raw = score_texts(rm, tokenizer, [p.text for p in norm_prompts], norm_samples, self.format,
+                                  self.max_length, raw=True)
+                raw = raw[~torch.isnan(raw)]
+                stats = rm.set_normalization(raw, float(self.normalize.get("target_mean", 0.0)),
+                                             float(self.normalize.get("target_std", 1.0)))
+                extra["normalized_on"] = int(raw.numel())
+                final.update({f"normalization/{k}": v for k, v in stats.items()})
+                trainer.logger.log_metrics({f"normalization/{k}": v for k, v in stats.items()}, step=trainer.global_step)
+                print(f"[rlhf] reward normalised on {raw.numel()} policy samples: raw mean {stats['raw_mean']:.3f}, "
+                      f"std {stats['raw_std']:.3f} -> gain {stats['gain']:.3f}, bias {stats['bias']:.3f}")
+            head_spec = {k: v for k, v in _plain(cfg.reward_head).items()}
+            export_reward_model(rm, head, head_spec, tokenizer, artifact_dir, extra)
+            logged = ctx.run.log_dir(artifact_dir, "reward_model", float(cfg.logger.get("log_model_max_mb", 200)))
+            print(f"[rlhf] exported reward model + tokenizer to {artifact_dir}" + ("" if logged else " (path tagged)"))
+            for k in ("val/accuracy", "val/gold_accuracy", "val/spearman_gold", "val/calibration_error"):
+                if k in final:
+                    print(f"[rlhf] {k} = {final[k]:.4f}")
+        return StageResult(artifact_dir=artifact_dir, metrics=final)
+
+    def _normalization_prompts(self, task: Task | None, train: Sequence[Ranking], seed: int) -> list[Prompt]:
+        n = int(self.normalize.get("samples", 256))
+        if n <= 0:
+            return []
+        if task is not None:  # the prompts the comparisons were sampled for, a fresh draw
+            return task.prompts(n, seed + 31)
+        texts = [r.prompt for r in train]  # a file's own prompts
+        return [Prompt(texts[i % len(texts)]) for i in range(n)]
+
+
+def _no_sampling(*args: Any, **kwargs: Any):
+    raise ConfigError("this comparison dataset asked for policy samples but does not declare needs_policy = True")
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)

@@ -1,0 +1,438 @@
+"""Stage 4, RL from feedback: a policy optimised against a reward source plugin by a policy-algorithm plugin (PPO,
+GRPO, RLOO, REINFORCE, ...), with a KL penalty to the frozen starting policy.
+
+One Lightning training step is one iteration: sample responses to a batch of prompts (batched generation, KV cache,
+left padding, full distribution at the sampling temperature), score them, compute log-probs of policy and
+reference (and values) in one forward each, let the algorithm turn that into experience, then run the algorithm's
+epochs x minibatches of updates with manual optimisation. Dropout is switched off in every model (set to p = 0, so
+Lightning's `.train()` calls cannot bring it back): the first minibatch of every iteration then has ratio 1 exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from framework.data import hash_fraction
+from framework.errors import ConfigError, RLHFError
+from framework.imitation import check_format, encode_prompt, stop_token_id
+from framework.instantiate import instantiate_plugin
+from framework.interfaces import PolicyAlgorithm, RewardFunction, Rollout, Stage, StageContext, StageResult, Task
+from framework.models import context_length, count_parameters, load_causal_lm
+from framework.records import Prompt
+from framework.rl import entropy_from_logits, kl_controller, masked_mean, token_logprobs
+from framework.rollout import HFGenerator, SamplingSettings
+from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
+from framework.tokenization import load_tokenizer
+
+
+class NonFiniteReward(RLHFError):
+    """A reward source returned NaN or inf."""
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every dropout module: robust to any later `.train()`."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM and, for algorithms with a critic, a value head on its last hidden state (zero-initialised,
+    RLHF_REFERENCE 1.2 item 4). forward -> (logits [B, L, V], values [B, L] or None)."""
+
+    def __init__(self, lm: nn.Module, value_head: bool):
+        super().__init__()
+        self.lm = lm
+        self.value = None
+        if value_head:
+            self.value = nn.Linear(int(lm.config.hidden_size), 1)
+            nn.init.zeros_(self.value.weight)
+            nn.init.zeros_(self.value.bias)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                      output_hidden_states=self.value is not None)
+        values = self.value(out.hidden_states[-1]).squeeze(-1) if self.value is not None else None
+        return out.logits, values
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding), as generate() builds them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_encoder(tokenizer, fmt: str, context: int | None, max_new_tokens: int):
+    """prompt text -> token ids, cut from the left so that prompt + response fit the policy's context."""
+    room = None if context is None else max(1, context - max_new_tokens)
+
+    def encode(text: str) -> list[int]:
+        ids = encode_prompt(tokenizer, text, fmt)
+        return ids[-room:] if room is not None else ids
+
+    return encode
+
+
+def response_slice(tensor: torch.Tensor, prompt_width: int, length: int) -> torch.Tensor:
+    """Per-position outputs of a forward over prompt + response that predict / value the response tokens: the
+    output at position p belongs to the token at p + 1."""
+    return tensor[:, prompt_width - 1 : prompt_width - 1 + length]
+
+
+class PromptCursor(torch.utils.data.IterableDataset):
+    """The prompt batches of iterations `start()` .. `iterations - 1`: iteration i, rank r takes prompts
+    [r * per, (r + 1) * per) of a seeded hash stream over the pool. Read at the start of fit, after a checkpoint is
+    restored, so a resumed run continues with exactly the prompts the uninterrupted run would have used; ranks
+    (DDP) get different prompts."""
+
+    def __init__(self, prompts: Sequence[Prompt], per_iteration: int, iterations: int, seed: int, start, rank):
+        self.prompts, self.per, self.iterations, self.seed = list(prompts), per_iteration, iterations, seed
+        self.start, self.rank = start, rank
+
+    def batch(self, iteration: int, rank: int = 0) -> list[Prompt]:
+        picks = range(rank * self.per, (rank + 1) * self.per)
+        return [self.prompts[int(hash_fraction(f"{iteration}:{j}", self.seed) * len(self.prompts))] for j in picks]
+
+    def __iter__(self):
+        for it in range(self.start(), self.iterations):
+            yield self.batch(it, self.rank())
+
+    def __len__(self) -> int:
+        return max(0, self.iterations - self.start())
+
+
+class RLModule(pl.LightningModule):
+    """One training step = one iteration of rollout + updates (manual optimisation)."""
+
+    def __init__(self, policy: PolicyWithValue, reference: nn.Module, tokenizer, algorithm: PolicyAlgorithm,
+                 reward: RewardFunction, kl: Mapping[str, Any], fmt: str, sampling: SamplingSettings,
+                 optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], total_updates: int,
+                 no_eos_penalty: float | None, reward_clip: float | None, gradient_clip: float | None,
+                 evaluator=None, sample_dir: Path | None = None, context: int | None = None, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self._reference = [reference]  # not a submodule: never trained, never checkpointed, never .train()-ed
+        self.tokenizer, self.algorithm, self.reward = tokenizer, algorithm, reward
+        self.kl_cfg = dict(kl)
+        self.kl_ctl = kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
+                                    kl.get("target"), int(kl.get("horizon", 10000)))
+        self.fmt, self.sampling = fmt, sampling
+        self.stop_id = stop_token_id(tokenizer, fmt)
+        self.optimizer_cfg, self.scheduler_cfg, self.total_updates = dict(optimizer), dict(scheduler), total_updates
+        self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
+        self.evaluator = evaluator
+        self.sample_dir = sample_dir
+        self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
+        self.seed = seed
+        self.iteration = 0
+        self.episodes = 0
+
+    @property
+    def reference(self) -> nn.Module:
+        return self._reference[0]
+
+    def on_fit_start(self) -> None:
+        self.reference.to(self.device)
+        if hasattr(self.reward, "to"):
+            self.reward.to(self.device)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a list of Prompt records: tensors are made on the device by the rollout
+
+    # ----- rollout -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
+        k = int(self.algorithm.generations_per_prompt)
+        prompts = [p for p in prompts for _ in range(k)]
+        encoded = [self.encode(p.text) for p in prompts]
+        started = time.perf_counter()
+        gen = HFGenerator(self.policy.lm, self.tokenizer, [self.stop_id]).generate_ids(encoded, self.sampling)
+        gen_s = time.perf_counter() - started
+        response = gen.response_ids
+        is_stop = response == self.stop_id
+        ended = is_stop.any(-1)
+        first_stop = torch.where(ended, is_stop.float().argmax(-1), torch.full_like(ended, response.size(1) - 1,
+                                                                                     dtype=torch.long))
+        steps = torch.arange(response.size(1), device=response.device)
+        response_mask = (steps.unsqueeze(0) <= first_stop.unsqueeze(1)).long()
+        response = torch.where(response_mask.bool(), response, torch.full_like(response, self.tokenizer.pad_token_id))
+        ids = torch.cat([gen.prompt_ids, response], 1)
+        mask = torch.cat([gen.prompt_mask, response_mask], 1)
+        width, length = gen.prompt_ids.size(1), response.size(1)
+
+        logits, values = self.policy(ids, mask)
+        logits = response_slice(logits, width, length)
+        logprobs = token_logprobs(logits, response, self.sampling.temperature)
+        entropy = masked_mean(entropy_from_logits(logits, self.sampling.temperature), response_mask)
+        ref_logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        ref_logprobs = token_logprobs(response_slice(ref_logits, width, length), response, self.sampling.temperature)
+        values = response_slice(values, width, length) if values is not None else None
+
+        texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
+                 for r, m in zip(response, response_mask)]
+        score_started = time.perf_counter()
+        raw = torch.tensor(self.reward.score(prompts, texts), dtype=torch.float, device=ids.device)
+        score_s = time.perf_counter() - score_started
+        if not torch.isfinite(raw).all():
+            self._save_bad_samples(prompts, texts, raw)
+        scores = raw.clone()
+        if self.no_eos_penalty is not None:
+            scores = torch.where(ended, scores, scores - float(self.no_eos_penalty))
+        if self.reward_clip is not None:
+            scores = scores.clamp(-float(self.reward_clip), float(self.reward_clip))
+        return Rollout(prompts=list(prompts), texts=texts, query_ids=gen.prompt_ids, query_mask=gen.prompt_mask,
+                       response_ids=response, response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                       values=values, scores=scores, raw_scores=raw, ended=ended, group_size=k,
+                       stats={"time/generation_s": gen_s, "time/reward_s": score_s, "objective/entropy": float(entropy)})
+
+    def _save_bad_samples(self, prompts, texts, raw) -> None:
+        bad = [i for i, v in enumerate(raw.tolist()) if not math.isfinite(v)]
+        path = (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for i in bad:
+                f.write(json.dumps({"prompt": prompts[i].text, "completion": texts[i], "reward": str(raw[i].item())}) + "\n")
+        raise NonFiniteReward(f"the reward source {type(self.reward).__name__} returned NaN/inf for {len(bad)} of "
+                              f"{len(texts)} samples at iteration {self.iteration}; they are saved in {path}. The "
+                              "policy was not updated with them; the last checkpoint is intact")
+
+    # ----- one iteration -----------------------------------------------------------------------------------------
+    def training_step(self, batch: list[Prompt], batch_idx: int) -> None:
+        started = time.perf_counter()
+        disable_dropout(self.policy)
+        # the random stream of an iteration depends on (seed, iteration, rank) only: a resumed run samples and
+        # shuffles exactly as the uninterrupted one (RLHF_REFERENCE 1.2 item 18: per-rank seeds)
+        torch.manual_seed(self.seed * 1_000_003 + self.iteration * 100_003 + self.global_rank)
+        roll = self.rollout(batch)
+        experience = self.algorithm.make_experience(roll, self.kl_ctl.value, self.kl_cfg.get("estimator", "k1"))
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        train_started = time.perf_counter()
+        n = roll.response_ids.size(0)
+        minibatches = max(1, min(int(self.algorithm.minibatches), n))
+        stats: dict[str, list[float]] = {}
+        first: dict[str, float] | None = None
+        for epoch in range(int(self.algorithm.epochs)):
+            order = torch.randperm(n, device=roll.response_ids.device)
+            for chunk in order.chunk(minibatches):
+                mb = {k: (v[chunk] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == n else v)
+                      for k, v in experience.items()}
+                ids = torch.cat([roll.query_ids[chunk], roll.response_ids[chunk]], 1)
+                mask = torch.cat([roll.query_mask[chunk], roll.response_mask[chunk]], 1)
+                logits, values = self.policy(ids, mask)
+                width, length = roll.query_ids.size(1), roll.response_ids.size(1)
+                logits = response_slice(logits, width, length)
+                new_logprobs = token_logprobs(logits, roll.response_ids[chunk], self.sampling.temperature)
+                new_values = response_slice(values, width, length) if values is not None else None
+                loss, metrics = self.algorithm.loss(new_logprobs, new_values, mb)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if self.gradient_clip:
+                    self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                values_f = {k: float(v) for k, v in metrics.items()}
+                if first is None:
+                    first = values_f
+                for k, v in values_f.items():
+                    stats.setdefault(k, []).append(v)
+        train_s = time.perf_counter() - train_started
+
+        seq_kl = float(experience["seq_kl"].mean())
+        self.kl_ctl.update(seq_kl, n)
+        self.iteration += 1
+        self.episodes += n
+        total_s = time.perf_counter() - started
+        lengths = roll.response_mask.sum(-1).float()
+        log = {
+            "objective/scores": float(roll.scores.mean()), "objective/raw_scores": float(roll.raw_scores.mean()),
+            "objective/kl": seq_kl, "objective/kl_coef": self.kl_ctl.value,
+            "objective/non_score_reward": float(experience.get("non_score_reward", torch.tensor(0.0)).mean()),
+            "objective/rlhf_reward": float(roll.scores.mean()) - self.kl_ctl.value * seq_kl,
+            "response/length": float(lengths.mean()), "response/eos_fraction": float(roll.ended.float().mean()),
+            "time/training_s": train_s, "time/iteration_s": total_s, "episodes_per_s": n / total_s,
+            "episodes": float(self.episodes), "iteration": float(self.iteration),
+            "lr": sched.get_last_lr()[0], **roll.stats,
+        }
+        log.update({k: sum(v) / len(v) for k, v in stats.items()})
+        if first is not None:
+            log.update({f"first_minibatch/{k}": v for k, v in first.items() if k.startswith("policy/")})
+        log.update({k: float(v) for k, v in experience.items() if k.startswith(("returns/", "advantages/"))})
+        # logged by iteration (0-based), explicitly: Lightning's own step counter is not the iteration on resume
+        self.log_dict(log, on_step=True, prog_bar=False, logger=False)
+        self.log("objective/scores_pb", log["objective/scores"], prog_bar=True, logger=False)
+        if self.trainer.is_global_zero and self.logger is not None:
+            self.logger.log_metrics(log, step=self.iteration - 1)
+        if self.evaluator is not None and self.trainer.is_global_zero and self.evaluator.due(self.iteration):
+            self.logger.log_metrics(self.evaluator(self.policy.lm, self.iteration), step=self.iteration)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rl_state"] = {"kl": self.kl_ctl.state_dict(), "algorithm": self.algorithm.state_dict(),
+                                  "iteration": self.iteration, "episodes": self.episodes}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rl_state") or {}
+        if state:
+            self.kl_ctl.load_state_dict(state["kl"])
+            self.algorithm.load_state_dict(state.get("algorithm") or {})
+            self.iteration, self.episodes = int(state["iteration"]), int(state["episodes"])
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(self.policy, self.total_updates, self.optimizer_cfg, self.scheduler_cfg)
+
+
+class Evaluator:
+    """Greedy-free evaluation every `every` iterations on fixed held-out prompts: the mean proxy reward and, when
+    a gold exists, the gold reward of samples at the training temperature; plus a table of samples."""
+
+    def __init__(self, tokenizer, fmt: str, prompts: Sequence[Prompt], proxy: RewardFunction,
+                 gold: RewardFunction | None, sampling: SamplingSettings, every: int, run=None, seed: int = 0,
+                 context: int | None = None):
+        self.tokenizer, self.fmt, self.prompts, self.proxy, self.gold = tokenizer, fmt, list(prompts), proxy, gold
+        self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
+        self.sampling, self.every, self.run, self.seed = sampling, max(1, every), run, seed
+        self.stop_id = stop_token_id(tokenizer, fmt)
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.every == 0
+
+    @torch.no_grad()
+    def __call__(self, lm: nn.Module, iteration: int) -> dict[str, float]:
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            gen = HFGenerator(lm, self.tokenizer, [self.stop_id])
+            out = gen.generate_ids([self.encode(p.text) for p in self.prompts], self.sampling)
+        finally:
+            torch.set_rng_state(state)
+        texts = []
+        for row in out.response_ids.tolist():
+            cut = row.index(self.stop_id) if self.stop_id in row else len(row)
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        proxy = self.proxy.score(self.prompts, texts)
+        metrics = {"eval/proxy_reward": sum(proxy) / len(proxy)}
+        table = {"prompt": [p.text for p in self.prompts[:16]], "completion": texts[:16], "proxy": proxy[:16]}
+        if self.gold is not None:
+            gold = self.gold.score(self.prompts, texts)
+            metrics["eval/gold_reward"] = sum(gold) / len(gold)
+            table["gold"] = gold[:16]
+        if self.run is not None:
+            self.run.log_table(table, f"samples/iter_{iteration:05d}.json")
+        return metrics
+
+
+class RLStage(Stage):
+    def __init__(self, name: str = "rl", format: str = "chat", iterations: int = 100, prompts_per_iteration: int = 16,
+                 max_new_tokens: int = 32, temperature: float = 1.0, prompt_pool: int = 4096,
+                 optimizer: Mapping | None = None, scheduler: Mapping | None = None, kl: Mapping | None = None,
+                 no_eos_penalty: float | None = None, reward_clip: float | None = None,
+                 gradient_clip: float | None = 1.0, checkpoint_every_n_iterations: int = 50,
+                 eval: Mapping | None = None):
+        check_format(format)
+        if iterations < 1 or prompts_per_iteration < 1 or max_new_tokens < 1 or temperature <= 0:
+            raise ConfigError("stage.iterations, stage.prompts_per_iteration and stage.max_new_tokens must be >= 1 "
+                              "and stage.temperature > 0")
+        self.name, self.format, self.iterations, self.prompts_per_iteration = name, format, iterations, prompts_per_iteration
+        self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.prompt_pool = prompt_pool
+        self.optimizer = dict(optimizer or {"lr": 1e-5})
+        self.scheduler = dict(scheduler or {"warmup_steps": 0, "min_lr_ratio": 0.0})
+        self.kl = dict(kl or {"controller": "fixed", "coef": 0.05, "estimator": "k1"})
+        self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
+        self.checkpoint_every = checkpoint_every_n_iterations
+        self.eval = dict(eval or {})
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.cfg
+        path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
+        if not path:
+            raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
+        algorithm: PolicyAlgorithm = instantiate_plugin(cfg.algo, "algo", PolicyAlgorithm)
+        reward: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
+        if not cfg.get("task"):
+            raise ConfigError("stage=rl draws its prompts from a task: add task=friendly_reply (or sort, addition, ...)")
+        task: Task = instantiate_plugin(cfg.task, "task", Task)
+
+        tokenizer = load_tokenizer(path)
+        lm = load_causal_lm(str(path))
+        reference = copy.deepcopy(lm)
+        for m in (lm, reference):
+            disable_dropout(m)
+        reference.eval().requires_grad_(False)
+        n_ctx = context_length(lm)
+        prompts = task.prompts(self.prompt_pool, int(cfg.seed))
+        if n_ctx is not None:
+            room = n_ctx - self.sampling.max_new_tokens
+            if room < 2:
+                raise ConfigError(f"stage.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt: "
+                                  f"it must stay below the policy's context ({n_ctx}), with room for the prompt")
+            cut = sum(len(encode_prompt(tokenizer, p.text, self.format)) > room for p in prompts)
+            if cut:
+                print(f"[rlhf] warning: {cut} of {len(prompts)} prompts are longer than {room} tokens (context {n_ctx}"
+                      f" - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens from the left")
+        policy = PolicyWithValue(lm, bool(algorithm.needs_value))
+        per_iter = int(self.prompts_per_iteration)
+        updates = self.iterations * int(algorithm.epochs) * max(1, min(int(algorithm.minibatches),
+                                                                       per_iter * int(algorithm.generations_per_prompt)))
+        print(f"[rlhf] rl: {type(algorithm).__name__} on {task.name} prompts, reward {type(reward).__name__}; "
+              f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {self.iterations} iterations x {per_iter} "
+              f"prompts x {algorithm.generations_per_prompt} samples; {updates} updates")
+        evaluator = None
+        n_eval = int(self.eval.get("prompts", 64))
+        if n_eval > 0:
+            held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
+            evaluator = Evaluator(tokenizer, self.format, held_out, reward, _task_gold(task), self.sampling,
+                                  int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx)
+        module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
+                          self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
+                          self.gradient_clip, evaluator, ctx.output_dir, n_ctx, int(cfg.seed))
+        cursor = PromptCursor(prompts, per_iter, self.iterations, int(cfg.seed), start=lambda: module.iteration,
+                              rank=lambda: module.global_rank)
+        loader = DataLoader(cursor, batch_size=None, collate_fn=_as_is)
+        updates_per_iteration = updates // self.iterations
+        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every * updates_per_iteration,
+                                overrides={"max_steps": -1, "max_epochs": 1, "gradient_clip_val": None,
+                                           "val_check_interval": None, "limit_val_batches": 0,
+                                           "check_val_every_n_epoch": None, "log_every_n_steps": 1})
+        if evaluator is not None and ctx.ckpt_path is None:
+            trainer.logger.log_metrics(evaluator(lm, 0), step=0)
+        policy.train()  # dropout is already p = 0 everywhere; train mode only keeps Lightning's bookkeeping quiet
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.ckpt_path)
+        final = {}
+        if evaluator is not None and trainer.is_global_zero:
+            final = evaluator(lm, module.iteration)
+            if not evaluator.due(module.iteration):
+                trainer.logger.log_metrics(final, step=module.iteration)
+
+        artifact_dir = ctx.output_dir / "model"
+        if trainer.is_global_zero:
+            export_causal_lm(lm, tokenizer, artifact_dir, self.sampling.max_new_tokens)
+            logged = ctx.run.log_dir(artifact_dir, "model", float(cfg.logger.get("log_model_max_mb", 200)))
+            print(f"[rlhf] exported model + tokenizer to {artifact_dir}" + ("" if logged else " (path tagged)"))
+            for k, v in final.items():
+                print(f"[rlhf] {k} = {v:.4f}")
+        return StageResult(artifact_dir=artifact_dir, metrics=final)
+
+
+def _task_gold(task: Task) -> RewardFunction:
+    class TaskGoldScorer(RewardFunction):
+        name = f"{task.name}_gold"
+
+        def score(self, prompts, completions):
+            return [float(task.gold(p, c)) for p, c in zip(prompts, completions)]
+
+    return TaskGoldScorer()
+
+
+def _as_is(batch):
+    return batch

@@ -1,0 +1,1 @@
+"""Policy algorithms for stage=rl: PPO, GRPO, RLOO, REINFORCE (on-policy, framework.interfaces.PolicyAlgorithm)."""

@@ -1,0 +1,64 @@
+"""The part every sweep report shares: read the runs of this Hydra sweep back from MLflow (each job is tagged with
+`sweep=${hydra:sweep.dir}`), then publish the table, the figure and a few metrics to a `stage=report` run and to
+the sweep's folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from framework.tracking import open_run, resolve_tracking_uri
+
+
+class SweepReport(Callback):
+    kind = "report"
+
+    def sweep_runs(self, config: DictConfig, stage: str) -> list:
+        from mlflow import MlflowClient
+
+        sweep = str(config.hydra.sweep.dir)
+        client = MlflowClient(resolve_tracking_uri(config.logger.get("tracking_uri"), config.paths.root))
+        exp = client.get_experiment_by_name(config.logger.experiment_name)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}' and tags.stage = '{stage}'")
+
+    def publish(self, config: DictConfig, rows: list[dict], lines: list[str], png: Path,
+                metrics: Sequence[tuple[str, float, int]], extra: Mapping | None = None) -> str:
+        """Write <kind>.json next to the sweep and a report run with the metrics (name, value, step), the table,
+        the figure and the text; returns the report run id."""
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        (sweep_dir / f"{self.kind}.json").write_text(json.dumps({"rows": rows, **dict(extra or {})}, indent=1))
+        tracked = open_run(config.logger, config.paths.root, self.kind.replace("_", "-"),
+                           {"stage": "report", "sweep": str(sweep_dir), "kind": self.kind})
+        for name, value, step in metrics:
+            tracked.client.log_metric(tracked.run_id, name, value, step=step)
+        tracked.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"{self.kind}_table.json")
+        tracked.client.log_artifact(tracked.run_id, str(png))
+        tracked.log_text("\n".join(lines), f"{self.kind}.txt")
+        tracked.end()
+        print(f"[rlhf] {self.kind}: {png} (MLflow run {tracked.run_id})")
+        return tracked.run_id
+
+
+def figure(ncols: int, width: float = 5.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4))
+    return plt, fig, axes
+
+
+def save_figure(plt, fig, axes, path: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

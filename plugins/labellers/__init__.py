@@ -1,0 +1,1 @@
+"""Labellers: turn K responses to a prompt into a preference ranking."""

@@ -1,0 +1,45 @@
+"""A synthetic human: compares responses by a hidden gold reward, with Bradley-Terry noise.
+
+For two responses P(a preferred to b) = sigmoid((g(a) - g(b)) / tau). For K responses the ranking is drawn from
+the Plackett-Luce model with scores g / tau (sort by g / tau + Gumbel noise), whose pairwise marginals are exactly
+that sigmoid. tau = 0 ranks by gold alone (ties broken at random). With probability `flip_rate` the whole ranking
+is reversed afterwards (a labeller who misread the task). The gold scores are recorded with each ranking.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+from framework.interfaces import Labeller, RewardFunction
+from framework.records import Prompt, Ranking
+
+
+class SyntheticLabeller(Labeller):
+    def __init__(self, gold: RewardFunction, tau: float = 0.1, flip_rate: float = 0.0):
+        if tau < 0:
+            raise ValueError("labeller.tau must be >= 0 (0 = noiseless)")
+        if not 0.0 <= flip_rate <= 1.0:
+            raise ValueError("labeller.flip_rate must be in [0, 1]")
+        self.gold, self.tau, self.flip_rate = gold, float(tau), float(flip_rate)
+
+    def label(self, prompt: Prompt, responses: Sequence[str], rng: random.Random) -> Ranking:
+        scores = self.gold.score([prompt] * len(responses), list(responses))
+        order = self.rank(scores, rng)
+        return Ranking(prompt.text, tuple(responses), tuple(order), source=prompt.source, gold=tuple(scores))
+
+    def rank(self, scores: Sequence[float], rng: random.Random) -> list[int]:
+        def noisy(i: int) -> tuple[float, float]:
+            u = rng.random()
+            tie_break = rng.random()
+            if self.tau == 0:
+                return scores[i], tie_break
+            gumbel = -math.log(-math.log(min(max(u, 1e-12), 1 - 1e-12)))
+            return scores[i] / self.tau + gumbel, tie_break
+
+        keys = {i: noisy(i) for i in range(len(scores))}
+        order = sorted(range(len(scores)), key=lambda i: keys[i], reverse=True)
+        if self.flip_rate and rng.random() < self.flip_rate:
+            order.reverse()
+        return order

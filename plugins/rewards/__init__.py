@@ -1,0 +1,1 @@
+"""Programmatic rewards (gold scorers): task golds, sentiment."""

@@ -1,0 +1,100 @@
+"""Learned reward models as reward sources for RL: one reward model export, or an ensemble of several."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from framework.errors import ConfigError
+from framework.interfaces import RewardFunction
+from framework.records import Prompt
+from framework.reward import load_reward_model, score_texts
+
+AGGREGATES = ("mean", "min", "mean_minus_std")
+
+
+class LearnedReward(RewardFunction):
+    """A reward-model directory of ours (either layout) or any `...ForSequenceClassification` dir, read with the
+    formatting it was trained with, normalised by the gain/bias stored at training time.
+
+    The reward model reads text: a policy with another tokenizer is scored through its decoded text, re-tokenised
+    by the reward model's own tokenizer. A dir without normalisation is refused unless `allow_unnormalized=true`.
+    """
+
+    name = "learned"
+
+    def __init__(self, path: str, batch_size: int = 64, allow_unnormalized: bool = False, format: str | None = None,
+                 max_length: int | None = None):
+        if not path:
+            raise ConfigError("reward=learned needs reward.path=<a reward model dir>")
+        self.path = str(Path(path).expanduser())
+        self.model, self.tokenizer, info = load_reward_model(self.path)
+        for m in self.model.modules():  # scored in eval mode anyway; p = 0 keeps it so whatever calls .train()
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if not info.get("normalized_on") and not allow_unnormalized:
+            raise ConfigError(f"reward model {self.path} has no normalisation (rlhf_reward.normalized_on in its "
+                              "config.json): train it with stage.normalize.samples > 0, or pass "
+                              "reward.allow_unnormalized=true to use its raw scores")
+        self.format = format or info.get("format", "chat")
+        self.max_length = int(max_length or info.get("max_length") or self.tokenizer.model_max_length)
+        self.batch_size = batch_size
+
+    def to(self, device) -> "LearnedReward":
+        self.model.to(device)
+        return self
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        values = score_texts(self.model, self.tokenizer, [p.text for p in prompts], list(completions), self.format,
+                             self.max_length, self.batch_size)
+        return [v if math.isfinite(v) else float("nan") for v in values.tolist()]
+
+
+class RewardEnsemble(RewardFunction):
+    """K reward models combined per sample: `mean`, `min` (worst case) or `mean_minus_std` (mean - lam * std)."""
+
+    name = "ensemble"
+
+    def __init__(self, paths: Sequence[str], aggregate: str = "mean", lam: float = 1.0, allow_unnormalized: bool = False):
+        if len(paths) < 2:
+            raise ConfigError("reward=ensemble needs reward.paths with at least two reward model dirs")
+        if aggregate not in AGGREGATES:
+            raise ConfigError(f"reward.aggregate={aggregate!r}; expected one of {AGGREGATES}")
+        self.members = [LearnedReward(p, allow_unnormalized=allow_unnormalized) for p in paths]
+        self.aggregate, self.lam = aggregate, lam
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        scores = torch.tensor([m.score(prompts, completions) for m in self.members])
+        if self.aggregate == "mean":
+            out = scores.mean(0)
+        elif self.aggregate == "min":
+            out = scores.min(0).values
+        else:
+            out = scores.mean(0) - self.lam * scores.std(0)
+        return out.tolist()
+
+
+class WeightedSum(RewardFunction):
+    """sum_i weight_i * reward_i over reward sources given as {name: {weight: w, reward: {_target_: ...}}}."""
+
+    name = "sum"
+
+    def __init__(self, components: dict):
+        if not components:
+            raise ConfigError("reward=sum needs reward.components: {name: {weight: w, reward: {_target_: ...}}}")
+        self.components = []
+        for name, spec in components.items():
+            reward = spec.get("reward") if isinstance(spec, dict) else None
+            if not isinstance(reward, RewardFunction):
+                raise ConfigError(f"reward.components.{name}.reward must be a reward source (with _target_)")
+            self.components.append((name, float(spec.get("weight", 1.0)), reward))
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        total = [0.0] * len(completions)
+        for _, weight, reward in self.components:
+            for i, v in enumerate(reward.score(prompts, completions)):
+                total[i] += weight * v
+        return total

@@ -1,0 +1,90 @@
+"""Policy algorithms on hand-made rollouts: what each turns a rollout into, and its loss."""
+
+import pytest
+import torch
+
+from framework.interfaces import Rollout
+from framework.rl import gae, token_rewards, whiten
+from plugins.algorithms.group import GRPO, RLOO, Reinforce
+from plugins.algorithms.ppo import PPO
+
+
+def rollout(scores, group=1, values=True, t=3):
+    b = len(scores)
+    torch.manual_seed(0)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, -1] = 0  # an early stop in the first sample
+    logp = -torch.rand(b, t)
+    return Rollout(prompts=[None] * b, texts=[""] * b, query_ids=torch.zeros(b, 2, dtype=torch.long),
+                   query_mask=torch.ones(b, 2, dtype=torch.long), response_ids=torch.zeros(b, t, dtype=torch.long),
+                   response_mask=mask, logprobs=logp, ref_logprobs=logp - 0.1,
+                   values=torch.rand(b, t) if values else None, scores=torch.tensor(scores, dtype=torch.float),
+                   raw_scores=torch.tensor(scores, dtype=torch.float), ended=torch.ones(b, dtype=torch.bool),
+                   group_size=group)
+
+
+def test_ppo_experience_and_the_first_minibatch():
+    roll = rollout([1.0, -0.5, 0.3, 2.0])
+    ppo = PPO()
+    exp = ppo.make_experience(roll, kl_coef=0.2, kl_estimator="k1")
+    mask = roll.response_mask
+    kl = (roll.logprobs - roll.ref_logprobs) * mask
+    rewards = token_rewards(roll.scores, kl, mask, 0.2)
+    adv, ret = gae(rewards, roll.values, mask, 1.0, 0.95)
+    assert torch.allclose(exp["returns"], ret)  # returns from the raw advantages, before whitening
+    assert torch.allclose(exp["advantages"], whiten(adv, mask))
+    assert torch.allclose(exp["seq_kl"], torch.full((4,), 0.1) * mask.sum(-1))
+    loss, m = ppo.loss(roll.logprobs.clone().requires_grad_(), roll.values.clone().requires_grad_(), exp)
+    assert m["policy/ratio"].item() == pytest.approx(1.0) and m["policy/clipfrac"].item() == 0.0
+    assert m["policy/approxkl"].item() == 0.0 and m["val/clipfrac"].item() == 0.0
+    loss.backward()
+
+
+def test_ppo_clips_the_ratio_and_the_value():
+    roll = rollout([1.0, -0.5, 0.3, 2.0])
+    ppo = PPO(clip=0.2, value_clip=0.2)
+    exp = ppo.make_experience(roll, 0.0, "k1")
+    moved = roll.logprobs + 0.5  # ratio e^0.5 = 1.65 everywhere
+    _, m = ppo.loss(moved, roll.values + 1.0, exp)
+    positive = (exp["advantages"] > 0) & roll.response_mask.bool()
+    assert m["policy/clipfrac"].item() == pytest.approx(positive.sum().item() / roll.response_mask.sum().item())
+    assert m["val/clipfrac"].item() > 0
+
+
+def test_grpo_group_advantages_and_kl_term():
+    roll = rollout([1.0, 0.0, 3.0, 3.0], group=2, values=False)
+    grpo = GRPO(generations=2, beta=0.1)
+    exp = grpo.make_experience(roll, kl_coef=0.5, kl_estimator="k1")
+    g = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    expected = ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + 1e-4)).reshape(-1)
+    assert torch.allclose(exp["advantages"][:, 0], expected)
+    assert exp["advantages"][0, -1] == 0.0  # padding after the early stop
+    loss, m = grpo.loss(roll.logprobs, None, exp)
+    k3 = torch.exp(torch.tensor(-0.1)) - 1 + 0.1
+    assert m["loss/kl"].item() == pytest.approx(k3.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(m["loss/policy"].item() + 0.1 * m["loss/kl"].item(), rel=1e-5)
+    with pytest.raises(Exception):
+        GRPO(generations=1)
+
+
+def test_rloo_leave_one_out_baseline():
+    roll = rollout([1.0, 2.0, 6.0, 0.0, 0.0, 0.0], group=3, values=False)
+    exp = RLOO(generations=3).make_experience(roll, kl_coef=0.0, kl_estimator="k1")
+    assert exp["advantages"][:3, 0].tolist() == pytest.approx([1 - 4.0, 2 - 3.5, 6 - 1.5])
+    assert exp["advantages"][3:, 0].tolist() == pytest.approx([0.0, 0.0, 0.0])
+    with_kl = RLOO(generations=3).make_experience(roll, kl_coef=1.0, kl_estimator="k1")
+    seq_kl = with_kl["seq_kl"]
+    r = torch.tensor([1.0, 2.0, 6.0]) - seq_kl[:3]
+    assert with_kl["advantages"][1, 0].item() == pytest.approx((r[1] - (r[0] + r[2]) / 2).item(), rel=1e-5)
+
+
+def test_reinforce_moving_baseline_and_its_state():
+    algo = Reinforce(baseline_decay=0.5)
+    first = algo.make_experience(rollout([1.0, 3.0]), 0.0, "k1")
+    assert first["advantages"][:, 0].tolist() == pytest.approx([-1.0, 1.0])  # first baseline = batch mean
+    assert algo.baseline == pytest.approx(2.0)
+    second = algo.make_experience(rollout([4.0, 4.0]), 0.0, "k1")
+    assert second["advantages"][:, 0].tolist() == pytest.approx([2.0, 2.0])
+    other = Reinforce()
+    other.load_state_dict(algo.state_dict())
+    assert other.baseline == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)

@@ -1,0 +1,226 @@
+"""Reward learning pieces: preference losses against hand-computed values, the K-wise expansion, head init, the
+normalisation, export + reload with plain transformers, the synthetic labeller and the golds."""
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from framework.errors import ConfigError
+from framework.models import CausalLMFactory, load_causal_lm
+from framework.records import Prompt, Ranking
+from framework.reward import RewardModel, export_reward_model, load_reward_model, score_texts
+from framework.stages.reward import collate_groups, encode_rankings, ranked
+from plugins.datasets.chitchat import ChitchatCorpus
+from plugins.labellers.synthetic import SyntheticLabeller
+from plugins.losses.preference import BradleyTerry, Margin, PlackettLuce
+from plugins.reward_heads.heads import Ensemble, LastToken, MeanPool, last_token_index
+from plugins.rewards.length import Length
+from plugins.rewards.sentiment import Sentiment, friendliness
+from plugins.tasks.chitchat_reply import FriendlyReply
+from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+
+def nlsig(x: float) -> float:
+    """-log sigmoid(x)"""
+    return math.log1p(math.exp(-x))
+
+
+def batch(mask, margin=None):
+    mask = torch.tensor(mask, dtype=torch.bool)
+    out = {"rank_mask": mask}
+    if margin is not None:
+        out["margin"] = torch.tensor(margin, dtype=torch.float)
+    return out
+
+
+def test_bradley_terry_by_hand():
+    rewards = torch.tensor([[2.0, 0.5, 0.0], [3.0, 1.0, 0.0]])
+    loss, metrics = BradleyTerry()(rewards, batch([[True, True, False], [True, True, True]]))
+    pair = nlsig(1.5)  # the first group is a pair: its padding column takes no part
+    triple = (nlsig(2.0) + nlsig(3.0) + nlsig(1.0)) / 3  # all C(3, 2) pairs of a ranking, averaged in its group
+    assert loss.item() == pytest.approx((pair + triple) / 2, rel=1e-5)
+    assert metrics["accuracy"].item() == 1.0
+    wrong, m = BradleyTerry()(torch.tensor([[0.0, 1.0]]), batch([[True, True]]))
+    assert wrong.item() == pytest.approx(nlsig(-1.0), rel=1e-5) and m["accuracy"].item() == 0.0
+
+
+def test_margin_uses_the_rows_margin_or_the_default():
+    rewards = torch.tensor([[2.0, 0.5], [2.0, 0.5]])
+    loss, _ = Margin(margin=1.0)(rewards, batch([[True, True]] * 2, margin=[0.25, float("nan")]))
+    assert loss.item() == pytest.approx((nlsig(1.5 - 0.25) + nlsig(1.5 - 1.0)) / 2, rel=1e-5)
+    off, _ = Margin(margin=1.0, use_data_margin=False)(rewards, batch([[True, True]] * 2, margin=[0.25, 0.25]))
+    assert off.item() == pytest.approx(nlsig(0.5), rel=1e-5)
+
+
+def test_plackett_luce_by_hand_and_equal_to_bradley_terry_for_pairs():
+    r = torch.tensor([[3.0, 1.0, 0.0]])
+    loss, _ = PlackettLuce()(r, batch([[True, True, True]]))
+    lse = lambda *xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+    expected = ((lse(3, 1, 0) - 3) + (lse(1, 0) - 1)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    pair = torch.tensor([[0.7, -0.2, 5.0]])
+    pl, _ = PlackettLuce()(pair, batch([[True, True, False]]))
+    bt, _ = BradleyTerry()(pair, batch([[True, True, False]]))
+    assert pl.item() == pytest.approx(bt.item(), rel=1e-6)
+
+
+def test_centring_regulariser():
+    r = torch.tensor([[2.0, 0.0]])
+    plain, _ = BradleyTerry()(r, batch([[True, True]]))
+    centred, m = BradleyTerry(center_coef=0.5)(r, batch([[True, True]]))
+    assert centred.item() == pytest.approx(plain.item() + 0.5 * 1.0**2, rel=1e-6)  # group mean 1
+    assert m["center_penalty"].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        BradleyTerry(center_coef=-1)
+
+
+def test_kwise_rows_expand_in_preference_order():
+    class CharTok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    r = Ranking("p", ("aa", "b", "cccc"), (2, 0, 1), gold=(0.1, 0.0, 0.9))
+    assert r.pairs() == [(2, 0), (2, 1), (0, 1)] and r.ranked == ["cccc", "aa", "b"]
+    groups = encode_rankings(CharTok(), [r, Ranking.pair("p", "x", "yy", margin=0.5)], "plain", 32)
+    b = collate_groups(groups, pad_id=0)
+    assert b["input_ids"].shape == (5, 6)  # 3 + 2 responses, "p" + "cccc" + EOS
+    assert b["input_ids"][0, :6].tolist() == [ord("p")] + [ord("c")] * 4 + [1]  # best of the ranking first
+    assert b["rank_mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert torch.allclose(b["gold"][0], torch.tensor([0.9, 0.1, 0.0]))
+    assert torch.isnan(b["gold"][1]).all() and b["margin"][1].item() == 0.5 and math.isnan(b["margin"][0].item())
+    values = torch.arange(5, dtype=torch.float).unsqueeze(-1)
+    assert ranked(values, b["rank_mask"])[..., 0].tolist() == [[0, 1, 2], [3, 4, 0]]
+
+
+def test_head_init_and_pooling():
+    d = 1023
+    head = LastToken().build(d)
+    w = head.score.weight
+    assert head.score.bias is None and w.shape == (1, d)
+    assert w.std().item() == pytest.approx(1 / math.sqrt(d + 1), rel=0.1) and abs(w.mean().item()) < 0.01
+    assert Ensemble(members=3).build(8).score.weight.shape == (3, 8)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right and left padding
+    assert last_token_index(mask).tolist() == [2, 3]
+    hidden = torch.randn(2, 4, 8)
+    pooled = MeanPool().build(8)
+    expected = pooled.score(torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0)]))
+    assert torch.allclose(pooled(hidden, mask), expected, atol=1e-6)
+    with pytest.raises(ValueError):
+        Ensemble(members=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_and_tokenizer(tmp_path_factory):
+    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
+    tok = ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
+    lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(tok)
+    return lm, tok
+
+
+def test_normalisation_gives_zero_mean_unit_std(tiny_lm_and_tokenizer):
+    lm, _ = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, LastToken())
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    stats = rm.set_normalization(raw)
+    normed = rm.gain * raw + rm.bias
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-6) and normed.std().item() == pytest.approx(1.0, rel=1e-5)
+    assert stats["raw_mean"] == pytest.approx(3.0)
+
+
+PROMPTS = ["hello there", "what do you like to do?", "how was your day"]
+RESPONSES = ["I love it, thanks!", "nothing much", "it was awful and I hate it"]
+
+
+def test_export_reloads_with_plain_transformers_with_the_same_scores(tiny_lm_and_tokenizer, tmp_path):
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, LastToken())
+    rm.set_normalization(torch.tensor([0.0, 1.0, 4.0]))
+    out = export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, tok,
+                              tmp_path / "rm", {"format": "chat", "max_length": 64})
+    ours = score_texts(rm, tok, PROMPTS, RESPONSES, "chat", 64, raw=True)
+    hf = AutoModelForSequenceClassification.from_pretrained(out)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == hf_tok.pad_token_id
+    messages = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(PROMPTS, RESPONSES)]
+    enc = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = hf(**enc).logits.squeeze(-1)
+    assert torch.allclose(plain, ours, atol=1e-5)
+    loaded, _, info = load_reward_model(out)
+    assert info["gain"] == pytest.approx(float(rm.gain)) and info["format"] == "chat"
+    assert torch.allclose(score_texts(loaded, tok, PROMPTS, RESPONSES, "chat", 64),
+                          rm.gain * ours + rm.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", [MeanPool(), Ensemble(members=3)])
+def test_other_heads_export_in_our_layout_and_reload(tiny_lm_and_tokenizer, tmp_path, head):
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, head)
+    spec = {"_target_": f"plugins.reward_heads.heads.{type(head).__name__}",
+            **({"members": 3, "pool": "last_token"} if isinstance(head, Ensemble) else {})}
+    out = export_reward_model(rm, head, spec, tok, tmp_path / "rm", {"format": "plain", "max_length": 64})
+    loaded, _, info = load_reward_model(out)
+    assert info["members"] == head.members
+    assert torch.allclose(score_texts(loaded, tok, PROMPTS, RESPONSES, "plain", 64),
+                          score_texts(rm, tok, PROMPTS, RESPONSES, "plain", 64), atol=1e-5)
+    with pytest.raises(ConfigError, match="GPT2Model, not a causal LM"):
+        load_causal_lm(str(out))
+
+
+def test_a_reward_model_dir_is_not_a_causal_lm(tiny_lm_and_tokenizer, tmp_path):
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, LastToken())
+    out = export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, tok,
+                              tmp_path / "rm", {})
+    with pytest.raises(ConfigError, match="GPT2ForSequenceClassification, not a causal LM"):
+        load_causal_lm(str(out))
+    with pytest.raises(ConfigError, match="not a reward model"):
+        load_reward_model(tmp_path / "missing")
+
+
+class Fixed:
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, prompts, completions):
+        return [self.scores[c] for c in completions]
+
+
+def test_synthetic_labeller_follows_bradley_terry():
+    gold = Fixed({"a": 0.3, "b": 0.0, "c": -1.0})
+    rng = random.Random(0)
+    labeller = SyntheticLabeller(gold, tau=0.2)
+    wins = sum(labeller.label(Prompt("p"), ["a", "b"], rng).order[0] == 0 for _ in range(4000)) / 4000
+    assert wins == pytest.approx(1 / (1 + math.exp(-0.3 / 0.2)), abs=0.03)  # sigmoid(1.5) = 0.818
+    exact = SyntheticLabeller(gold, tau=0.0).label(Prompt("p"), ["b", "c", "a"], rng)
+    assert exact.order == (2, 0, 1) and exact.gold == (0.0, -1.0, 0.3)
+    flipped = SyntheticLabeller(gold, tau=0.0, flip_rate=1.0).label(Prompt("p"), ["b", "c", "a"], rng)
+    assert flipped.order == (1, 0, 2)
+    with pytest.raises(ValueError):
+        SyntheticLabeller(gold, tau=-1)
+
+
+def test_golds():
+    assert friendliness("Thank you, that is wonderful!") > 0.5 > friendliness("I hate this. It is awful.")
+    assert friendliness("good good good good") < friendliness("good") and friendliness("   ") == -1.0
+    assert Sentiment().score([Prompt("x")] * 2, ["great!", ""]) == [friendliness("great!"), -1.0]
+    assert Length().score([Prompt("x")], [" abc "]) == [pytest.approx(0.03)]
+    assert Length(target=2, scale=1.0).score([Prompt("x")] * 2, ["ab", "abcd"]) == [0.0, -2.0]
+
+
+def test_friendly_reply_prompts_are_nested_and_it_has_no_expert():
+    task = FriendlyReply()
+    big, small = task.prompts(50, seed=3), task.prompts(10, seed=3)
+    assert [p.text for p in small] == [p.text for p in big[:10]]
+    assert task.gold(small[0], "Thanks, I love it!") > task.gold(small[0], "")
+    from framework.errors import ExpertError
+
+    with pytest.raises(ExpertError, match="no expert"):
+        task.expert_continuation(small[0], "")

@@ -1,0 +1,76 @@
+"""Stage 3 end to end through the real CLI: comparisons sampled from an SFT policy and labelled by a synthetic human,
+a K-wise jsonl file with the listwise loss and an ensemble head, and the errors a user meets first."""
+
+import json
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import QUIET, exported_dir, mlflow_runs
+from framework.reward import load_reward_model, score_texts
+
+SMALL = ["stage.max_length=128", "trainer.enable_model_summary=false", "stage.normalize.samples=64", *QUIET]
+
+
+def test_reward_model_learns_the_gold_of_its_labeller(chat_model, run_cli, rlhf_home):
+    """Noiseless labels from a gold the tiny trunk can read (length): well above chance on held-out pairs."""
+    _, _, sft_dir, _ = chat_model
+    proc = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "labeller.tau=0",
+                   "dataset.n=600", "stage.epochs=6", "stage.optimizer.lr=1e-3", "trainer.val_check_interval=40", *SMALL)
+    rm_dir = exported_dir(proc.stdout, "reward model")
+    client, runs = mlflow_runs(rlhf_home)
+    run = runs[0]
+    metrics = run.data.metrics
+    assert metrics["val/gold_accuracy"] > 0.7, metrics
+    first = min(client.get_metric_history(run.info.run_id, "val/gold_accuracy"), key=lambda m: m.step).value
+    assert metrics["val/gold_accuracy"] > first  # step 0 is measured before training
+    for key in ("val/accuracy", "val/loss", "val/spearman_gold", "val/calibration_error", "val/reward_chosen_mean",
+                "val/reward_rejected_std", "train/pairs_per_s", "normalization/gain"):
+        assert key in metrics, key
+    assert metrics["val/reward_chosen_mean"] > metrics["val/reward_rejected_mean"]
+    assert run.data.tags["plugin.labeller"] == "plugins.labellers.synthetic.SyntheticLabeller"
+    assert run.data.params["data.train_pairs"] == str(int(run.data.params["data.train_comparisons"]))
+
+    hf = AutoModelForSequenceClassification.from_pretrained(rm_dir)  # the standard head: plain transformers
+    assert hf.config.num_labels == 1 and hf.config.rlhf_reward["normalized_on"] == 64
+    rm, tok, info = load_reward_model(rm_dir)
+    long, short = score_texts(rm, tok, ["hi", "hi"], ["Oh that sounds like so much fun, tell me more!", "ok"],
+                              info["format"], info["max_length"])
+    assert long > short
+
+
+def test_kwise_file_listwise_loss_and_ensemble_head(chat_model, run_cli, rlhf_home, tmp_path):
+    _, pretrained, _, _ = chat_model
+    words = ["great", "good", "fine", "bad", "awful"]
+    rows = [{"prompt": f"day {i}:", "responses": [f"it was {w} {i}" for w in words[::-1]], "ranking": [4, 3, 2, 1, 0],
+             "gold": [-2.0, -1.0, 0.0, 1.0, 2.0]} for i in range(120)]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = run_cli("stage=reward_model", f"model.path={pretrained}", "dataset=comparisons_jsonl",
+                   f"dataset.paths=[{path}]", "loss=kwise", "reward_head=ensemble", "reward_head.members=3",
+                   "stage.format=plain", "stage.epochs=3", "stage.batch_size=8", "stage.optimizer.lr=1e-3",
+                   "trainer.val_check_interval=10", *SMALL)
+    rm_dir = exported_dir(proc.stdout, "reward model")
+    assert (rm_dir / "reward_head.safetensors").is_file()
+    client, runs = mlflow_runs(rlhf_home)
+    metrics = runs[0].data.metrics
+    assert metrics["val/accuracy"] > 0.9 and metrics["val/spearman_gold"] > 0.8, metrics
+    assert "val/reward_std_members" in metrics
+    assert runs[0].data.params["data.train_pairs"] == str(10 * int(runs[0].data.params["data.train_comparisons"]))
+    rm, tok, info = load_reward_model(rm_dir)
+    assert info["members"] == 3 and info["head"]["_target_"] == "plugins.reward_heads.heads.Ensemble"
+    scores = score_texts(rm, tok, ["day 7:"] * 2, ["it was great 7", "it was awful 7"], "plain", 128)
+    assert scores[0] > scores[1] and not torch.isnan(scores).any()
+
+
+def test_user_errors(chat_model, run_cli, rlhf_home, tmp_path):
+    _, pretrained, sft_dir, _ = chat_model
+    bad_loss = run_cli("stage=reward_model", f"model.path={sft_dir}", "loss=lm_cross_entropy", check=False)
+    assert bad_loss.returncode != 0 and "trains on preferences: loss=bradley_terry" in bad_loss.stderr
+    no_policy = run_cli("stage=reward_model", check=False)
+    assert no_policy.returncode != 0 and "model.path=<the SFT model dir>" in no_policy.stderr
+    pair = tmp_path / "pairs.jsonl"
+    pair.write_text(json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}) + "\n")
+    same = run_cli("stage=reward_model", f"model.path={sft_dir}", "dataset=comparisons_jsonl", f"dataset.paths=[{pair}]",
+                   check=False)
+    assert same.returncode != 0 and f"{pair}:1" in same.stderr

@@ -1,0 +1,97 @@
+"""Stage 4 end to end through the real CLI at a tiny size: every policy algorithm against the gold reward, a learned
+reward model (and its missing normalisation), and the errors a user meets first."""
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import QUIET, exported_dir, mlflow_runs
+
+TINY_RL = ["stage=rl", "stage.iterations=3", "stage.prompts_per_iteration=8", "stage.max_new_tokens=16",
+           "stage.eval.prompts=16", "stage.eval.every_n_iterations=3", "trainer.enable_model_summary=false", *QUIET]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce"])
+def test_each_algorithm_runs_logs_and_exports(chat_model, run_cli, rlhf_home, algo):
+    _, _, sft_dir, _ = chat_model
+    extra = ["algo.minibatches=2", "algo.epochs=2"] if algo == "ppo" else []
+    proc = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", f"algo={algo}", *extra)
+    model_dir = exported_dir(proc.stdout)
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_layer == 2
+    client, runs = mlflow_runs(rlhf_home)
+    run = runs[0]
+    m = run.data.metrics
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy",
+                "response/length", "response/eos_fraction", "episodes_per_s", "time/generation_s",
+                "eval/gold_reward", "eval/proxy_reward"):
+        assert key in m, key
+    assert m["first_minibatch/policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    iterations = [x.step for x in client.get_metric_history(run.info.run_id, "objective/scores")]
+    assert sorted(iterations) == [0, 1, 2]
+    assert {x.step for x in client.get_metric_history(run.info.run_id, "eval/gold_reward")} == {0, 3}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/iter_00003.json" in artifacts
+    if algo == "ppo":
+        assert "val/var_explained" in m and "loss/value" in m
+    assert run.data.tags["plugin.algo"].startswith("plugins.algorithms.")
+
+
+def test_learned_reward_and_its_normalisation(chat_model, run_cli, rlhf_home):
+    _, _, sft_dir, _ = chat_model
+    rm = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "dataset.n=120",
+                 "stage.max_length=128", "stage.normalize.samples=0", "trainer.val_check_interval=5",
+                 "trainer.enable_model_summary=false", *QUIET)
+    rm_dir = exported_dir(rm.stdout, "reward model")
+    refused = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}", check=False)
+    assert refused.returncode != 0 and "has no normalisation" in refused.stderr
+    proc = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
+                   "reward.allow_unnormalized=true", "kl=adaptive", "kl.target=1.0", "algo.minibatches=2")
+    exported_dir(proc.stdout)
+    _, runs = mlflow_runs(rlhf_home)
+    rl = next(r for r in runs if r.data.tags["stage"] == "rl")
+    assert rl.data.params["kl.controller"] == "adaptive" and "objective/kl_coef" in rl.data.metrics
+    assert rl.data.metrics["objective/kl_coef"] != 0.15  # the controller moved it
+
+
+def test_user_errors(chat_model, run_cli):
+    _, _, sft_dir, _ = chat_model
+    no_policy = run_cli("stage=rl", "reward=gold", check=False)
+    assert no_policy.returncode != 0 and "policy.path=<the SFT model dir>" in no_policy.stderr
+    too_long = run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", "stage.max_new_tokens=500", check=False)
+    assert too_long.returncode != 0 and "leaves no room for a prompt" in too_long.stderr
+    no_rm = run_cli("stage=rl", f"policy.path={sft_dir}", check=False)
+    assert no_rm.returncode != 0 and "reward.path" in no_rm.stderr
+
+
+def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlhf_home, tokenizer_cache):
+    """Kill a PPO run after a checkpoint, resume it, and get the uninterrupted run's metrics (same seed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, cli_env
+
+    _, _, sft_dir, _ = chat_model
+    args = [*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "stage.iterations=6", "algo.minibatches=2",
+            "algo.epochs=1", "stage.checkpoint_every_n_iterations=2", "stage.eval.prompts=0"]
+    straight_home = rlhf_home.parent / "straight"
+    run_cli(*args, env={"RLHF_HOME": str(straight_home)})
+    client, runs = mlflow_runs(straight_home)
+    expected = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "objective/scores")}
+
+    proc = subprocess.Popen([sys.executable, "-m", "framework", *args], cwd=REPO,
+                            env=cli_env(rlhf_home, tokenizer_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(rlhf_home.glob("runs/**/checkpoints/step*.ckpt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "did not finish" in out, out[-2000:]
+    resumed = run_cli(*args, "resume=true")
+    assert "resuming from" in resumed.stdout
+    client, runs = mlflow_runs(rlhf_home)
+    got = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "objective/scores")}
+    assert sorted(got) == sorted(expected) == list(range(6))
+    for step in range(6):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), (step, got, expected)

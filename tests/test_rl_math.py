@@ -1,0 +1,112 @@
+"""The arithmetic of RL from feedback against hand computations (framework/rl.py)."""
+
+import math
+
+import pytest
+import torch
+
+from framework.rl import (
+    AdaptiveKL,
+    FixedKL,
+    explained_variance,
+    gae,
+    kl_controller,
+    kl_estimate,
+    last_index,
+    token_logprobs,
+    token_rewards,
+    whiten,
+)
+
+
+def test_score_goes_to_the_last_real_token_with_the_kl_penalty_everywhere():
+    # the N-implementation-details example: three response tokens, the score added at the last one
+    logp = torch.tensor([[-3.3213, -4.9980, -3.8690]])
+    ref = torch.tensor([[-3.0, -5.0, -4.0]])
+    beta, score = 0.1, 2.5
+    kl = kl_estimate(logp, ref, "k1")
+    rewards = token_rewards(torch.tensor([score]), kl, torch.ones(1, 3), beta)
+    expected = [-beta * (-3.3213 + 3.0), -beta * (-4.9980 + 5.0), -beta * (-3.8690 + 4.0) + score]
+    assert rewards[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # an early stop: the score sits on the stop token, padding after it gets nothing
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    r = token_rewards(torch.tensor([1.0, 2.0]), torch.ones(2, 4), mask, beta=0.5)
+    assert r.tolist() == [[-0.5, 0.5, 0.0, 0.0], [-0.5, -0.5, -0.5, 1.5]]
+    assert last_index(mask).tolist() == [1, 3]
+
+
+def hand_gae(rewards, values, gamma, lam):
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        nxt = values[t + 1] if t + 1 < len(rewards) else 0.0
+        last = rewards[t] + gamma * nxt - values[t] + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_matches_a_hand_loop_and_ignores_padding():
+    rewards = torch.tensor([[0.1, -0.2, 0.3, 1.0], [0.5, 2.0, 9.0, 9.0]])
+    values = torch.tensor([[0.2, 0.1, -0.1, 0.4], [0.3, 0.6, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert adv[0].tolist() == pytest.approx(hand_gae([0.1, -0.2, 0.3, 1.0], [0.2, 0.1, -0.1, 0.4], 1.0, 0.95))
+    assert adv[1, :2].tolist() == pytest.approx(hand_gae([0.5, 2.0], [0.3, 0.6], 1.0, 0.95))
+    assert adv[1, 2:].tolist() == [0.0, 0.0] and ret[1, 2:].tolist() == [0.0, 0.0]
+    assert ret[0].tolist() == pytest.approx((adv[0] + values[0]).tolist())
+    adv9, _ = gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.5)
+    assert adv9[0].tolist() == pytest.approx(hand_gae([0.1, -0.2, 0.3, 1.0], [0.2, 0.1, -0.1, 0.4], 0.9, 0.5))
+
+
+def test_whiten_over_the_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w = whiten(x, mask)
+    assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert w[0, :3].pow(2).mean().item() == pytest.approx(1.0, rel=1e-5)  # biased variance, as tf.moments
+    assert w[0, 3].item() == 0.0
+    kept = whiten(x, mask, shift_mean=False)
+    assert kept[0, :3].mean().item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    logr = logp - ref
+    assert kl_estimate(logp, ref, "k1").tolist() == pytest.approx(logr.tolist())
+    assert kl_estimate(logp, ref, "k2").tolist() == pytest.approx((0.5 * logr**2).tolist())
+    k3 = kl_estimate(logp, ref, "k3")
+    assert k3.tolist() == pytest.approx((torch.exp(-logr) - 1 + logr).tolist()) and (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        kl_estimate(logp, ref, "k9")
+
+
+def test_logprobs_use_the_sampling_temperature():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    tok = torch.tensor([[0]])
+    for temp in (1.0, 0.7):
+        z = [2.0 / temp, 0.0, -1.0 / temp]
+        expected = z[0] - math.log(sum(math.exp(v) for v in z))
+        assert token_logprobs(logits, tok, temp).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_controllers():
+    fixed = FixedKL(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    adaptive = AdaptiveKL(0.2, target=6.0, horizon=10000)
+    adaptive.update(12.0, 512)  # error clipped to +0.2
+    assert adaptive.value == pytest.approx(0.2 * (1 + 0.2 * 512 / 10000))
+    adaptive.update(5.4, 1000)  # error -0.1
+    assert adaptive.value == pytest.approx(0.2 * (1 + 0.2 * 512 / 10000) * (1 - 0.1 * 0.1))
+    state = adaptive.state_dict()
+    other = kl_controller("adaptive", 1.0, 6.0, 10000)
+    other.load_state_dict(state)
+    assert other.value == adaptive.value
+    with pytest.raises(ValueError):
+        kl_controller("adaptive", 0.1)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(returns) + 2.0, returns, mask).item() == pytest.approx(0.0, abs=1e-6)

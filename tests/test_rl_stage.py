@@ -1,0 +1,120 @@
+"""The RL stage's module on a tiny policy: dropout stays off, the first minibatch has ratio 1, rollouts mask and
+place tokens right with left-padded prompts, non-finite rewards stop the run with the samples saved."""
+
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from framework.data import ListDataset
+from framework.imitation import encode_prompt
+from framework.interfaces import RewardFunction
+from framework.models import CausalLMFactory
+from framework.records import Prompt
+from framework.rollout import SamplingSettings
+from framework.stages.rl import NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_slice
+from framework.rl import token_logprobs
+from plugins.algorithms.group import GRPO
+from plugins.algorithms.ppo import PPO
+from plugins.datasets.chitchat import ChitchatCorpus
+from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+PROMPTS = [Prompt(t) for t in ["hi there", "what do you do for fun?", "hello", "how was your day today?"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
+    return ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
+
+
+def tiny_lm(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    return CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.1,
+                           embd_pdrop=0.1, attn_pdrop=0.1).build(tokenizer)
+
+
+class Length(RewardFunction):
+    def score(self, prompts, completions):
+        return [len(c) / 10 for c in completions]
+
+
+class Broken(RewardFunction):
+    def score(self, prompts, completions):
+        return [float("nan")] + [0.0] * (len(completions) - 1)
+
+
+def module(tokenizer, algorithm, reward, tmp_path, updates=8):
+    lm = tiny_lm(tokenizer)
+    reference = tiny_lm(tokenizer)
+    reference.load_state_dict(lm.state_dict())
+    for m in (lm, reference):
+        disable_dropout(m)
+    return RLModule(PolicyWithValue(lm, algorithm.needs_value), reference.eval(), tokenizer, algorithm, reward,
+                    {"controller": "fixed", "coef": 0.05, "estimator": "k1"}, "chat",
+                    SamplingSettings(max_new_tokens=8, temperature=0.7), {"lr": 1e-3}, {"warmup_steps": 0,
+                                                                                         "min_lr_ratio": 0.0},
+                    updates, no_eos_penalty=1.0, reward_clip=None, gradient_clip=1.0, sample_dir=tmp_path)
+
+
+def fit(mod, iterations=2):
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    loader = DataLoader(ListDataset(PROMPTS * iterations), batch_size=len(PROMPTS), collate_fn=list)
+    trainer.fit(mod, train_dataloaders=loader)
+    return trainer
+
+
+def test_dropout_stays_off_and_the_first_minibatch_is_on_policy(tokenizer, tmp_path):
+    mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
+    active = []
+    dropouts = [m for net in (mod.policy, mod.reference) for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts  # the config asked for dropout 0.1: there is something to switch off
+    for m in dropouts:
+        m.register_forward_pre_hook(lambda m, args: active.append(m.training and m.p > 0))
+    trainer = fit(mod)
+    assert mod.iteration == 2 and not any(active) and len(active) > 0
+    assert mod.policy.training  # Lightning did put the module in train mode; p = 0 kept dropout off anyway
+    metrics = trainer.callback_metrics
+    assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert metrics["first_minibatch/policy/approxkl"].item() == pytest.approx(0.0, abs=1e-10)
+    assert metrics["first_minibatch/policy/clipfrac"].item() == 0.0
+    for key in ("objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy", "loss/value",
+                "val/var_explained", "val/clipfrac", "response/length", "response/eos_fraction", "episodes_per_s",
+                "time/generation_s", "time/training_s"):
+        assert key in metrics, key
+
+
+def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokenizer, tmp_path):
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path)
+    torch.manual_seed(1)
+    roll = mod.rollout(PROMPTS)
+    assert roll.response_ids.size(0) == 8 and roll.query_mask[:, 0].sum() < 8  # prompts of different lengths
+    for ids, mask, ended in zip(roll.response_ids, roll.response_mask, roll.ended):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        if ended:
+            assert ids[n - 1] == mod.stop_id and (ids[n:] == tokenizer.pad_token_id).all()
+    # no-EOS penalty applied to the responses that never stopped
+    assert torch.allclose(roll.scores, roll.raw_scores - 1.0 * (~roll.ended).float())
+    # log-probs of a left-padded row equal those of the same sequence alone (position ids count real tokens)
+    i = int(roll.query_mask.sum(-1).argmin())
+    alone_q = torch.tensor([encode_prompt(tokenizer, roll.prompts[i].text, "chat")])
+    n = int(roll.response_mask[i].sum())
+    ids = torch.cat([alone_q, roll.response_ids[i : i + 1, :n]], 1)
+    logits, _ = mod.policy(ids, torch.ones_like(ids))
+    alone = token_logprobs(response_slice(logits, alone_q.size(1), n), roll.response_ids[i : i + 1, :n], 0.7)
+    assert torch.allclose(alone[0], roll.logprobs[i, :n], atol=1e-5)
+    assert torch.allclose(roll.logprobs[i, :n], roll.ref_logprobs[i, :n], atol=1e-6)  # policy == reference at start
+
+
+def test_a_non_finite_reward_stops_with_the_samples_saved(tokenizer, tmp_path):
+    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Broken(), tmp_path)
+    before = {k: v.clone() for k, v in mod.policy.state_dict().items()}
+    with pytest.raises(NonFiniteReward, match="NaN/inf for 1 of 4"):
+        mod.rollout(PROMPTS)
+    saved = list(tmp_path.glob("nonfinite_rewards_iter0.jsonl"))
+    assert saved and "nan" in saved[0].read_text()
+    assert all(torch.equal(before[k], v) for k, v in mod.policy.state_dict().items())
