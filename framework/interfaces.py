@@ -271,6 +271,16 @@ class PolicyAlgorithm(ABC):
         pass
 
 
+class PreferenceAlgorithm(ABC):
+    """An offline policy algorithm (DPO, IPO, ...): trains the policy directly on comparisons, from the summed
+    log-probs of the chosen and rejected responses under the policy and the frozen reference ([pairs] each)."""
+
+    @abstractmethod
+    def loss(self, policy_chosen: "torch.Tensor", policy_rejected: "torch.Tensor", ref_chosen: "torch.Tensor",
+             ref_rejected: "torch.Tensor") -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        ...
+
+
 @dataclass
 class StageContext:
     """What the runner hands a stage: the whole resolved config, where to write, and the tracking run."""

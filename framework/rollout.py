@@ -23,6 +23,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     do_sample: bool = True
+    min_new_tokens: int = 0       # > 0: stop tokens are suppressed until this many tokens (fixed-length workloads)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class HFGenerator:
                 mask[i, width - len(p) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
+        if settings.min_new_tokens:
+            kwargs["min_new_tokens"] = settings.min_new_tokens
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         was_training = self.model.training

@@ -88,3 +88,26 @@ def test_reinforce_moving_baseline_and_its_state():
     other = Reinforce()
     other.load_state_dict(algo.state_dict())
     assert other.baseline == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+
+
+def test_dpo_and_ipo_losses_by_hand():
+    import math
+
+    from plugins.algorithms.dpo import DPO
+    from framework.stages.preference import sequence_logps
+
+    pc, pr, rc, rr = torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]), torch.tensor([-6.5])
+    h = (-5.0 + 6.0) - (-7.0 + 6.5)  # 1.5
+    loss, m = DPO(beta=0.1).loss(pc, pr, rc, rr)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.1 * h)), rel=1e-6)
+    assert m["rewards/margins"].item() == pytest.approx(0.15) and m["rewards/accuracies"].item() == 1.0
+    smooth, _ = DPO(beta=0.1, label_smoothing=0.2).loss(pc, pr, rc, rr)
+    expected = 0.8 * math.log1p(math.exp(-0.15)) + 0.2 * math.log1p(math.exp(0.15))
+    assert smooth.item() == pytest.approx(expected, rel=1e-6)
+    ipo = DPO(beta=0.5, loss_type="ipo")
+    assert ipo.average_logprobs and ipo.loss(pc, pr, rc, rr)[0].item() == pytest.approx((h - 1.0) ** 2)
+    # summed log-probs of the labelled (response) tokens only: logits at t predict labels at t + 1
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    labels = torch.tensor([[-100, 0, 1]])
+    assert sequence_logps(logits, labels).item() == pytest.approx(math.log(0.5) + math.log(0.1), rel=1e-5)
+    assert sequence_logps(logits, labels, average=True).item() == pytest.approx((math.log(0.5) + math.log(0.1)) / 2)

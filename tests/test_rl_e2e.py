@@ -95,3 +95,22 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
     assert sorted(got) == sorted(expected) == list(range(6))
     for step in range(6):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), (step, got, expected)
+
+
+def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home):
+    _, _, sft_dir, _ = chat_model
+    proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", "dataset=policy_comparisons", "labeller=synthetic",
+                   "labeller/gold=length", "dataset.n=64", "stage.offline.batch_size=8", "stage.offline.max_length=128",
+                   "stage.offline.epochs=2", "trainer.val_check_interval=4", "trainer.enable_model_summary=false",
+                   *QUIET)
+    model_dir = exported_dir(proc.stdout)
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_layer == 2
+    client, runs = mlflow_runs(rlhf_home)
+    m = runs[0].data.metrics
+    for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/pairs_per_s",
+                "val/loss", "val/rewards/accuracies"):
+        assert key in m, key
+    first = min(client.get_metric_history(runs[0].info.run_id, "val/loss"), key=lambda x: x.step).value
+    assert first == pytest.approx(0.6931, abs=1e-3)  # policy == reference before training: -log sigmoid(0)
+    wrong = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
+    assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr

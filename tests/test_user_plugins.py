@@ -84,3 +84,23 @@ def test_documented_imitation_plugin_runs(tmp_path, run_cli, rlhf_home):
     client, runs = mlflow_runs(rlhf_home)
     assert runs[0].data.tags["plugin.imitation"] == "my_pkg.smile.ForwardTraining"
     assert runs[0].info.status == "FINISHED"
+
+
+def test_documented_policy_algorithm_runs(tmp_path, chat_model, run_cli, rlhf_home):
+    """The VanillaPG example of docs/rl.md, copied from the doc itself, through the CLI."""
+    import re
+
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "rl.md").read_text()
+    code = re.search(r"```python\n# my_pkg/vanilla_pg.py\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "vanilla_pg.py").write_text(code)
+    _, _, sft_dir, _ = chat_model
+    run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", "~algo",
+            "+algo={_target_: my_pkg.vanilla_pg.VanillaPG}", "stage.iterations=2", "stage.prompts_per_iteration=4",
+            "stage.max_new_tokens=8", "stage.eval.prompts=0", *QUIET, env={"PYTHONPATH": str(tmp_path)})
+    _, runs = mlflow_runs(rlhf_home)
+    assert runs[0].data.tags["plugin.algo"] == "my_pkg.vanilla_pg.VanillaPG"
+    assert runs[0].info.status == "FINISHED" and "loss/policy" in runs[0].data.metrics

@@ -199,6 +199,18 @@ class ComparisonDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
 
+def read_comparisons(dataset: ComparisonDataset, task: Task | None, labeller: Labeller | None, sampler,
+                     seed: int) -> tuple[list[Ranking], list[Ranking] | None]:
+    """(comparisons, the dataset's own held-out set or None). sampler: the policy sampler, for datasets that
+    sample the policy (None for files)."""
+    cctx = ComparisonContext(sample=sampler or _no_sampling, task=task, labeller=labeller, seed=seed)
+    rankings = list(dataset.comparisons(cctx))
+    own = dataset.validation(cctx)
+    if not rankings:
+        raise DataError(f"{dataset.describe()}: no comparisons")
+    return rankings, None if own is None else list(own)
+
+
 def weights_fingerprint(path: str | None) -> str | None:
     """Identity of a saved model's weights (path + size + mtime of each weights file), for caching its samples."""
     if not path or not Path(path).is_dir():
@@ -293,12 +305,7 @@ class RewardModelStage(Stage):
         rankings: list[Ranking] = []
         heldout: list[Ranking] | None = None
         if not dataset.needs_policy:  # a file: read it first, a trained tokenizer needs its text
-            file_ctx = ComparisonContext(sample=_no_sampling, task=task, seed=int(cfg.seed))
-            rankings = list(dataset.comparisons(file_ctx))
-            if not rankings:
-                raise DataError(f"{dataset.describe()}: no comparisons")
-            own = dataset.validation(file_ctx)
-            heldout = None if own is None else list(own)
+            rankings, heldout = read_comparisons(dataset, task, None, None, int(cfg.seed))
         tokenizer, lm = build_tokenizer_and_model(cfg, [r.text() for r in rankings])
         n_ctx = context_length(lm)
         if n_ctx is not None and self.max_length > n_ctx:
@@ -306,15 +313,10 @@ class RewardModelStage(Stage):
         sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), Path(cfg.paths.cache_dir),
                                 weights_fingerprint(cfg.model.get("path")), context=n_ctx)
         if dataset.needs_policy:
-            policy_ctx = ComparisonContext(sample=sampler, task=task, labeller=labeller, seed=int(cfg.seed))
-            rankings = list(dataset.comparisons(policy_ctx))
-            own = dataset.validation(policy_ctx)
-            heldout = None if own is None else list(own)
+            rankings, heldout = read_comparisons(dataset, task, labeller, sampler, int(cfg.seed))
             skipped = getattr(dataset, "skipped", 0)
             print(f"[rlhf] comparisons: {len(rankings)} labelled" + (f" ({skipped} prompts skipped: all their samples "
                                                                     "were identical)" if skipped else ""))
-            if not rankings:
-                raise DataError(f"{dataset.describe()}: no comparisons (every sample group was identical)")
 
         if heldout is None:
             train_r, val_r = hash_split(rankings, self.val_fraction, seed=cfg.split_seed,

@@ -26,7 +26,16 @@ from framework.data import hash_fraction
 from framework.errors import ConfigError, RLHFError
 from framework.imitation import check_format, encode_prompt, stop_token_id
 from framework.instantiate import instantiate_plugin
-from framework.interfaces import PolicyAlgorithm, RewardFunction, Rollout, Stage, StageContext, StageResult, Task
+from framework.interfaces import (
+    PolicyAlgorithm,
+    PreferenceAlgorithm,
+    RewardFunction,
+    Rollout,
+    Stage,
+    StageContext,
+    StageResult,
+    Task,
+)
 from framework.models import context_length, count_parameters, load_causal_lm
 from framework.records import Prompt
 from framework.rl import entropy_from_logits, kl_controller, masked_mean, token_logprobs
@@ -134,6 +143,12 @@ class RLModule(pl.LightningModule):
         self.sample_dir = sample_dir
         self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.seed = seed
+        # no reference forward when nothing uses it: a fixed zero KL coefficient and no KL term in the loss
+        self.use_reference = not (str(kl.get("controller", "fixed")) == "fixed" and float(kl.get("coef", 0.05)) == 0.0
+                                  and not getattr(algorithm, "beta", None))
+        # one update per rollout and no critic: the update's forward also gives the rollout's log-probs
+        self.single_update = (int(algorithm.epochs) == 1 and int(algorithm.minibatches) == 1
+                              and not algorithm.needs_value)
         self.iteration = 0
         self.episodes = 0
 
@@ -151,7 +166,9 @@ class RLModule(pl.LightningModule):
 
     # ----- rollout -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
+    def rollout(self, prompts: Sequence[Prompt], policy_logprobs: bool = True) -> Rollout:
+        """policy_logprobs=False: leave `logprobs` (and entropy) to the caller, who computes them in the update's
+        own forward (one update per rollout: the same numbers, one forward fewer)."""
         k = int(self.algorithm.generations_per_prompt)
         prompts = [p for p in prompts for _ in range(k)]
         encoded = [self.encode(p.text) for p in prompts]
@@ -170,13 +187,19 @@ class RLModule(pl.LightningModule):
         mask = torch.cat([gen.prompt_mask, response_mask], 1)
         width, length = gen.prompt_ids.size(1), response.size(1)
 
-        logits, values = self.policy(ids, mask)
-        logits = response_slice(logits, width, length)
-        logprobs = token_logprobs(logits, response, self.sampling.temperature)
-        entropy = masked_mean(entropy_from_logits(logits, self.sampling.temperature), response_mask)
-        ref_logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-        ref_logprobs = token_logprobs(response_slice(ref_logits, width, length), response, self.sampling.temperature)
-        values = response_slice(values, width, length) if values is not None else None
+        logprobs, values, stats = None, None, {}
+        if policy_logprobs:
+            logits, values = self.policy(ids, mask)
+            logits = response_slice(logits, width, length)
+            logprobs = token_logprobs(logits, response, self.sampling.temperature)
+            stats["objective/entropy"] = float(masked_mean(entropy_from_logits(logits, self.sampling.temperature),
+                                                           response_mask))
+            values = response_slice(values, width, length) if values is not None else None
+        ref_logprobs = None
+        if self.use_reference:
+            ref_logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+            ref_logprobs = token_logprobs(response_slice(ref_logits, width, length), response,
+                                          self.sampling.temperature)
 
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
                  for r, m in zip(response, response_mask)]
@@ -190,10 +213,13 @@ class RLModule(pl.LightningModule):
             scores = torch.where(ended, scores, scores - float(self.no_eos_penalty))
         if self.reward_clip is not None:
             scores = scores.clamp(-float(self.reward_clip), float(self.reward_clip))
-        return Rollout(prompts=list(prompts), texts=texts, query_ids=gen.prompt_ids, query_mask=gen.prompt_mask,
+        roll = Rollout(prompts=list(prompts), texts=texts, query_ids=gen.prompt_ids, query_mask=gen.prompt_mask,
                        response_ids=response, response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                        values=values, scores=scores, raw_scores=raw, ended=ended, group_size=k,
-                       stats={"time/generation_s": gen_s, "time/reward_s": score_s, "objective/entropy": float(entropy)})
+                       stats={"time/generation_s": gen_s, "time/reward_s": score_s, **stats})
+        if logprobs is not None and ref_logprobs is None:  # no KL term anywhere: the reference is the policy itself
+            roll.ref_logprobs = logprobs
+        return roll
 
     def _save_bad_samples(self, prompts, texts, raw) -> None:
         bad = [i for i, v in enumerate(raw.tolist()) if not math.isfinite(v)]
@@ -213,7 +239,21 @@ class RLModule(pl.LightningModule):
         # the random stream of an iteration depends on (seed, iteration, rank) only: a resumed run samples and
         # shuffles exactly as the uninterrupted one (RLHF_REFERENCE 1.2 item 18: per-rank seeds)
         torch.manual_seed(self.seed * 1_000_003 + self.iteration * 100_003 + self.global_rank)
-        roll = self.rollout(batch)
+        single = self.single_update
+        roll = self.rollout(batch, policy_logprobs=not single)
+        width, length = roll.query_ids.size(1), roll.response_ids.size(1)
+        if single:  # one update per rollout: its forward gives the rollout's log-probs too (ratio 1 by construction)
+            ids = torch.cat([roll.query_ids, roll.response_ids], 1)
+            mask = torch.cat([roll.query_mask, roll.response_mask], 1)
+            logits, _ = self.policy(ids, mask)
+            logits = response_slice(logits, width, length)
+            live_logprobs = token_logprobs(logits, roll.response_ids, self.sampling.temperature)
+            roll.logprobs = live_logprobs.detach()
+            if roll.ref_logprobs is None:
+                roll.ref_logprobs = roll.logprobs
+            with torch.no_grad():
+                roll.stats["objective/entropy"] = float(masked_mean(
+                    entropy_from_logits(logits, self.sampling.temperature), roll.response_mask))
         experience = self.algorithm.make_experience(roll, self.kl_ctl.value, self.kl_cfg.get("estimator", "k1"))
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -227,13 +267,15 @@ class RLModule(pl.LightningModule):
             for chunk in order.chunk(minibatches):
                 mb = {k: (v[chunk] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == n else v)
                       for k, v in experience.items()}
-                ids = torch.cat([roll.query_ids[chunk], roll.response_ids[chunk]], 1)
-                mask = torch.cat([roll.query_mask[chunk], roll.response_mask[chunk]], 1)
-                logits, values = self.policy(ids, mask)
-                width, length = roll.query_ids.size(1), roll.response_ids.size(1)
-                logits = response_slice(logits, width, length)
-                new_logprobs = token_logprobs(logits, roll.response_ids[chunk], self.sampling.temperature)
-                new_values = response_slice(values, width, length) if values is not None else None
+                if single:
+                    new_logprobs, new_values = live_logprobs[chunk], None
+                else:
+                    ids = torch.cat([roll.query_ids[chunk], roll.response_ids[chunk]], 1)
+                    mask = torch.cat([roll.query_mask[chunk], roll.response_mask[chunk]], 1)
+                    logits, values = self.policy(ids, mask)
+                    logits = response_slice(logits, width, length)
+                    new_logprobs = token_logprobs(logits, roll.response_ids[chunk], self.sampling.temperature)
+                    new_values = response_slice(values, width, length) if values is not None else None
                 loss, metrics = self.algorithm.loss(new_logprobs, new_values, mb)
                 opt.zero_grad()
                 self.manual_backward(loss)
@@ -337,7 +379,7 @@ class RLStage(Stage):
                  optimizer: Mapping | None = None, scheduler: Mapping | None = None, kl: Mapping | None = None,
                  no_eos_penalty: float | None = None, reward_clip: float | None = None,
                  gradient_clip: float | None = 1.0, checkpoint_every_n_iterations: int = 50,
-                 eval: Mapping | None = None):
+                 eval: Mapping | None = None, offline: Mapping | None = None):
         check_format(format)
         if iterations < 1 or prompts_per_iteration < 1 or max_new_tokens < 1 or temperature <= 0:
             raise ConfigError("stage.iterations, stage.prompts_per_iteration and stage.max_new_tokens must be >= 1 "
@@ -351,13 +393,21 @@ class RLStage(Stage):
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})
+        self.offline = dict(offline or {})
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
         if not path:
             raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
-        algorithm: PolicyAlgorithm = instantiate_plugin(cfg.algo, "algo", PolicyAlgorithm)
+        algorithm = instantiate_plugin(cfg.algo, "algo", None)
+        if isinstance(algorithm, PreferenceAlgorithm):  # offline (DPO, IPO): trains on comparisons, no rollouts
+            from framework.stages.preference import run_offline
+
+            return run_offline(self, ctx, algorithm, str(path))
+        if not isinstance(algorithm, PolicyAlgorithm):
+            raise ConfigError(f"algo._target_={cfg.algo._target_} is neither a PolicyAlgorithm nor a "
+                              "PreferenceAlgorithm (framework/interfaces.py)")
         reward: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
         if not cfg.get("task"):
             raise ConfigError("stage=rl draws its prompts from a task: add task=friendly_reply (or sort, addition, ...)")
@@ -391,7 +441,7 @@ class RLStage(Stage):
         n_eval = int(self.eval.get("prompts", 64))
         if n_eval > 0:
             held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
-            evaluator = Evaluator(tokenizer, self.format, held_out, reward, _task_gold(task), self.sampling,
+            evaluator = Evaluator(tokenizer, self.format, held_out, reward, task_gold(task), self.sampling,
                                   int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
                           self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
@@ -424,7 +474,7 @@ class RLStage(Stage):
         return StageResult(artifact_dir=artifact_dir, metrics=final)
 
 
-def _task_gold(task: Task) -> RewardFunction:
+def task_gold(task: Task) -> RewardFunction:
     class TaskGoldScorer(RewardFunction):
         name = f"{task.name}_gold"
 

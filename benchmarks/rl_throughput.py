@@ -1,0 +1,121 @@
+"""RL throughput beside TRL on the exact workloads of ../shared/peer-baseline/trl (tasks `grpo` and `rloo`): GPT-2
+4 layers x 128, vocab 4096, 1.33 M params (the peer's seed-0 initial policy); per step 16 prompts x 4 generations x
+exactly 32 new tokens (stop tokens suppressed until 32), full-distribution sampling at temperature 1; reward = the
+fraction of non-space completion characters that are "a"; constant lr 5e-4; 60 steps, throughput over steps 6-60.
+TRL's settings are the peer's (GRPO: beta 0, one update per generation; RLOO: beta 0.05); ours use the same values
+(GRPO: kl.coef 0, so no reference forward; RLOO: KL coefficient 0.05 in the reward). Prints completions/s, the share
+of time spent generating, and the reward over the first and last 10 steps (the learning curve must not be worse).
+
+    export TRL_BENCH_ROOT=/tmp/trl-bench
+    python benchmarks/rl_throughput.py --algo grpo --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import bench_root, ensure_data, print_table, run_trl  # noqa: E402
+
+STEPS, WARMUP, PROMPTS, GENERATIONS, NEW, LR = 60, 5, 16, 4, 32, 5e-4
+KEYS = ("episodes_per_s", "gen_share", "reward_first10", "reward_last10")
+
+
+def fraction_of_a(completions) -> list[float]:
+    out = []
+    for c in completions:
+        s = c.replace(" ", "")
+        out.append(s.count("a") / len(s) if s else 0.0)
+    return out
+
+
+def run_ours(data: Path, algo: str) -> dict:
+    import copy
+
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from framework.interfaces import RewardFunction
+    from framework.models import load_causal_lm
+    from framework.records import Prompt
+    from framework.rollout import SamplingSettings
+    from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule, disable_dropout
+    from framework.tokenization import load_tokenizer
+    from plugins.algorithms.group import GRPO, RLOO
+
+    class FractionOfA(RewardFunction):
+        def score(self, prompts, completions):
+            return fraction_of_a(completions)
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(data / "tokenizer")
+    lm = load_causal_lm(str(data / "init_policy"))
+    disable_dropout(lm)
+    reference = copy.deepcopy(lm).eval().requires_grad_(False)
+    prompts = [Prompt(json.loads(line)["prompt"]) for line in (data / "rl_prompts.jsonl").read_text().splitlines()]
+    algorithm = GRPO(generations=GENERATIONS, beta=0.0) if algo == "grpo" else RLOO(generations=GENERATIONS)
+    kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else 0.05, "estimator": "k1"}
+    sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=NEW, temperature=1.0)
+    module = RLModule(PolicyWithValue(lm, False), reference, tok, algorithm, FractionOfA(), kl, "plain", sampling,
+                      {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0}, STEPS,
+                      no_eos_penalty=None, reward_clip=None, gradient_clip=1.0, seed=0)
+    loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
+                        batch_size=None, collate_fn=lambda b: b)
+    times, gen, rewards = [], [], []
+
+    class Timer(pl.Callback):
+        def on_train_start(self, *args):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *args):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            gen.append(float(trainer.callback_metrics["time/generation_s"]))
+            rewards.append(float(trainer.callback_metrics["objective/raw_scores"]))
+            self.t = now
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+    lm.train()
+    trainer.fit(module, train_dataloaders=loader)
+    wall = sum(times[WARMUP:])
+    return {"episodes_per_s": PROMPTS * GENERATIONS * len(times[WARMUP:]) / wall, "gen_share": sum(gen[WARMUP:]) / wall,
+            "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algo", choices=("grpo", "rloo"), default="grpo")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
+    args = ap.parse_args()
+    root = bench_root()
+    if args.ours_only:
+        print(json.dumps(run_ours(root / "data", args.algo)))
+        return
+    trl_python = root / "venv" / "bin" / "python"
+    ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
+    ours, theirs = [], []
+    for r in range(args.repeats):
+        out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo], check=True,
+                             capture_output=True, text=True)
+        ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        if trl_python.exists():
+            theirs.append(run_trl(root, args.algo, r, KEYS))
+    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {GENERATIONS} x {NEW} tokens, {STEPS} steps (window "
+                f"{WARMUP + 1}-{STEPS}), median of {args.repeats}",
+                [(f"rlhf-lab rl ({args.algo})", ours), (f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
+                [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
+                 ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", "reward, steps 51-60", ".4f")],
+                "episodes_per_s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Offline preference optimisation of a policy (algo=dpo): the policy and a frozen reference read the chosen and
+rejected responses of each comparison; a `PreferenceAlgorithm` plugin turns their summed log-probs into the loss.
+Run by stage=rl when the configured algorithm is offline."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+
+from framework.data import ListDataset, hash_split
+from framework.errors import ConfigError, DataError
+from framework.imitation import encode_demonstration
+from framework.interfaces import (
+    IGNORE_INDEX,
+    ComparisonDataset,
+    Example,
+    Labeller,
+    PreferenceAlgorithm,
+    StageContext,
+    StageResult,
+    Task,
+)
+from framework.instantiate import instantiate_plugin
+from framework.models import context_length, count_parameters, load_causal_lm
+from framework.records import Demonstration, Ranking
+from framework.stages.common import build_trainer, check_stage_values, export_causal_lm
+from framework.stages.lm_module import TrainingModule
+from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
+from framework.stages.sft import collate_examples
+from framework.tokenization import load_tokenizer
+
+
+def encode_pairs(tokenizer, rankings: Sequence[Ranking], fmt: str, max_length: int) -> list[tuple[Example, Example]]:
+    """(chosen, rejected) examples with the response-only label mask, for every pair a ranking implies."""
+    pairs, dropped = [], 0
+    for r in rankings:
+        for better, worse in r.pairs():
+            chosen, _ = encode_demonstration(tokenizer, Demonstration(prompt=r.prompt, response=r.responses[better]),
+                                             fmt, max_length)
+            rejected, _ = encode_demonstration(tokenizer, Demonstration(prompt=r.prompt, response=r.responses[worse]),
+                                               fmt, max_length)
+            if chosen is None or rejected is None:
+                dropped += 1
+                continue
+            pairs.append((chosen, rejected))
+    if dropped:
+        warnings.warn(f"{dropped} pair(s) dropped: a response alone exceeds max_length={max_length}", stacklevel=2)
+    return pairs
+
+
+def collate_pairs(pairs: list[tuple[Example, Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The chosen responses of the batch, then the rejected ones, in one right-padded batch (one forward each)."""
+    return collate_examples([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) over labelled positions of log p(label_t | prefix): logits[:, t] predict labels[:, t + 1]."""
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (logp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+class PreferenceModule(TrainingModule):
+    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module, algorithm: PreferenceAlgorithm,
+                 optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]):
+        super().__init__(optimizer, scheduler)
+        self.policy, self.algorithm = policy, algorithm
+        self._reference = [reference]  # frozen, outside the module: never trained, checkpointed or put in train mode
+        self.average = bool(getattr(algorithm, "average_logprobs", False))
+        self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+
+    def on_fit_start(self) -> None:
+        self._reference[0].to(self.device)
+
+    def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["labels"], self.average)
+        half = logps.size(0) // 2
+        return logps[:half], logps[half:]
+
+    def train_loss(self, batch):
+        chosen, rejected = self._logps(self.policy, batch)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = self._logps(self._reference[0], batch)
+        return self.algorithm.loss(chosen, rejected, ref_chosen, ref_rejected)
+
+    def throughput(self, batch):
+        return "pairs", batch["input_ids"].size(0) // 2
+
+    def validation_step(self, batch, batch_idx):
+        loss, metrics = self.train_loss(batch)
+        n = batch["input_ids"].size(0) // 2
+        self.val_loss.update(loss, weight=n)
+        self.val_accuracy.update(metrics["rewards/accuracies"], weight=n)
+        self.val_margin.update(metrics["rewards/margins"], weight=n)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log("val/rewards/accuracies", self.val_accuracy, on_epoch=True)
+        self.log("val/rewards/margins", self.val_margin, on_epoch=True)
+
+
+def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str) -> StageResult:
+    """stage: the RLStage (its format, optimizer, scheduler and `offline` settings)."""
+    cfg = ctx.cfg
+    settings = dict(stage.offline)
+    batch_size, epochs = int(settings.get("batch_size", 16)), float(settings.get("epochs", 1))
+    max_length, val_fraction = int(settings.get("max_length", 256)), float(settings.get("val_fraction", 0.1))
+    dataset = instantiate_plugin(cfg.dataset, "dataset", None)
+    if not isinstance(dataset, ComparisonDataset):
+        raise ConfigError(f"algo={type(algorithm).__name__} trains on comparisons, but dataset._target_="
+                          f"{cfg.dataset._target_} is not a comparison dataset: dataset=comparisons_jsonl "
+                          "dataset.paths=[...], or dataset=policy_comparisons labeller=synthetic")
+    task = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
+    labeller = None
+    if dataset.needs_policy:
+        if not cfg.get("labeller"):
+            raise ConfigError(f"{dataset.describe()}: needs a labeller to rank the samples: labeller=synthetic")
+        labeller = instantiate_plugin(cfg.labeller, "labeller", Labeller)
+    tokenizer = load_tokenizer(path)
+    lm = load_causal_lm(str(path))
+    n_ctx = context_length(lm)
+    if n_ctx is not None and max_length > n_ctx:
+        raise ConfigError(f"stage.offline.max_length={max_length} exceeds the policy's context length {n_ctx}")
+    from framework.stages.rl import disable_dropout
+
+    disable_dropout(lm)
+    reference = copy.deepcopy(lm).eval().requires_grad_(False)
+    sampler = PolicySampler(lm, tokenizer, stage.format, int(cfg.seed), Path(cfg.paths.cache_dir),
+                            weights_fingerprint(path), context=n_ctx)
+    rankings, heldout = read_comparisons(dataset, task, labeller, sampler if dataset.needs_policy else None,
+                                         int(cfg.seed))
+    if heldout is None:
+        train_r, val_r = hash_split(rankings, val_fraction, seed=cfg.split_seed, key=lambda r: f"{r.source}\x00{r.text()}")
+    else:
+        train_r, val_r = rankings, heldout
+    train = encode_pairs(tokenizer, train_r, stage.format, max_length)
+    val = encode_pairs(tokenizer, val_r, stage.format, max_length) if val_r else []
+    if not train:
+        raise DataError(f"{dataset.describe()}: no training pair fits in stage.offline.max_length={max_length}")
+    steps = max(1, math.ceil(epochs * math.ceil(len(train) / batch_size)))
+    check_stage_values(val_fraction, batch_size, steps, max_length=max_length)
+    print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
+          f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs")
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    train_loader = DataLoader(ListDataset(train), batch_size=batch_size, shuffle=True, collate_fn=collate,
+                              drop_last=len(train) > batch_size)
+    val_loader = DataLoader(ListDataset(val), batch_size=batch_size, collate_fn=collate) if val else None
+    module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
+    lm.train()
+    trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),
+                            overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0})
+    if val_loader is not None and ctx.ckpt_path is None:
+        trainer.validate(module, dataloaders=val_loader, verbose=False)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ctx.ckpt_path)
+    results = trainer.validate(module, dataloaders=val_loader, verbose=False) if val_loader is not None else []
+    final = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    artifact_dir = ctx.output_dir / "model"
+    if trainer.is_global_zero:
+        export_causal_lm(lm, tokenizer, artifact_dir, 64)
+        logged = ctx.run.log_dir(artifact_dir, "model", float(cfg.logger.get("log_model_max_mb", 200)))
+        print(f"[rlhf] exported model + tokenizer to {artifact_dir}" + ("" if logged else " (path tagged)"))
+        for k, v in final.items():
+            print(f"[rlhf] {k} = {v:.4f}")
+    return StageResult(artifact_dir=artifact_dir, metrics=final)
