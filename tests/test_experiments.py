@@ -25,3 +25,38 @@ def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):
     assert steps == {2, 3}
     assert {"horizon_report.png", "horizon_report_table.json", "horizon_report.txt"} <= {
         a.path for a in client.list_artifacts(report[0].info.run_id)}
+
+
+def test_overoptimization_fits_recover_known_coefficients():
+    import math
+
+    from plugins.experiments.overoptimization_report import fit_gold, fitted, gold_peak
+
+    ds = [0.2 * k for k in range(1, 15)]
+    bon = fit_gold(ds, [fitted(1.5, 0.6, "bon", d) for d in ds], "bon")
+    assert bon == pytest.approx((1.5, 0.6))
+    assert gold_peak(1.5, 0.6, "bon") == pytest.approx(1.25)
+    rl = fit_gold(ds, [fitted(0.8, 0.3, "rl", d) for d in ds], "rl")
+    assert rl == pytest.approx((0.8, 0.3))
+    assert gold_peak(0.8, 0.3, "rl") == pytest.approx(math.exp(0.8 / 0.3 - 1))
+    assert gold_peak(1.0, -0.1, "bon") is None and fit_gold([0.5], [0.1], "bon") is None
+
+
+def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):
+    from conftest import QUIET, exported_dir
+
+    _, _, sft_dir, _ = chat_model
+    rm = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "dataset.n=60",
+                 "stage.max_length=128", "stage.normalize.samples=16", "trainer.val_check_interval=5", *QUIET)
+    rm_dir = exported_dir(rm.stdout, "reward model")
+    proc = run_cli("experiment=overoptimization", f"policy.path={sft_dir}", f"reward.path={rm_dir}",
+                   "overopt.max_new_tokens=8", "overopt.prompts=4", "overopt.bon_samples=4", "bon.n=[1,2,4]",
+                   "overopt.rl_iterations=2", "overopt.rl_prompts_per_iteration=4", "overopt.rl_eval_every=1")
+    assert "over-optimisation: gold and proxy gain" in proc.stdout, proc.stdout[-2000:]
+    client, runs = mlflow_runs(rlhf_home)
+    report = [r for r in runs if r.data.tags.get("stage") == "report"]
+    assert len(report) == 1
+    assert {r.data.tags["stage"] for r in runs} == {"reward_model", "rl", "eval", "report"}
+    artifacts = {a.path for a in client.list_artifacts(report[0].info.run_id)}
+    assert {"overoptimization.png", "overoptimization_table.json"} <= artifacts
+    assert any(k.startswith(("rl/", "bon/")) and "labels" in k for k in report[0].data.metrics)

@@ -365,7 +365,8 @@ class RewardModelStage(Stage):
 
         artifact_dir = ctx.output_dir / "reward_model"
         if trainer.is_global_zero:
-            extra: dict[str, Any] = {"format": self.format, "max_length": self.max_length, "normalized_on": 0}
+            extra: dict[str, Any] = {"format": self.format, "max_length": self.max_length, "normalized_on": 0,
+                                     "train_comparisons": len(train)}
             if norm_samples:
                 raw = score_texts(rm, tokenizer, [p.text for p in norm_prompts], norm_samples, self.format,
                                   self.max_length, raw=True)

@@ -91,6 +91,16 @@ def prompt_encoder(tokenizer, fmt: str, context: int | None, max_new_tokens: int
     return encode
 
 
+def stop_mask(response: torch.Tensor, stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, T]: 1 up to and including the first stop token, or everywhere when there is none; ended [B])."""
+    is_stop = response == stop_id
+    ended = is_stop.any(-1)
+    last = torch.where(ended, is_stop.float().argmax(-1).long(),
+                       torch.full_like(ended, response.size(1) - 1, dtype=torch.long))
+    steps = torch.arange(response.size(1), device=response.device)
+    return (steps.unsqueeze(0) <= last.unsqueeze(1)).long(), ended
+
+
 def response_slice(tensor: torch.Tensor, prompt_width: int, length: int) -> torch.Tensor:
     """Per-position outputs of a forward over prompt + response that predict / value the response tokens: the
     output at position p belongs to the token at p + 1."""
@@ -176,12 +186,7 @@ class RLModule(pl.LightningModule):
         gen = HFGenerator(self.policy.lm, self.tokenizer, [self.stop_id]).generate_ids(encoded, self.sampling)
         gen_s = time.perf_counter() - started
         response = gen.response_ids
-        is_stop = response == self.stop_id
-        ended = is_stop.any(-1)
-        first_stop = torch.where(ended, is_stop.float().argmax(-1), torch.full_like(ended, response.size(1) - 1,
-                                                                                     dtype=torch.long))
-        steps = torch.arange(response.size(1), device=response.device)
-        response_mask = (steps.unsqueeze(0) <= first_stop.unsqueeze(1)).long()
+        response_mask, ended = stop_mask(response, self.stop_id)
         response = torch.where(response_mask.bool(), response, torch.full_like(response, self.tokenizer.pad_token_id))
         ids = torch.cat([gen.prompt_ids, response], 1)
         mask = torch.cat([gen.prompt_mask, response_mask], 1)
@@ -334,13 +339,16 @@ class RLModule(pl.LightningModule):
 
 
 class Evaluator:
-    """Greedy-free evaluation every `every` iterations on fixed held-out prompts: the mean proxy reward and, when
-    a gold exists, the gold reward of samples at the training temperature; plus a table of samples."""
+    """Evaluation every `every` iterations on fixed held-out prompts, from samples at the training temperature: the
+    mean proxy reward, the gold reward (when a gold exists), and with a reference model the KL of the policy to it
+    on these samples (`eval/kl`, k1 summed over tokens, mean over prompts: the x-axis of over-optimisation
+    curves); plus a table of samples."""
 
     def __init__(self, tokenizer, fmt: str, prompts: Sequence[Prompt], proxy: RewardFunction,
                  gold: RewardFunction | None, sampling: SamplingSettings, every: int, run=None, seed: int = 0,
-                 context: int | None = None):
+                 context: int | None = None, reference: nn.Module | None = None):
         self.tokenizer, self.fmt, self.prompts, self.proxy, self.gold = tokenizer, fmt, list(prompts), proxy, gold
+        self.reference = reference
         self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.sampling, self.every, self.run, self.seed = sampling, max(1, every), run, seed
         self.stop_id = stop_token_id(tokenizer, fmt)
@@ -363,6 +371,8 @@ class Evaluator:
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         proxy = self.proxy.score(self.prompts, texts)
         metrics = {"eval/proxy_reward": sum(proxy) / len(proxy)}
+        if self.reference is not None:
+            metrics["eval/kl"] = self.kl(lm, out)
         table = {"prompt": [p.text for p in self.prompts[:16]], "completion": texts[:16], "proxy": proxy[:16]}
         if self.gold is not None:
             gold = self.gold.score(self.prompts, texts)
@@ -371,6 +381,18 @@ class Evaluator:
         if self.run is not None:
             self.run.log_table(table, f"samples/iter_{iteration:05d}.json")
         return metrics
+
+    def kl(self, lm: nn.Module, out) -> float:
+        response = out.response_ids
+        rmask, _ = stop_mask(response, self.stop_id)
+        ids = torch.cat([out.prompt_ids, torch.where(rmask.bool(), response, self.tokenizer.pad_token_id)], 1)
+        mask = torch.cat([out.prompt_mask, rmask], 1)
+        width, length = out.prompt_ids.size(1), response.size(1)
+        self.reference.to(ids.device)
+        logp = [token_logprobs(response_slice(m(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits,
+                                              width, length), ids[:, width:], self.sampling.temperature)
+                for m in (lm, self.reference)]
+        return float(((logp[0] - logp[1]) * rmask).sum(-1).mean())
 
 
 class RLStage(Stage):
@@ -442,7 +464,8 @@ class RLStage(Stage):
         if n_eval > 0:
             held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
             evaluator = Evaluator(tokenizer, self.format, held_out, reward, task_gold(task), self.sampling,
-                                  int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx)
+                                  int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx,
+                                  reference)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
                           self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
                           self.gradient_clip, evaluator, ctx.output_dir, n_ctx, int(cfg.seed))

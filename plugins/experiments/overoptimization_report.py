@@ -1,0 +1,137 @@
+"""Reward over-optimisation (Gao et al. 2022, "Scaling laws for reward model overoptimization"): a Hydra callback
+that, when the sweep ends, reads back the PPO runs (eval/gold_reward, eval/proxy_reward, eval/kl per evaluation)
+and the best-of-n runs (bon/gold, bon/proxy, bon/d per n), expresses every point as a gain over the starting
+policy against d = sqrt(KL), fits the paper's forms to the gold gain (best-of-n: d (alpha - beta d); RL:
+d (alpha - beta log d)), and logs table, fits and figure to a report run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from plugins.experiments.sweep_report import SweepReport, figure, save_figure
+
+
+def fit_gold(ds: list[float], gains: list[float], form: str) -> tuple[float, float] | None:
+    """Least squares (no intercept) of gain = alpha d - beta f(d), f = d (bon) or d log d (rl); None when the
+    points cannot determine both coefficients."""
+    pts = [(d, g) for d, g in zip(ds, gains) if d > 0 and math.isfinite(g)]
+    if len(pts) < 2:
+        return None
+    x1 = [d for d, _ in pts]
+    x2 = [-(d * d if form == "bon" else d * math.log(d)) for d, _ in pts]
+    y = [g for _, g in pts]
+    a11, a12, a22 = sum(v * v for v in x1), sum(u * v for u, v in zip(x1, x2)), sum(v * v for v in x2)
+    b1, b2 = sum(u * v for u, v in zip(x1, y)), sum(u * v for u, v in zip(x2, y))
+    det = a11 * a22 - a12 * a12
+    if abs(det) < 1e-12:
+        return None
+    return (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+
+
+def gold_peak(alpha: float, beta: float, form: str) -> float | None:
+    """d at which the fitted gold gain peaks (None when it never turns down: beta <= 0)."""
+    if beta <= 0:
+        return None
+    return alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
+
+
+def fitted(alpha: float, beta: float, form: str, d: float) -> float:
+    if d <= 0:
+        return 0.0
+    return d * (alpha - beta * (d if form == "bon" else math.log(d)))
+
+
+def proxy_label(path: str) -> str:
+    config = Path(path) / "config.json"
+    n = None
+    if config.is_file():
+        n = (json.loads(config.read_text()).get("rlhf_reward") or {}).get("train_comparisons")
+    return f"{n} labels" if n else Path(path).parent.name
+
+
+class OveroptimizationReport(SweepReport):
+    kind = "overoptimization"
+
+    def curves(self, config: DictConfig) -> dict[tuple[str, str], list[dict]]:
+        """{(method, proxy label): [{d, gold_gain, proxy_gain, kl}, ...]} sorted by d."""
+        from mlflow import MlflowClient
+
+        from framework.tracking import resolve_tracking_uri
+
+        client = MlflowClient(resolve_tracking_uri(config.logger.get("tracking_uri"), config.paths.root))
+        out: dict[tuple[str, str], list[dict]] = {}
+        for stage, method in (("rl", "rl"), ("eval", "bon")):
+            for run in self.sweep_runs(config, stage):
+                label = proxy_label(run.data.params.get("reward.path", "?"))
+                hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
+                if method == "rl":
+                    gold, proxy, kl = hist("eval/gold_reward"), hist("eval/proxy_reward"), hist("eval/kl")
+                    steps = sorted(set(gold) & set(proxy) & set(kl))
+                    base = steps[0] if steps else None
+                    points = [{"step": s, "kl": kl[s], "d": math.sqrt(max(kl[s], 0.0)),
+                               "gold_gain": gold[s] - gold[base], "proxy_gain": proxy[s] - proxy[base]}
+                              for s in steps]
+                else:
+                    gold, proxy, d = hist("bon/gold"), hist("bon/proxy"), hist("bon/d")
+                    steps = sorted(set(gold) & set(proxy) & set(d))
+                    base = 1 if 1 in gold else (steps[0] if steps else None)
+                    points = [{"step": n, "kl": d[n] ** 2, "d": d[n], "gold_gain": gold[n] - gold[base],
+                               "proxy_gain": proxy[n] - proxy[base]} for n in steps]
+                if points:
+                    out[(method, label)] = sorted(points, key=lambda p: p["d"])
+        return out
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        curves = self.curves(config)
+        if not curves:
+            print(f"[rlhf] {self.kind}: no finished runs in this sweep")
+            return
+        rows, lines, metrics = [], [], []
+        lines.append(f"{'method':<6} {'proxy':<14} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
+                     f"{'max gold gain':>13} {'alpha':>8} {'beta':>8} {'fit peak d':>10}")
+        for (method, label), pts in sorted(curves.items()):
+            fit = fit_gold([p["d"] for p in pts], [p["gold_gain"] for p in pts], method)
+            alpha, beta = fit if fit else (math.nan, math.nan)
+            peak = gold_peak(alpha, beta, method) if fit else None
+            row = {"method": method, "proxy": label, "points": len(pts), "max_d": max(p["d"] for p in pts),
+                   "max_proxy_gain": max(p["proxy_gain"] for p in pts),
+                   "max_gold_gain": max(p["gold_gain"] for p in pts), "alpha": alpha, "beta": beta,
+                   "fit_peak_d": math.nan if peak is None else peak,
+                   "best_observed_d": max(pts, key=lambda p: p["gold_gain"])["d"]}
+            rows.append(row)
+            lines.append(f"{method:<6} {label:<14} {len(pts):>6} {row['max_d']:>6.2f} {row['max_proxy_gain']:>14.3f} "
+                         f"{row['max_gold_gain']:>13.3f} {alpha:>8.3f} {beta:>8.3f} {row['fit_peak_d']:>10.2f}")
+            key = f"{method}/{label.replace(' ', '_')}"
+            metrics += [(f"{key}/alpha", alpha, 0), (f"{key}/beta", beta, 0)]
+            for i, p in enumerate(pts):
+                metrics += [(f"{key}/gold_gain", p["gold_gain"], i), (f"{key}/proxy_gain", p["proxy_gain"], i),
+                            (f"{key}/d", p["d"], i)]
+        print("[rlhf] over-optimisation: gold and proxy gain against d = sqrt(KL)\n" + "\n".join(lines))
+        png = Path(str(config.hydra.sweep.dir)) / f"{self.kind}.png"
+        self.plot(curves, rows, png)
+        self.publish(config, rows, lines, png, [m for m in metrics if math.isfinite(m[1])],
+                     extra={"curves": {f"{m}|{lab}": pts for (m, lab), pts in curves.items()}})
+
+    @staticmethod
+    def plot(curves: dict, rows: list[dict], path: Path) -> None:
+        plt, fig, axes = figure(2)
+        fits = {(r["method"], r["proxy"]): (r["alpha"], r["beta"]) for r in rows}
+        for ax, method, title in ((axes[0], "bon", "best-of-n"), (axes[1], "rl", "PPO")):
+            for (m, label), pts in sorted(curves.items()):
+                if m != method:
+                    continue
+                ds = [p["d"] for p in pts]
+                line, = ax.plot(ds, [p["gold_gain"] for p in pts], marker="o", label=f"gold, {label}")
+                ax.plot(ds, [p["proxy_gain"] for p in pts], linestyle="--", color=line.get_color(),
+                        label=f"proxy, {label}")
+                alpha, beta = fits[(m, label)]
+                if math.isfinite(alpha):
+                    grid = [max(ds) * k / 50 for k in range(1, 51)]
+                    ax.plot(grid, [fitted(alpha, beta, method, d) for d in grid], color=line.get_color(),
+                            linewidth=0.8, alpha=0.6)
+            ax.set(xlabel="d = sqrt(KL to the starting policy)", ylabel="reward gain over the start", title=title)
+        save_figure(plt, fig, axes, path)
