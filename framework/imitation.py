@@ -40,6 +40,26 @@ def encode_prompt(tokenizer: "PreTrainedTokenizerBase", text: str, fmt: str) -> 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+class PromptEncoder:
+    """prompt text -> token ids as the policy sees them (`encode_prompt`), cut from the left so that prompt +
+    `max_new_tokens` fit the model's `context`; counts the prompts it cut (`truncated`)."""
+
+    def __init__(self, tokenizer, fmt: str, context: int | None, max_new_tokens: int):
+        if context is not None and context - max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                              f"of {context} tokens")
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.room = None if context is None else context - max_new_tokens
+        self.truncated = 0
+
+    def __call__(self, text: str) -> list[int]:
+        ids = encode_prompt(self.tokenizer, text, self.fmt)
+        if self.room is not None and len(ids) > self.room:
+            self.truncated += 1
+            ids = ids[-self.room :]
+        return ids
+
+
 def _encode_full(tokenizer, demo: Demonstration, fmt: str) -> tuple[list[int], list[int]]:
     if fmt == "plain":
         if demo.messages is not None:

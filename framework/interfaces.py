@@ -263,6 +263,11 @@ class PolicyAlgorithm(ABC):
         """The loss of a minibatch from the policy's current log-probs [b, T] (and values); metrics are logged
         averaged over the iteration's minibatches (names like `loss/policy`, `policy/clipfrac`)."""
 
+    def needs_reference(self, kl_coef: float, adaptive: bool) -> bool:
+        """Whether the frozen reference's log-probs are used (else the stage skips its forward): by default, when
+        the KL penalty can be non-zero."""
+        return adaptive or kl_coef != 0.0
+
     def state_dict(self) -> dict:
         """State that must survive a checkpoint (e.g. a running baseline)."""
         return {}
@@ -273,7 +278,11 @@ class PolicyAlgorithm(ABC):
 
 class PreferenceAlgorithm(ABC):
     """An offline policy algorithm (DPO, IPO, ...): trains the policy directly on comparisons, from the summed
-    log-probs of the chosen and rejected responses under the policy and the frozen reference ([pairs] each)."""
+    log-probs of the chosen and rejected responses under the policy and the frozen reference ([pairs] each).
+
+    average_logprobs: log-probs averaged over response tokens instead of summed (IPO)."""
+
+    average_logprobs: bool = False
 
     @abstractmethod
     def loss(self, policy_chosen: "torch.Tensor", policy_rejected: "torch.Tensor", ref_chosen: "torch.Tensor",

@@ -19,14 +19,27 @@ import torch
 from torch import nn
 
 from framework.errors import ConfigError
-from framework.interfaces import RewardHead
-from framework.records import Demonstration
+from framework.interfaces import RewardFunction, RewardHead, Task
+from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 CONFIG_KEY = "rlhf_reward"
+
+
+class TaskGold(RewardFunction):
+    """A task's own gold scorer as a reward function (the gold of RL evaluations and of `reward=gold`)."""
+
+    def __init__(self, task: Task):
+        if task is None:
+            raise ConfigError("the task gold needs a task: pick one with task=<name>")
+        self.task = task
+        self.name = f"{task.name}_gold"
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return [float(self.task.gold(p, c)) for p, c in zip(prompts, completions)]
 
 
 class RewardModel(nn.Module):
@@ -202,5 +215,5 @@ def score_texts(rm: nn.Module, tokenizer, prompts: Sequence[str], responses: Seq
     return out
 
 
-__all__ = ["RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
+__all__ = ["TaskGold", "RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
            "score_texts", "encode_scored", "pad_right"]

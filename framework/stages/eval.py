@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
-
 from framework.errors import ConfigError
-from framework.imitation import check_format, stop_token_id
+from framework.imitation import check_format
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import RewardFunction, Stage, StageContext, StageResult, Task
 from framework.models import context_length, load_causal_lm
-from framework.rollout import HFGenerator, SamplingSettings
+from framework.rollout import SamplingSettings
 from framework.tokenization import load_tokenizer
 
 
@@ -60,7 +58,8 @@ class EvalStage(Stage):
             raise ConfigError(f"bon.n={self.ns}: every n must be in [1, stage.samples_per_prompt={samples_per_prompt}]")
 
     def run(self, ctx: StageContext) -> StageResult:
-        from framework.stages.rl import prompt_encoder, task_gold
+        from framework.reward import TaskGold
+        from framework.stages.reward import PolicySampler
 
         cfg = ctx.cfg
         path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
@@ -70,24 +69,17 @@ class EvalStage(Stage):
             raise ConfigError("stage=eval draws its prompts from a task: add task=friendly_reply (or another)")
         task: Task = instantiate_plugin(cfg.task, "task", Task)
         proxy: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
-        gold = task_gold(task)
+        gold = TaskGold(task)
         tokenizer = load_tokenizer(path)
         lm = load_causal_lm(str(path)).eval()
         prompts = task.prompts(self.n_prompts, int(cfg.seed) + 7919)
-        encode = prompt_encoder(tokenizer, self.format, context_length(lm), self.sampling.max_new_tokens)
-        stop = stop_token_id(tokenizer, self.format)
-        gen = HFGenerator(lm, tokenizer, [stop])
-        flat = [p for p in prompts for _ in range(self.n_samples)]
-        torch.manual_seed(int(cfg.seed))
+        sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), None, None, context_length(lm),
+                                self.batch_size)
         started = time.perf_counter()
-        texts: list[str] = []
-        for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start : start + self.batch_size]
-            out = gen.generate_ids([encode(p.text) for p in chunk], self.sampling)
-            for row in out.response_ids.tolist():
-                cut = row.index(stop) if stop in row else len(row)
-                texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        groups = sampler(prompts, self.n_samples, self.sampling.max_new_tokens, self.sampling.temperature)
         gen_s = time.perf_counter() - started
+        flat = [p for p in prompts for _ in range(self.n_samples)]
+        texts = [t for group in groups for t in group]
         proxy_scores = proxy.score(flat, texts)
         gold_scores = gold.score(flat, texts)
         if not all(math.isfinite(v) for v in proxy_scores + gold_scores):

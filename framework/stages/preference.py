@@ -76,7 +76,7 @@ class PreferenceModule(TrainingModule):
         super().__init__(optimizer, scheduler)
         self.policy, self.algorithm = policy, algorithm
         self._reference = [reference]  # frozen, outside the module: never trained, checkpointed or put in train mode
-        self.average = bool(getattr(algorithm, "average_logprobs", False))
+        self.average = bool(algorithm.average_logprobs)
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
 
     def on_fit_start(self) -> None:

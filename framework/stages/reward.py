@@ -23,7 +23,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 
 from framework.data import LengthGroupedSampler, ListDataset, hash_split
 from framework.errors import ConfigError, DataError
-from framework.imitation import check_format, encode_prompt, stop_token_id
+from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import (
     ComparisonContext,
@@ -222,8 +222,9 @@ def weights_fingerprint(path: str | None) -> str | None:
 
 
 class PolicySampler:
-    """`sample(prompts, k, max_new_tokens, temperature)` from the policy, cached on disk when the policy is a saved
-    model (the same samples serve every run of a sweep over labels, noise, heads or losses)."""
+    """`sample(prompts, k, max_new_tokens, temperature)` from the policy (full distribution, batched), cached on disk
+    when the policy is a saved model (the same samples serve every run of a sweep over labels, noise, heads or
+    losses); stage=eval draws its N samples per prompt with it too."""
 
     def __init__(self, model, tokenizer, fmt: str, seed: int, cache_dir: Path | None, fingerprint: str | None,
                  context: int | None = None, batch_size: int = 64):
@@ -243,17 +244,11 @@ class PolicySampler:
         started = time.perf_counter()
         gen = HFGenerator(self.model, self.tokenizer, [self.stop_id])
         settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)  # top_k 0, top_p 1
-        encoded = [encode_prompt(self.tokenizer, p.text, self.fmt) for p in prompts]
-        if self.context is not None:  # prompts lose tokens from the left so that prompt + response fit the context
-            room = self.context - max_new_tokens
-            if room < 1:
-                raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                                  f"context of {self.context} tokens")
-            cut = sum(len(ids) > room for ids in encoded)
-            if cut:
-                warnings.warn(f"{cut} prompt(s) longer than {room} tokens (context {self.context} - max_new_tokens "
-                              f"{max_new_tokens}) were cut from the left for sampling", stacklevel=2)
-            encoded = [ids[-room:] for ids in encoded]
+        encoder = PromptEncoder(self.tokenizer, self.fmt, self.context, max_new_tokens)
+        encoded = [encoder(p.text) for p in prompts]
+        if encoder.truncated:
+            warnings.warn(f"{encoder.truncated} prompt(s) longer than {encoder.room} tokens (context {self.context} - "
+                          f"max_new_tokens {max_new_tokens}) were cut from the left for sampling", stacklevel=2)
         flat = [ids for ids in encoded for _ in range(k)]
         torch.manual_seed(self.seed)
         texts: list[str] = []

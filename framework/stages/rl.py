@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
 from framework.errors import ConfigError, RLHFError
-from framework.imitation import check_format, encode_prompt, stop_token_id
+from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import (
     PolicyAlgorithm,
@@ -38,6 +38,7 @@ from framework.interfaces import (
 )
 from framework.models import context_length, count_parameters, load_causal_lm
 from framework.records import Prompt
+from framework.reward import TaskGold
 from framework.rl import entropy_from_logits, kl_controller, masked_mean, token_logprobs
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
@@ -80,15 +81,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt_encoder(tokenizer, fmt: str, context: int | None, max_new_tokens: int):
-    """prompt text -> token ids, cut from the left so that prompt + response fit the policy's context."""
-    room = None if context is None else max(1, context - max_new_tokens)
-
-    def encode(text: str) -> list[int]:
-        ids = encode_prompt(tokenizer, text, fmt)
-        return ids[-room:] if room is not None else ids
-
-    return encode
+def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int,
+                      response: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token log-probs [B, T] of `response` (the tail of `ids`) under a causal LM, at the sampling temperature,
+    with position ids that count real tokens only."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return token_logprobs(response_slice(logits, prompt_width, response.size(1)), response, temperature)
 
 
 def stop_mask(response: torch.Tensor, stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +149,11 @@ class RLModule(pl.LightningModule):
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.evaluator = evaluator
         self.sample_dir = sample_dir
-        self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
+        self.encode = PromptEncoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.seed = seed
-        # no reference forward when nothing uses it: a fixed zero KL coefficient and no KL term in the loss
-        self.use_reference = not (str(kl.get("controller", "fixed")) == "fixed" and float(kl.get("coef", 0.05)) == 0.0
-                                  and not getattr(algorithm, "beta", None))
+        # no reference forward when nothing uses it (e.g. a fixed zero KL coefficient)
+        self.use_reference = algorithm.needs_reference(float(kl.get("coef", 0.05)),
+                                                       str(kl.get("controller", "fixed")) == "adaptive")
         # one update per rollout and no critic: the update's forward also gives the rollout's log-probs
         self.single_update = (int(algorithm.epochs) == 1 and int(algorithm.minibatches) == 1
                               and not algorithm.needs_value)
@@ -202,9 +200,7 @@ class RLModule(pl.LightningModule):
             values = response_slice(values, width, length) if values is not None else None
         ref_logprobs = None
         if self.use_reference:
-            ref_logits = self.reference(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-            ref_logprobs = token_logprobs(response_slice(ref_logits, width, length), response,
-                                          self.sampling.temperature)
+            ref_logprobs = response_logprobs(self.reference, ids, mask, width, response, self.sampling.temperature)
 
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
                  for r, m in zip(response, response_mask)]
@@ -349,7 +345,7 @@ class Evaluator:
                  context: int | None = None, reference: nn.Module | None = None):
         self.tokenizer, self.fmt, self.prompts, self.proxy, self.gold = tokenizer, fmt, list(prompts), proxy, gold
         self.reference = reference
-        self.encode = prompt_encoder(tokenizer, fmt, context, sampling.max_new_tokens)
+        self.encode = PromptEncoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.sampling, self.every, self.run, self.seed = sampling, max(1, every), run, seed
         self.stop_id = stop_token_id(tokenizer, fmt)
 
@@ -365,10 +361,7 @@ class Evaluator:
             out = gen.generate_ids([self.encode(p.text) for p in self.prompts], self.sampling)
         finally:
             torch.set_rng_state(state)
-        texts = []
-        for row in out.response_ids.tolist():
-            cut = row.index(self.stop_id) if self.stop_id in row else len(row)
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)]
         proxy = self.proxy.score(self.prompts, texts)
         metrics = {"eval/proxy_reward": sum(proxy) / len(proxy)}
         if self.reference is not None:
@@ -387,10 +380,9 @@ class Evaluator:
         rmask, _ = stop_mask(response, self.stop_id)
         ids = torch.cat([out.prompt_ids, torch.where(rmask.bool(), response, self.tokenizer.pad_token_id)], 1)
         mask = torch.cat([out.prompt_mask, rmask], 1)
-        width, length = out.prompt_ids.size(1), response.size(1)
+        width = out.prompt_ids.size(1)
         self.reference.to(ids.device)
-        logp = [token_logprobs(response_slice(m(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits,
-                                              width, length), ids[:, width:], self.sampling.temperature)
+        logp = [response_logprobs(m, ids, mask, width, ids[:, width:], self.sampling.temperature)
                 for m in (lm, self.reference)]
         return float(((logp[0] - logp[1]) * rmask).sum(-1).mean())
 
@@ -443,15 +435,13 @@ class RLStage(Stage):
         reference.eval().requires_grad_(False)
         n_ctx = context_length(lm)
         prompts = task.prompts(self.prompt_pool, int(cfg.seed))
-        if n_ctx is not None:
-            room = n_ctx - self.sampling.max_new_tokens
-            if room < 2:
-                raise ConfigError(f"stage.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt: "
-                                  f"it must stay below the policy's context ({n_ctx}), with room for the prompt")
-            cut = sum(len(encode_prompt(tokenizer, p.text, self.format)) > room for p in prompts)
-            if cut:
-                print(f"[rlhf] warning: {cut} of {len(prompts)} prompts are longer than {room} tokens (context {n_ctx}"
-                      f" - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens from the left")
+        encoder = PromptEncoder(tokenizer, self.format, n_ctx, self.sampling.max_new_tokens)
+        for p in prompts:
+            encoder(p.text)
+        if encoder.truncated:
+            print(f"[rlhf] warning: {encoder.truncated} of {len(prompts)} prompts are longer than {encoder.room} "
+                  f"tokens (context {n_ctx} - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens "
+                  "from the left")
         policy = PolicyWithValue(lm, bool(algorithm.needs_value))
         per_iter = int(self.prompts_per_iteration)
         updates = self.iterations * int(algorithm.epochs) * max(1, min(int(algorithm.minibatches),
@@ -463,7 +453,7 @@ class RLStage(Stage):
         n_eval = int(self.eval.get("prompts", 64))
         if n_eval > 0:
             held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
-            evaluator = Evaluator(tokenizer, self.format, held_out, reward, task_gold(task), self.sampling,
+            evaluator = Evaluator(tokenizer, self.format, held_out, reward, TaskGold(task), self.sampling,
                                   int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx,
                                   reference)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
@@ -495,16 +485,6 @@ class RLStage(Stage):
             for k, v in final.items():
                 print(f"[rlhf] {k} = {v:.4f}")
         return StageResult(artifact_dir=artifact_dir, metrics=final)
-
-
-def task_gold(task: Task) -> RewardFunction:
-    class TaskGoldScorer(RewardFunction):
-        name = f"{task.name}_gold"
-
-        def score(self, prompts, completions):
-            return [float(task.gold(p, c)) for p, c in zip(prompts, completions)]
-
-    return TaskGoldScorer()
 
 
 def _as_is(batch):

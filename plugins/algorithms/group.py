@@ -36,6 +36,9 @@ class GRPO(_SequenceAlgorithm):
             raise ConfigError("GRPO needs algo.generations >= 2 (the group is the baseline)")
         self.beta, self.scale_rewards = beta, scale_rewards
 
+    def needs_reference(self, kl_coef: float, adaptive: bool) -> bool:
+        return adaptive or (kl_coef if self.beta is None else self.beta) != 0.0
+
     def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, torch.Tensor]:
         g = self.groups(rollout.scores, rollout.group_size)
         adv = g - g.mean(-1, keepdim=True)
