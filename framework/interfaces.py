@@ -242,12 +242,16 @@ class Rollout:
 class PolicyAlgorithm(ABC):
     """An on-policy RL algorithm for LMs: experience from a rollout, then a loss per minibatch.
 
-    generations_per_prompt: samples per prompt (group methods: GRPO, RLOO); needs_value: a value head on the policy;
+    generations_per_prompt: samples per prompt (group methods: GRPO, RLOO); needs_value: a value estimate per token;
+    critic: where it comes from, "shared" (a value head on the policy's trunk) or "separate" (its own transformer,
+    initialised from the reward model at critic_path, or the learned reward's path when that is None);
     epochs x minibatches: the updates per rollout (each minibatch one optimizer step).
     """
 
     generations_per_prompt: int = 1
     needs_value: bool = False
+    critic: str = "shared"
+    critic_path: str | None = None
     epochs: int = 1
     minibatches: int = 1
 

@@ -173,6 +173,32 @@ def load_reward_model(path: str | Path) -> tuple[nn.Module, "PreTrainedTokenizer
     return rm, tokenizer, info
 
 
+def critic_from_reward_model(path: str | Path) -> tuple[nn.Module, nn.Linear, "PreTrainedTokenizerBase"]:
+    """A separate PPO critic initialised from a reward model (OpenRLHF's default): (the RM's transformer, a per-token
+    value layer = the RM's scoring layer with its normalisation folded in, the RM's tokenizer). The value at every
+    token is then the normalised reward the RM would give the sequence cut there."""
+    rm, tokenizer, _ = load_reward_model(path)
+    if isinstance(rm, SequenceClassifierReward):
+        model = rm.model
+        trunk = model.base_model
+        linears = [m for name, m in model.named_children()
+                   if name != model.base_model_prefix and isinstance(m, nn.Linear)]
+    else:
+        trunk = rm.trunk
+        linears = [m for m in rm.head.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        raise ConfigError(f"{path}: the reward head is not one linear layer ({len(linears)} found), so it cannot "
+                          "become a per-token value layer; use algo.critic=shared or a last_token/mean_pool RM")
+    score = linears[0]
+    value = nn.Linear(score.in_features, 1)
+    with torch.no_grad():
+        value.weight.copy_(rm.gain * score.weight.float().mean(0, keepdim=True))
+        head_bias = float(score.bias.float().mean()) if score.bias is not None else 0.0
+        value.bias.fill_(float(rm.gain) * head_bias + float(rm.bias))
+    trunk.train(False)
+    return trunk, value, tokenizer
+
+
 def encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int) -> list[int] | None:
     """prompt + response tokens as the reward model reads them (the SFT formatting: chat template or plain + EOS);
     too long: prompt cut from the left; None when the response alone does not fit."""

@@ -224,3 +224,28 @@ def test_friendly_reply_prompts_are_nested_and_it_has_no_expert():
 
     with pytest.raises(ExpertError, match="no expert"):
         task.expert_continuation(small[0], "")
+
+
+@pytest.mark.parametrize("head", [LastToken(), Ensemble(members=3)])
+def test_a_separate_critic_starts_as_the_normalised_reward_model(tiny_lm_and_tokenizer, tmp_path, head):
+    """algo.critic=separate: the critic's value at the last token of a sequence is the RM's normalised reward."""
+    from framework.reward import critic_from_reward_model
+
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, head).eval()
+    rm.set_normalization(torch.tensor([0.0, 1.0, 4.0]))
+    spec = {"_target_": f"plugins.reward_heads.heads.{type(head).__name__}",
+            **({"members": 3, "pool": "last_token"} if isinstance(head, Ensemble) else {})}
+    out = export_reward_model(rm, head, spec, tok, tmp_path / "rm", {"format": "plain", "max_length": 64})
+    trunk, value, critic_tok = critic_from_reward_model(out)
+    assert critic_tok.get_vocab() == tok.get_vocab()
+    ids = torch.tensor([tok("hello there, how are you?")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        values = value(trunk(input_ids=ids, attention_mask=mask).last_hidden_state).squeeze(-1)
+        assert values.shape == ids.shape
+        assert values[0, -1] == pytest.approx(float(rm.reward(ids, mask)[0]), abs=1e-5)
+    mean_pool = export_reward_model(RewardModel.from_causal_lm(lm, MeanPool()), MeanPool(),
+                                    {"_target_": "plugins.reward_heads.heads.MeanPool"}, tok, tmp_path / "mp",
+                                    {"format": "plain", "max_length": 64})
+    assert critic_from_reward_model(mean_pool)[1].weight.shape == (1, lm.config.hidden_size)

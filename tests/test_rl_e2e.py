@@ -50,6 +50,14 @@ def test_learned_reward_and_its_normalisation(chat_model, run_cli, rlhf_home):
     rl = next(r for r in runs if r.data.tags["stage"] == "rl")
     assert rl.data.params["kl.controller"] == "adaptive" and "objective/kl_coef" in rl.data.metrics
     assert rl.data.metrics["objective/kl_coef"] != 0.15  # the controller moved it
+    # PPO with a separate critic initialised from the same reward model
+    critic = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
+                     "reward.allow_unnormalized=true", "algo.critic=separate", "algo.minibatches=2",
+                     "stage.eval.prompts=0")
+    assert "critic: a separate GPT2Model" in critic.stdout
+    exported_dir(critic.stdout)
+    no_rm = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo.critic=separate", check=False)
+    assert no_rm.returncode != 0 and "algo.critic_path=<reward model dir>" in no_rm.stderr
 
 
 def test_user_errors(chat_model, run_cli):

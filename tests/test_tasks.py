@@ -7,7 +7,7 @@ from framework.records import Prompt
 from plugins.experts.task import TaskExpert
 from plugins.tasks.arithmetic import Addition
 from plugins.tasks.reasoning_gym import ReasoningGymTask
-from plugins.tasks.sort import SortDigits
+from plugins.tasks.sort import ReverseSymbols, SortDigits
 
 
 def test_sort_positional_expert_from_wrong_prefixes():
@@ -43,6 +43,20 @@ def test_sort_prompts_gold_and_multiset_expert():
     assert tight.expert_continuation(q, "") == "123" and tight.expert_continuation(q, "2") == "13"
     with pytest.raises(ExpertError, match="sort5"):
         task.expert_continuation(Prompt("sort: =", meta={}), "")
+
+
+def test_reverse_gold_and_both_experts_from_wrong_prefixes():
+    task = ReverseSymbols(length=5)
+    p = Prompt("reverse: 3 1 4 1 5 =", meta={"digits": [3, 1, 4, 1, 5]})
+    assert task.name == "reverse5" and task.expert_continuation(p, "") == " 5 1 4 1 3"
+    assert task.gold(p, " 5 1 4 1 3") == 1.0 and task.gold(p, " 3 1 4 1 5") == 0.0
+    assert task.expert_continuation(p, " 4") == " 1 4 1 3"  # positional: the answer from position 2 on
+    multiset = ReverseSymbols(length=5, recovery="multiset")
+    assert multiset.expert_continuation(p, " 4") == " 5 1 1 3"  # the 4 is used up, the rest in reversed order
+    assert multiset.expert_continuation(Prompt("reverse: 2 0 7 =", meta={}), " 7 9") == " 0 2"
+    prompts = task.prompts(10, seed=1)
+    assert all(q.text.startswith("reverse: ") and task.gold(q, task.expert_continuation(q, "")) == 1.0
+               for q in prompts)
 
 
 def test_addition_gold_and_expert_from_wrong_prefixes():

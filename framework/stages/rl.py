@@ -38,7 +38,7 @@ from framework.interfaces import (
 )
 from framework.models import context_length, count_parameters, load_causal_lm
 from framework.records import Prompt
-from framework.reward import TaskGold
+from framework.reward import TaskGold, critic_from_reward_model
 from framework.rl import entropy_from_logits, kl_controller, masked_mean, token_logprobs
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
@@ -57,23 +57,33 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class PolicyWithValue(nn.Module):
-    """The policy LM and, for algorithms with a critic, a value head on its last hidden state (zero-initialised,
-    RLHF_REFERENCE 1.2 item 4). forward -> (logits [B, L, V], values [B, L] or None)."""
+    """The policy LM and, for algorithms with a critic, a value estimate per token: by default a value head on the
+    policy's last hidden state (zero-initialised, RLHF_REFERENCE 1.2 item 4); with `critic=(trunk, layer)` a
+    separate transformer and its value layer (e.g. initialised from the reward model).
+    forward -> (logits [B, L, V], values [B, L] or None)."""
 
-    def __init__(self, lm: nn.Module, value_head: bool):
+    def __init__(self, lm: nn.Module, value_head: bool, critic: tuple[nn.Module, nn.Linear] | None = None):
         super().__init__()
         self.lm = lm
-        self.value = None
-        if value_head:
+        self.value = self.critic = None
+        if critic is not None:
+            self.critic, self.value = critic
+        elif value_head:
             self.value = nn.Linear(int(lm.config.hidden_size), 1)
             nn.init.zeros_(self.value.weight)
             nn.init.zeros_(self.value.bias)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor):
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                      output_hidden_states=self.value is not None)
-        values = self.value(out.hidden_states[-1]).squeeze(-1) if self.value is not None else None
-        return out.logits, values
+        pos = positions(mask)
+        shared = self.value is not None and self.critic is None
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=shared)
+        if self.value is None:
+            return out.logits, None
+        if shared:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        return out.logits, self.value(hidden).squeeze(-1)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -442,7 +452,7 @@ class RLStage(Stage):
             print(f"[rlhf] warning: {encoder.truncated} of {len(prompts)} prompts are longer than {encoder.room} "
                   f"tokens (context {n_ctx} - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens "
                   "from the left")
-        policy = PolicyWithValue(lm, bool(algorithm.needs_value))
+        policy = PolicyWithValue(lm, bool(algorithm.needs_value), self.separate_critic(cfg, algorithm, tokenizer))
         per_iter = int(self.prompts_per_iteration)
         updates = self.iterations * int(algorithm.epochs) * max(1, min(int(algorithm.minibatches),
                                                                        per_iter * int(algorithm.generations_per_prompt)))
@@ -485,6 +495,28 @@ class RLStage(Stage):
             for k, v in final.items():
                 print(f"[rlhf] {k} = {v:.4f}")
         return StageResult(artifact_dir=artifact_dir, metrics=final)
+
+    @staticmethod
+    def separate_critic(cfg, algorithm: PolicyAlgorithm, tokenizer) -> tuple[nn.Module, nn.Linear] | None:
+        """algo.critic=separate: the critic's transformer and value layer, initialised from a reward model."""
+        kind = str(algorithm.critic)
+        if kind not in ("shared", "separate"):
+            raise ConfigError(f"algo.critic={kind}: use shared (a value head on the policy) or separate")
+        if not algorithm.needs_value or kind == "shared":
+            return None
+        path = algorithm.critic_path or (cfg.reward.get("path") if "path" in cfg.reward else None)
+        if not path:
+            raise ConfigError("algo.critic=separate initialises the critic from a reward model: give "
+                              "algo.critic_path=<reward model dir>, or use reward=learned reward.path=<dir>")
+        trunk, value, critic_tokenizer = critic_from_reward_model(path)
+        if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"algo.critic=separate: the reward model at {path} uses another tokenizer than the "
+                              "policy; a critic reads the policy's tokens, so it needs the same vocabulary (use "
+                              "algo.critic=shared)")
+        disable_dropout(trunk)
+        print(f"[rlhf] critic: a separate {type(trunk).__name__} ({count_parameters(trunk) / 1e6:.2f} M parameters) "
+              f"initialised from the reward model {path}")
+        return trunk, value
 
 
 def _as_is(batch):

@@ -16,11 +16,13 @@ class PPO(PolicyAlgorithm):
     needs_value = True
 
     def __init__(self, epochs: int = 4, minibatches: int = 4, clip: float = 0.2, value_clip: float = 0.2,
-                 vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False):
+                 vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
+                 critic: str = "shared", critic_path: str | None = None):
         if epochs < 1 or minibatches < 1 or clip <= 0 or value_clip <= 0:
             raise ConfigError("algo.epochs and algo.minibatches must be >= 1, algo.clip and algo.value_clip > 0")
         self.epochs, self.minibatches, self.clip, self.value_clip = epochs, minibatches, clip, value_clip
         self.vf_coef, self.gamma, self.lam, self.whiten_rewards = vf_coef, gamma, lam, whiten_rewards
+        self.critic, self.critic_path = critic, critic_path
 
     def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, torch.Tensor]:
         mask = rollout.response_mask

@@ -1,4 +1,4 @@
-"""Sort T symbols: the horizon T is a knob. The expert knows the best next symbol from any prefix."""
+"""Sort or reverse T symbols: the horizon T is a knob. The expert knows the best next symbol from any prefix."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class SortDigits(Task):
     """
 
     RECOVERY = ("positional", "multiset")
+    verb = "sort"
 
     def __init__(self, length: int = 8, digits: int = 10, separator: str = " ", recovery: str = "positional",
                  distinct: bool = False):
@@ -46,7 +47,7 @@ class SortDigits(Task):
             raise ValueError("task.separator must be whitespace or empty")
         self.length, self.digits, self.sep, self.distinct = length, digits, separator, distinct
         self.symbols = ALPHABET[:digits]
-        self.name = f"sort{length}"
+        self.name = f"{self.verb}{length}"
 
     def prompts(self, n: int, seed: int) -> list[Prompt]:
         rng = random.Random(f"{self.name}:{seed}")
@@ -56,7 +57,7 @@ class SortDigits(Task):
                 xs = rng.sample(self.symbols, self.length)
             else:
                 xs = [rng.choice(self.symbols) for _ in range(self.length)]
-            out.append(Prompt(f"sort: {self.sep.join(xs)} =", meta={"digits": xs}, source=f"{self.name}:{seed}:{i}"))
+            out.append(Prompt(f"{self.verb}: {self.sep.join(xs)} =", meta={"digits": xs}, source=f"{self.name}:{seed}:{i}"))
         return out
 
     def _symbols_in(self, text: str) -> list[str]:
@@ -66,25 +67,47 @@ class SortDigits(Task):
         if "digits" in prompt.meta:
             return [str(d) for d in prompt.meta["digits"]]
         head = prompt.text.split("=")[0]
-        return self._symbols_in(head.removeprefix("sort:"))
+        return self._symbols_in(head.removeprefix(f"{self.verb}:"))
 
     def expert_continuation(self, prompt: Prompt, prefix: str) -> str:
         xs = self._digits(prompt)
         if not xs:
             raise ExpertError(f"task {self.name}: prompt {prompt.text!r} has no symbols to sort")
         emitted = self._symbols_in(prefix)
+        target = self.target(xs)
         if self.recovery == "positional":
-            rest = sorted(xs)[len(emitted):]
+            rest = target[len(emitted):]
         else:
-            remaining = Counter(xs)
-            for d in emitted:
-                if remaining[d] > 0:
-                    remaining[d] -= 1
-            rest = sorted(remaining.elements())
+            used = Counter(emitted)
+            rest = []
+            for d in target:
+                if used[d] > 0:
+                    used[d] -= 1
+                else:
+                    rest.append(d)
         if not rest:
             return ""
         text = self.sep.join(rest)
         return text if not self.sep or prefix.endswith(self.sep) else self.sep + text
 
     def gold(self, prompt: Prompt, completion: str) -> float:
-        return float(self._symbols_in(completion) == sorted(self._digits(prompt)))
+        return float(self._symbols_in(completion) == self.target(self._digits(prompt)))
+
+    def target(self, xs: list[str]) -> list[str]:
+        """The answer: the input symbols in the task's order."""
+        return sorted(xs)
+
+
+class ReverseSymbols(SortDigits):
+    """Prompt "reverse: 3 1 2 =", response " 2 1 3": the input read backwards, with the same knobs and experts.
+
+    A learner can solve it by position (output t is input T - 1 - t) or by pointer (find the last symbol emitted in
+    the input, emit its left neighbour). Both are exact on demonstrations with distinct symbols; with repeats, the
+    pointer is ambiguous and, once it jumps to the wrong occurrence, every following symbol is off by the jump under
+    the positional expert: the compounding that DAgger's labels of the learner's own states are meant to repair.
+    """
+
+    verb = "reverse"
+
+    def target(self, xs: list[str]) -> list[str]:
+        return list(reversed(xs))
