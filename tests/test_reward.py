@@ -249,3 +249,32 @@ def test_a_separate_critic_starts_as_the_normalised_reward_model(tiny_lm_and_tok
                                     {"_target_": "plugins.reward_heads.heads.MeanPool"}, tok, tmp_path / "mp",
                                     {"format": "plain", "max_length": 64})
     assert critic_from_reward_model(mean_pool)[1].weight.shape == (1, lm.config.hidden_size)
+
+
+def test_a_policy_with_another_tokenizer_is_scored_through_text(tiny_lm_and_tokenizer, tmp_path):
+    """Two real tokenizers: the policy's (BPE 400) and the reward model's (BPE 300, another corpus). reward=learned
+    scores the policy's decoded text re-tokenised by the RM's tokenizer; a separate critic is refused."""
+    from omegaconf import OmegaConf
+
+    from framework.stages.rl import RLStage
+    from plugins.algorithms.ppo import PPO
+    from plugins.rewards.learned import LearnedReward
+
+    _, policy_tok = tiny_lm_and_tokenizer
+    corpus = [t.text for t in ChitchatCorpus(max_documents=120).texts()][60:]
+    rm_tok = ByteLevelBPETrainer(vocab_size=300).build(corpus, tmp_path / "rm_tok")
+    assert rm_tok.get_vocab() != policy_tok.get_vocab()
+    assert [policy_tok(r)["input_ids"] for r in RESPONSES] != [rm_tok(r)["input_ids"] for r in RESPONSES]
+    rm_lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(rm_tok)
+    rm = RewardModel.from_causal_lm(rm_lm, LastToken()).eval()
+    out = export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, rm_tok,
+                              tmp_path / "rm", {"format": "chat", "max_length": 64})
+    # what the RL stage hands the reward: the policy's sampled ids decoded with the policy's tokenizer
+    texts = [policy_tok.decode(policy_tok(r)["input_ids"], skip_special_tokens=True) for r in RESPONSES]
+    reward = LearnedReward(str(out), allow_unnormalized=True)
+    prompts = [Prompt(p) for p in PROMPTS]
+    expected = score_texts(rm, rm_tok, PROMPTS, RESPONSES, "chat", 64)
+    assert torch.allclose(torch.tensor(reward.score(prompts, texts)), expected, atol=1e-5)
+    cfg = OmegaConf.create({"reward": {"path": str(out)}})
+    with pytest.raises(ConfigError, match="uses another tokenizer than the policy"):
+        RLStage.separate_critic(cfg, PPO(critic="separate"), policy_tok)
