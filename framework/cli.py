@@ -29,11 +29,16 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (`rlhf`, `python -m framework`). `rlhf chat ...` is the chat command."""
+    """Console-script entry point (`rlhf`, `python -m framework`). `rlhf chat ...` is the chat command,
+    `rlhf compare ...` (also `rlhf-compare`) the comparison of runs."""
     if len(sys.argv) > 1 and sys.argv[1] == "chat":
         from framework.chat import main as chat_main
 
         sys.exit(chat_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from framework.compare import main as compare_main
+
+        sys.exit(compare_main(sys.argv[2:]))
     _hydra_entry()
 
 

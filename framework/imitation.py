@@ -197,11 +197,12 @@ def rollout(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, 
 
 
 def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: str, max_new_tokens: int,
-                  expert: Expert | None = None) -> tuple[dict[str, float], list[str]]:
+                  expert: Expert | None = None, encode: Callable[[str], list[int]] | None = None,
+                  ) -> tuple[dict[str, float], list[str]]:
     """Greedy decoding on `prompts`: mean gold score, exact-match rate and (with an expert) mistakes per sequence,
     i.e. the states along the learner's own trajectory where its token differs from the expert's."""
     stop_id = stop_token_id(tokenizer, fmt)
-    prompt_ids = [encode_prompt(tokenizer, p.text, fmt) for p in prompts]
+    prompt_ids = [encode(p.text) if encode else encode_prompt(tokenizer, p.text, fmt) for p in prompts]
     responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     gold = [task.gold(p, t) for p, t in zip(prompts, texts)]

@@ -1,4 +1,5 @@
-"""Run what the config names: today one stage (`stage=...`); each stage gets its own tracked MLflow run."""
+"""Run what the config names: one stage (`stage=...`), or the whole recipe (`pipeline=...`, framework/recipe.py);
+each stage gets its own tracked MLflow run (nested under the pipeline's run when there is one)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,16 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                       "Give one with ckpt_path=/path/to/last.ckpt, or start without resume")
 
 
-def run(cfg: DictConfig) -> StageResult:
+def run(cfg: DictConfig):
+    """`pipeline=...`: the stages in order (framework/recipe.py); otherwise the one stage `cfg.stage`."""
+    if cfg.get("pipeline"):
+        from framework.recipe import run_pipeline
+
+        return run_pipeline(cfg)
+    return run_stage(cfg)
+
+
+def run_stage(cfg: DictConfig, parent_run_id: str | None = None) -> StageResult:
     """Run `cfg.stage` with tracking; returns the stage's result. Errors for the user are `RLHFError`s."""
     from lightning_fabric.utilities.seed import seed_everything
 
@@ -89,6 +99,8 @@ def run(cfg: DictConfig) -> StageResult:
     run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"stage": stage.name, "git_commit": commit, "mlflow.source.git.commit": commit,
             "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
     tracked.save_pointer(output_dir)
     print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")

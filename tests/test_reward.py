@@ -215,15 +215,21 @@ def test_golds():
     assert Length(target=2, scale=1.0).score([Prompt("x")] * 2, ["ab", "abcd"]) == [0.0, -2.0]
 
 
-def test_friendly_reply_prompts_are_nested_and_it_has_no_expert():
+def test_friendly_reply_prompts_are_nested_and_its_reference_expert():
     task = FriendlyReply()
     big, small = task.prompts(50, seed=3), task.prompts(10, seed=3)
     assert [p.text for p in small] == [p.text for p in big[:10]]
     assert task.gold(small[0], "Thanks, I love it!") > task.gold(small[0], "")
     from framework.errors import ExpertError
 
-    with pytest.raises(ExpertError, match="no expert"):
-        task.expert_continuation(small[0], "")
+    p = Prompt("hi there", meta={"reference": "Hello! How are you?"})
+    assert task.expert_continuation(p, "") == "Hello! How are you?"
+    assert task.expert_continuation(p, " Hello!") == " How are you?"
+    assert task.expert_continuation(p, "Hi you") == " How are you?"  # after a mistake: the same position
+    assert task.expert_continuation(p, "Hello! How are you? Fine") == ""
+    assert small[0].meta["reference"] and task.expert_continuation(small[0], "") == small[0].meta["reference"]
+    with pytest.raises(ExpertError, match="no reference reply"):
+        task.expert_continuation(Prompt("hi"), "")
 
 
 @pytest.mark.parametrize("head", [LastToken(), Ensemble(members=3)])

@@ -104,3 +104,61 @@ def test_documented_policy_algorithm_runs(tmp_path, chat_model, run_cli, rlhf_ho
     _, runs = mlflow_runs(rlhf_home)
     assert runs[0].data.tags["plugin.algo"] == "my_pkg.vanilla_pg.VanillaPG"
     assert runs[0].info.status == "FINISHED" and "loss/policy" in runs[0].data.metrics
+
+
+def doc_package(tmp_path, doc: str, package: str = "my_plugins"):
+    """Every ```python block of `doc` that starts with `# <package>/<file>.py`, written into tmp_path/<package>."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / doc).read_text()
+    (tmp_path / package).mkdir(exist_ok=True)
+    (tmp_path / package / "__init__.py").write_text("")
+    files = re.findall(rf"```python\n# {package}/(\w+\.py)\n(.*?)```", text, re.S)
+    for name, code in files:
+        (tmp_path / package / name).write_text(code)
+    return [name for name, _ in files]
+
+
+def test_writing_plugins_examples_run(tmp_path, chat_model, run_cli, rlhf_home):
+    """docs/writing-plugins.md, copied from the page: a loss and a reward head by _target_ (reward model), a reward
+    source as a config group on hydra.searchpath (RL), a dataset and a task with an expert by _target_ (SFT with
+    DAgger), all from a temporary directory, with no edit to framework/ or plugins/."""
+    import json
+
+    from conftest import exported_dir
+
+    written = doc_package(tmp_path, "writing-plugins.md")
+    assert sorted(written) == ["brevity.py", "count.py", "faq.py", "heads.py", "hinge.py"]
+    env = {"PYTHONPATH": str(tmp_path)}
+    _, pretrained, sft_dir, _ = chat_model
+
+    rm = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "dataset.n=40",
+                 "stage.max_length=128", "stage.normalize.samples=8", "trainer.val_check_interval=2",
+                 "~loss", "+loss={_target_: my_plugins.hinge.Hinge, margin: 0.5}",
+                 "~reward_head", "+reward_head={_target_: my_plugins.heads.MaxPool}", *QUIET, env=env)
+    exported_dir(rm.stdout, "reward model")
+
+    conf = tmp_path / "my_conf" / "reward"
+    conf.mkdir(parents=True)
+    (conf / "brevity.yaml").write_text("_target_: my_plugins.brevity.Brevity\nwords: 8\n")
+    run_cli(f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "stage=rl", f"policy.path={sft_dir}",
+            "reward=brevity", "stage.iterations=2", "stage.prompts_per_iteration=4", "stage.max_new_tokens=8",
+            "stage.eval.prompts=4", "stage.eval.every_n_iterations=2", *QUIET, env=env)
+
+    faq = tmp_path / "faq.json"
+    faq.write_text(json.dumps([{"q": f"what is {i} plus one?", "a": f"It is {i + 1}."} for i in range(40)]))
+    run_cli("stage=sft", f"model.path={pretrained}", "~dataset", f"+dataset={{_target_: my_plugins.faq.FAQ, path: '{faq}'}}",
+            "+task={_target_: my_plugins.count.CountUp}", "expert=task", "imitation=dagger",
+            "imitation.rollouts_per_round=4", "stage.eval.prompts=4", "stage.eval.max_new_tokens=12",
+            "stage.samples.prompts=[]", "stage.max_length=128", "trainer.max_steps=8", "trainer.val_check_interval=4",
+            *QUIET, env=env)
+
+    _, runs = mlflow_runs(rlhf_home)
+    tags = {r.data.tags["stage"]: r.data.tags for r in runs}
+    assert tags["reward_model"]["plugin.loss"] == "my_plugins.hinge.Hinge"
+    assert tags["reward_model"]["plugin.reward_head"] == "my_plugins.heads.MaxPool"
+    assert tags["rl"]["plugin.reward"] == "my_plugins.brevity.Brevity"
+    assert tags["sft"]["plugin.dataset"] == "my_plugins.faq.FAQ" and tags["sft"]["plugin.task"] == "my_plugins.count.CountUp"
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -17,6 +17,7 @@ from framework.imitation import (
     IGNORE_INDEX,
     check_format,
     encode_demonstrations,
+    PromptEncoder,
     encode_prompt,
     evaluate_task,
     stop_token_id,
@@ -154,7 +155,7 @@ class SFTStage(Stage):
         train_examples = encode_demonstrations(tokenizer, train_demos, self.format, self.max_length)
         val_examples = encode_demonstrations(tokenizer, val_demos, self.format, self.max_length) if val_demos else []
         max_new = int(self.eval.get("max_new_tokens", 64))
-        evaluator, rollout_prompts = None, []
+        evaluator, rollout_prompts, encoder = None, [], None
         if task is not None:
             seen = {d.prompt for d in demos if d.prompt is not None}
             held_out = [p for p in task.prompts(int(self.eval.get("prompts", 64)), cfg.seed + 7919) if p.text not in seen]
@@ -164,11 +165,15 @@ class SFTStage(Stage):
             # prompts to roll out on: their own stream, never a validation or held-out prompt
             excluded = {d.prompt for d in val_demos} | {p.text for p in held_out}
             rollout_prompts = [p for p in task.prompts(self.rollout_prompts, cfg.seed + 1) if p.text not in excluded]
-            longest = max(len(encode_prompt(tokenizer, p.text, self.format)) for p in held_out + rollout_prompts)
-            if n_ctx is not None and longest + max_new + 1 > n_ctx:
-                raise ConfigError(f"task prompts of up to {longest} tokens + stage.eval.max_new_tokens={max_new} "
-                                  f"exceed the model's context ({n_ctx}); lower max_new_tokens or use a longer context")
-            evaluator = lambda m: evaluate_task(m, tokenizer, task, held_out, self.format, max_new, expert)[0]  # noqa: E731
+            encoder = PromptEncoder(tokenizer, self.format, n_ctx, max_new)
+            for p in held_out + rollout_prompts:
+                encoder(p.text)
+            if encoder.truncated:
+                print(f"[rlhf] warning: {encoder.truncated} of {len(held_out) + len(rollout_prompts)} task prompts are "
+                      f"longer than {encoder.room} tokens (context {n_ctx} - stage.eval.max_new_tokens {max_new}); "
+                      "evaluation and rollouts see them cut from the left")
+            evaluator = lambda m: evaluate_task(m, tokenizer, task, held_out, self.format, max_new, expert,  # noqa: E731
+                                                encode=encoder)[0]
         if algorithm.requires_expert and (expert is None or task is None):
             raise ConfigError(f"imitation {type(algorithm).__name__} needs a task to roll out on and an expert to "
                               "label states: add task=<sort|addition|reasoning_gym> expert=task (or expert=teacher_lm)")
@@ -176,7 +181,8 @@ class SFTStage(Stage):
         def make_context() -> ImitationContext:
             return ImitationContext(
                 demonstrations=train_examples, prompts=rollout_prompts,
-                encode_prompt=lambda p: encode_prompt(tokenizer, p.text, self.format), model=model,
+                encode_prompt=lambda p: encoder(p.text) if encoder else encode_prompt(tokenizer, p.text, self.format),
+                model=model,
                 tokenizer=tokenizer, stop_id=stop_id, max_new_tokens=max_new, expert=expert, seed=int(cfg.seed))
 
         rounds = int(algorithm.num_rounds)

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from framework.plots import plot_figure, save_plot
 from framework.tracking import open_run, resolve_tracking_uri
 
 
@@ -46,19 +47,7 @@ class SweepReport(Callback):
 
 
 def figure(ncols: int, width: float = 5.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4))
-    return plt, fig, axes
+    return plot_figure(ncols, width)
 
 
-def save_figure(plt, fig, axes, path: Path) -> None:
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+save_figure = save_plot

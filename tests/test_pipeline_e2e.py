@@ -1,0 +1,121 @@
+"""The whole recipe through the real CLI at a tiny size (`rlhf pipeline=chatgpt`), with plugins of every stage
+swapped from the command line; resuming from a middle stage from MLflow; a failed stage; `rlhf compare` on the runs."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import QUIET, REPO, cli_env, mlflow_runs
+from framework.recipe import merge_overrides
+
+TINY = [
+    "pipeline=chatgpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=128",
+    "tokenizer.vocab_size=320", "trainer.enable_model_summary=false", *QUIET,
+    "pipeline.stage_overrides.pretrain=['trainer.max_steps=30','trainer.val_check_interval=15','stage.seq_len=64',"
+    "'stage.batch_size=16','stage.val_batches=2','dataset.max_documents=400','stage.samples.prompts=[]']",
+    "pipeline.stage_overrides.sft=['trainer.max_steps=20','trainer.val_check_interval=10','stage.max_length=128',"
+    "'stage.batch_size=8','dataset.max_conversations=300','task=friendly_reply','expert=task','stage.eval.prompts=8',"
+    "'stage.eval.max_new_tokens=16','stage.samples.prompts=[]']",
+    "pipeline.stage_overrides.reward_model=['dataset.n=60','stage.max_length=128','stage.optimizer.lr=1e-3',"
+    "'stage.normalize.samples=16','trainer.val_check_interval=5']",
+    "pipeline.stage_overrides.rl=['stage.iterations=2','stage.prompts_per_iteration=8','stage.max_new_tokens=16',"
+    "'stage.eval.prompts=8','stage.eval.every_n_iterations=2']",
+    "pipeline.stage_overrides.eval=['stage.prompts=8','stage.samples_per_prompt=4','stage.max_new_tokens=16',"
+    "'bon.n=[1,2,4]']",
+]
+STAGES = ["pretrain", "sft", "reward_model", "rl", "eval"]
+
+
+def artifacts(stdout: str) -> dict[str, str]:
+    """{stage: artifact dir} from the pipeline's closing summary."""
+    tail = stdout[stdout.rindex("pipeline chatgpt done:"):]
+    return dict(re.findall(r"\[rlhf\]   (\w+): (\S+)", tail))
+
+
+def compare(home, tokenizer_cache, *args):
+    return subprocess.run([sys.executable, "-m", "framework", "compare", *args], cwd=REPO,
+                          env=cli_env(home, tokenizer_cache), capture_output=True, text=True, timeout=300)
+
+
+def test_merge_overrides_keeps_the_last_of_each_key():
+    assert merge_overrides(["stage=sft", "a.b=1", "+c=2"], ["a.b=3", "algo=grpo"], ["~c"]) == \
+        ["stage=sft", "a.b=3", "algo=grpo", "~c"]
+
+
+def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_home, tokenizer_cache, tmp_path):
+    from framework.reward import load_reward_model
+
+    # 1. every stage, with plugins of three stages swapped from the same command line
+    proc = run_cli(*TINY, "imitation=dagger", "imitation.rollouts_per_round=8", "reward_head=ensemble", "algo=grpo")
+    made = artifacts(proc.stdout)
+    assert list(made) == STAGES
+    for stage in ("pretrain", "sft", "rl"):
+        assert AutoModelForCausalLM.from_pretrained(made[stage]).config.n_layer == 2
+    _, _, info = load_reward_model(made["reward_model"])
+    assert info["members"] == 4
+    bon = json.loads((Path(made["eval"]) / "best_of_n.json").read_text())
+    assert [r["n"] for r in bon["rows"]] == [1, 2, 4] and bon["policy"] == made["rl"]
+
+    client, runs = mlflow_runs(rlhf_home)
+    parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES) and parent.info.status == "FINISHED"
+    for stage, run in children.items():
+        assert run.data.metrics, stage
+        assert parent.data.tags[f"artifact.{stage}"] == made[stage]
+    assert parent.data.tags["consumed.rl.reward.path"] == made["reward_model"]
+    assert parent.data.tags["consumed.rl.policy.path"] == made["sft"]
+    assert children["sft"].data.params["imitation._target_"] == "plugins.imitation.dagger.DAgger"
+    assert "imitation/expert_labels" in children["sft"].data.metrics
+    assert children["rl"].data.tags["plugin.algo"] == "plugins.algorithms.group.GRPO"
+    assert "rl/eval/gold_reward" in parent.data.metrics
+    from mlflow.artifacts import download_artifacts
+
+    record = json.loads(Path(download_artifacts(run_id=parent.info.run_id, artifact_path="pipeline.json",
+                                                dst_path=str(tmp_path), tracking_uri=client.tracking_uri)).read_text())
+    assert record["eval"]["consumed"]["policy.path"] == made["rl"]
+
+    # 2. resume from a middle stage: the SFT policy by its MLflow run, the reward model by its dir
+    sft_run = children["sft"].info.run_id
+    resumed = run_cli(*TINY, "pipeline.start_at=rl", f"pipeline.inputs.sft=runs:/{sft_run}",
+                      f"pipeline.inputs.reward_model={made['reward_model']}")
+    again = artifacts(resumed.stdout)
+    assert again["sft"] == made["sft"] and again["reward_model"] == made["reward_model"]
+    assert again["rl"] != made["rl"] and "pipeline chatgpt: stage 1/5" not in resumed.stdout
+
+    # 3. a failed stage: the artifacts before it stay, and the message says how to continue
+    failed = run_cli(*TINY, "pipeline.start_at=rl", f"pipeline.inputs.sft={made['sft']}",
+                     f"pipeline.inputs.reward_model={made['reward_model']}",
+                     "pipeline.stage_overrides.rl=['stage.max_new_tokens=500']", check=False)
+    assert failed.returncode == 2 and "leaves no room for a prompt" in failed.stderr
+    assert "stage 'rl' did not finish" in failed.stdout and "pipeline.start_at=rl" in failed.stdout
+    assert f"pipeline.inputs.reward_model={made['reward_model']}" in failed.stdout
+    missing = run_cli(*TINY, "pipeline.start_at=rl", check=False)
+    assert missing.returncode == 2 and "pipeline.inputs.sft=<dir or runs:/<run id>>" in missing.stderr
+
+    # 4. compare the RL runs (GRPO from the full run, PPO from the resumed one)
+    out = tmp_path / "cmp"
+    cmp = compare(rlhf_home, tokenizer_cache, "--stage", "rl", "--out", str(out))
+    assert cmp.returncode == 0, cmp.stderr
+    assert "GRPO" in cmp.stdout and "PPO" in cmp.stdout and "eval/gold_reward (final)" in cmp.stdout
+    assert (out / "gold_vs_sqrt_kl.png").is_file() and (out / "eval_gold_reward.png").is_file()
+    _, runs = mlflow_runs(rlhf_home)
+    logged = next(r for r in runs if r.data.tags.get("stage") == "compare")
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"gold_vs_sqrt_kl.png", "table.txt"}
+    nothing = compare(rlhf_home, tokenizer_cache, "--experiment", "nope")
+    assert nothing.returncode == 2 and "no MLflow experiment 'nope'" in nothing.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pipeline.start_at=ppo"], "unknown stage name(s) ['ppo']"),
+    (["stage=rl"], "drop stage=... from the command line"),
+    (["pipeline.start_at=rl", "pipeline.inputs.sft=/no/such/dir"], "pipeline.inputs.sft=/no/such/dir: no such directory"),
+])
+def test_pipeline_input_errors(run_cli, args, message):
+    proc = run_cli(*TINY, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
