@@ -6,6 +6,11 @@ TRL's settings are the peer's (GRPO: beta 0, one update per generation; RLOO: be
 (GRPO: kl.coef 0, so no reference forward; RLOO: KL coefficient 0.05 in the reward). Prints completions/s, the share
 of time spent generating, and the reward over the first and last 10 steps (the learning curve must not be worse).
 
+`--algo ppo` runs PPO beside TRL 1.12's `trl.experimental.ppo.PPOTrainer` (TRL 1.16 has no PPO; benchmarks/
+trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32 new tokens per step, reward and
+value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
+minibatches, KL coefficient 0.05, constant lr 5e-4.
+
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,7 +54,10 @@ def run_ours(data: Path, algo: str) -> dict:
     from framework.rollout import SamplingSettings
     from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule, disable_dropout
     from framework.tokenization import load_tokenizer
+    from framework.reward import critic_from_reward_model
     from plugins.algorithms.group import GRPO, RLOO
+    from plugins.algorithms.ppo import PPO
+    from plugins.rewards.learned import LearnedReward
 
     class FractionOfA(RewardFunction):
         def score(self, prompts, completions):
@@ -60,11 +69,22 @@ def run_ours(data: Path, algo: str) -> dict:
     disable_dropout(lm)
     reference = copy.deepcopy(lm).eval().requires_grad_(False)
     prompts = [Prompt(json.loads(line)["prompt"]) for line in (data / "rl_prompts.jsonl").read_text().splitlines()]
-    algorithm = GRPO(generations=GENERATIONS, beta=0.0) if algo == "grpo" else RLOO(generations=GENERATIONS)
+    reward, critic = FractionOfA(), None
+    if algo == "ppo":
+        rm_dir = str(data.parent / "out" / "rm_model")
+        algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
+        reward, critic = LearnedReward(rm_dir, allow_unnormalized=True, format="plain"), critic_from_reward_model(rm_dir)[:2]
+    elif algo == "grpo":
+        algorithm = GRPO(generations=GENERATIONS, beta=0.0)
+    else:
+        algorithm = RLOO(generations=GENERATIONS)
     kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else 0.05, "estimator": "k1"}
-    sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=NEW, temperature=1.0)
-    module = RLModule(PolicyWithValue(lm, False), reference, tok, algorithm, FractionOfA(), kl, "plain", sampling,
-                      {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0}, STEPS,
+    # TRL's PPOTrainer cannot force a length: there, and so here, a sample may stop early at its EOS
+    sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=0 if algo == "ppo" else NEW, temperature=1.0)
+    per_step = PROMPTS * int(algorithm.generations_per_prompt)
+    updates = STEPS * int(algorithm.epochs) * int(algorithm.minibatches)
+    module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
+                      {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
                       no_eos_penalty=None, reward_clip=None, gradient_clip=1.0, seed=0)
     loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
@@ -86,13 +106,22 @@ def run_ours(data: Path, algo: str) -> dict:
     lm.train()
     trainer.fit(module, train_dataloaders=loader)
     wall = sum(times[WARMUP:])
-    return {"episodes_per_s": PROMPTS * GENERATIONS * len(times[WARMUP:]) / wall, "gen_share": sum(gen[WARMUP:]) / wall,
+    return {"episodes_per_s": per_step * len(times[WARMUP:]) / wall, "gen_share": sum(gen[WARMUP:]) / wall,
             "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:])}
+
+
+def ensure_reward_model(root: Path, trl_python: Path) -> Path:
+    """The reward model of the peer's `rm` task (trained and saved by its repeat 0), made once."""
+    rm_dir = root / "out" / "rm_model"
+    if not (rm_dir / "config.json").exists():
+        subprocess.run([str(trl_python), str(root / "bench_trl.py"), "run", "--task", "rm", "--repeat", "0"], check=True,
+                       env={**os.environ, "TRL_BENCH_ROOT": str(root)}, cwd=root, capture_output=True)
+    return rm_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algo", choices=("grpo", "rloo"), default="grpo")
+    ap.add_argument("--algo", choices=("grpo", "rloo", "ppo"), default="grpo")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
     args = ap.parse_args()
@@ -102,16 +131,25 @@ def main() -> None:
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
+    ppo_python = root / "venv112" / "bin" / "python"
+    if args.algo == "ppo":
+        ensure_reward_model(root, trl_python)
     ours, theirs = [], []
     for r in range(args.repeats):
         out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo], check=True,
                              capture_output=True, text=True)
         ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        if trl_python.exists():
+        if args.algo == "ppo" and ppo_python.exists():
+            peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r)],
+                                  check=True, capture_output=True, text=True, env={**os.environ, "TRL_BENCH_ROOT": str(root)})
+            theirs.append({"gen_share": float("nan"), **json.loads(peer.stdout.strip().splitlines()[-1])})
+        elif args.algo != "ppo" and trl_python.exists():
             theirs.append(run_trl(root, args.algo, r, KEYS))
-    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {GENERATIONS} x {NEW} tokens, {STEPS} steps (window "
+    gens = 1 if args.algo == "ppo" else GENERATIONS
+    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {gens} x {NEW} tokens, {STEPS} steps (window "
                 f"{WARMUP + 1}-{STEPS}), median of {args.repeats}",
-                [(f"rlhf-lab rl ({args.algo})", ours), (f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
+                [(f"rlhf-lab rl ({args.algo})", ours),
+                 ("TRL 1.12 PPOTrainer" if args.algo == "ppo" else f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
                  ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", "reward, steps 51-60", ".4f")],
                 "episodes_per_s")

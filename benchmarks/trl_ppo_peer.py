@@ -1,0 +1,79 @@
+"""TRL's PPO on the peer workload, for benchmarks/rl_throughput.py --algo ppo. Runs in a venv with trl==1.12.0 (the
+last release with `trl.experimental.ppo`) and torch==2.13.0, never in the project's environment:
+
+    $TRL_BENCH_ROOT/venv112/bin/python benchmarks/trl_ppo_peer.py --repeat 0     # prints one JSON line
+
+Workload (the same as ours): the peer's seed-0 initial policy (1.33 M params) and its frozen copy as reference;
+the reward model trained by the peer's `rm` task (`$TRL_BENCH_ROOT/out/rm_model`, a GPT2ForSequenceClassification),
+which also initialises the value model; per step 16 prompts x 1 sample x up to 32 new tokens at temperature 1;
+4 PPO epochs x 4 minibatches, KL coefficient 0.05 (k1), constant lr 5e-4, 60 steps, throughput over steps 6-60.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+STEPS, WARMUP, PROMPTS, NEW, LR = 60, 5, 16, 32, 5e-4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeat", type=int, default=0)
+    args = ap.parse_args()
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    root = os.environ.get("TRL_BENCH_ROOT", "/tmp/trl-bench")
+    data, rm_dir = f"{root}/data", f"{root}/out/rm_model"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(f"{data}/tokenizer", padding_side="left")
+    prompts = [json.loads(line)["prompt"] for line in open(f"{data}/rl_prompts.jsonl")]
+    ds = Dataset.from_list([{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts])
+    policy = AutoModelForCausalLM.from_pretrained(f"{data}/init_policy")
+    ref = AutoModelForCausalLM.from_pretrained(f"{data}/init_policy")
+    reward = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    value = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    cfg = PPOConfig(
+        output_dir=f"{root}/out/ppo_r{args.repeat}", per_device_train_batch_size=PROMPTS, num_mini_batches=4,
+        gradient_accumulation_steps=1, num_ppo_epochs=4, total_episodes=PROMPTS * STEPS, response_length=NEW,
+        temperature=1.0, kl_coef=0.05, kl_estimator="k1", learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, seed=0, use_cpu=True, bf16=False, fp16=False, report_to="none",
+        logging_steps=1, save_strategy="no", eval_strategy="no", num_sample_generations=0, disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, local_rollout_forward_batch_size=PROMPTS,
+        stop_token="eos", missing_eos_penalty=None, gradient_checkpointing=False,
+    )
+    # TRL 1.12: a rollout is per_device_train_batch_size x gradient_accumulation_steps prompts (16), split into
+    # num_mini_batches minibatches (4 of 4); one on_step_end per rollout
+    times, scores = [], []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+
+        def on_log(self, a, state, control, logs=None, **k):
+            if logs and "objective/scores" in logs:
+                scores.append(float(logs["objective/scores"]))
+
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         train_dataset=ds, value_model=value, callbacks=[Timer()])
+    trainer.train()
+    wall = sum(times[WARMUP:])
+    print(json.dumps({"episodes_per_s": PROMPTS * len(times[WARMUP:]) / wall, "steps": len(times),
+                      "reward_first10": statistics.mean(scores[:10]) if scores else float("nan"),
+                      "reward_last10": statistics.mean(scores[-10:]) if scores else float("nan")}))
+
+
+if __name__ == "__main__":
+    main()
