@@ -98,7 +98,12 @@ def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_ho
     missing = run_cli(*TINY, "pipeline.start_at=rl", check=False)
     assert missing.returncode == 2 and "pipeline.inputs.sft=<dir or runs:/<run id>>" in missing.stderr
 
-    # 4. compare the RL runs (GRPO from the full run, PPO from the resumed one)
+    # 4. a --multirun sweep of pipelines (here only their eval stage, over two seeds)
+    swept = run_cli("--multirun", *TINY, "pipeline.start_at=eval", f"pipeline.inputs.rl={made['rl']}",
+                    f"pipeline.inputs.reward_model={made['reward_model']}", "seed=1,2")
+    assert swept.stdout.count("pipeline chatgpt done:") == 2
+
+    # 5. compare the RL runs (GRPO from the full run, PPO from the resumed one)
     out = tmp_path / "cmp"
     cmp = compare(rlhf_home, tokenizer_cache, "--stage", "rl", "--out", str(out))
     assert cmp.returncode == 0, cmp.stderr

@@ -118,9 +118,10 @@ class OveroptimizationReport(SweepReport):
 
     @staticmethod
     def plot(curves: dict, rows: list[dict], path: Path) -> None:
-        plt, fig, axes = figure(2)
         fits = {(r["method"], r["proxy"]): (r["alpha"], r["beta"]) for r in rows}
-        for ax, method, title in ((axes[0], "bon", "best-of-n"), (axes[1], "rl", "PPO")):
+        panels = [(m, t) for m, t in (("bon", "best-of-n"), ("rl", "PPO")) if any(k[0] == m for k in curves)]
+        plt, fig, axes = figure(len(panels))
+        for ax, (method, title) in zip(axes, panels):
             for (m, label), pts in sorted(curves.items()):
                 if m != method:
                     continue
