@@ -284,3 +284,28 @@ def test_a_policy_with_another_tokenizer_is_scored_through_text(tiny_lm_and_toke
     cfg = OmegaConf.create({"reward": {"path": str(out)}})
     with pytest.raises(ConfigError, match="uses another tokenizer than the policy"):
         RLStage.separate_critic(cfg, PPO(critic="separate"), policy_tok)
+
+
+def test_ensemble_aggregates_by_hand(tiny_lm_and_tokenizer, tmp_path):
+    from plugins.rewards.learned import RewardEnsemble, combine
+
+    scores = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])  # 3 members x 2 samples
+    assert combine(scores, "mean").tolist() == [2.0, 1.0]
+    assert combine(scores, "min").tolist() == [1.0, 0.0]
+    assert combine(scores, "mean_minus_std", 0.5).tolist() == pytest.approx([2.0 - 0.5, 1.0 - 0.5 * 3 ** 0.5])
+    assert combine(scores, "mean_minus_var", 0.5).tolist() == pytest.approx([2.0 - 0.5 * 1.0, 1.0 - 0.5 * 3.0])
+    with pytest.raises(ConfigError, match="expected one of"):
+        combine(scores, "median")
+    # two real reward model dirs: the ensemble's score is the combination of its members' normalised scores
+    lm, tok = tiny_lm_and_tokenizer
+    dirs = []
+    for i, bias in enumerate((0.0, 2.0)):
+        rm = RewardModel.from_causal_lm(lm, LastToken()).eval()
+        rm.bias.fill_(bias)
+        dirs.append(str(export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, tok,
+                                            tmp_path / f"rm{i}", {"format": "chat", "max_length": 64})))
+    prompts = [Prompt(p) for p in PROMPTS]
+    ens = RewardEnsemble(dirs, aggregate="mean_minus_var", lam=0.1, allow_unnormalized=True)
+    members = torch.tensor([m.score(prompts, RESPONSES) for m in ens.members])
+    assert not torch.allclose(members[0], members[1])  # each member has its own random head (and a bias)
+    assert ens.score(prompts, RESPONSES) == pytest.approx((members.mean(0) - 0.1 * members.var(0)).tolist(), abs=1e-6)

@@ -13,7 +13,7 @@ from framework.interfaces import RewardFunction
 from framework.records import Prompt
 from framework.reward import load_reward_model, score_texts
 
-AGGREGATES = ("mean", "min", "mean_minus_std")
+AGGREGATES = ("mean", "min", "mean_minus_std", "mean_minus_var")
 
 
 class LearnedReward(RewardFunction):
@@ -54,7 +54,9 @@ class LearnedReward(RewardFunction):
 
 
 class RewardEnsemble(RewardFunction):
-    """K reward models combined per sample: `mean`, `min` (worst case) or `mean_minus_std` (mean - lam * std)."""
+    """K reward models combined per sample: `mean`, `min` (worst case), `mean_minus_std` (mean - lam * std) or
+    `mean_minus_var` (mean - lam * variance, the uncertainty penalty of Coste et al. 2023); std and variance are
+    over the K members (unbiased)."""
 
     name = "ensemble"
 
@@ -68,13 +70,20 @@ class RewardEnsemble(RewardFunction):
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         scores = torch.tensor([m.score(prompts, completions) for m in self.members])
-        if self.aggregate == "mean":
-            out = scores.mean(0)
-        elif self.aggregate == "min":
-            out = scores.min(0).values
-        else:
-            out = scores.mean(0) - self.lam * scores.std(0)
-        return out.tolist()
+        return combine(scores, self.aggregate, self.lam).tolist()
+
+
+def combine(scores: torch.Tensor, aggregate: str, lam: float = 1.0) -> torch.Tensor:
+    """[members, samples] -> [samples] by `aggregate` (one of AGGREGATES)."""
+    if aggregate == "mean":
+        return scores.mean(0)
+    if aggregate == "min":
+        return scores.min(0).values
+    if aggregate == "mean_minus_std":
+        return scores.mean(0) - lam * scores.std(0)
+    if aggregate == "mean_minus_var":
+        return scores.mean(0) - lam * scores.var(0)
+    raise ConfigError(f"reward.aggregate={aggregate!r}; expected one of {AGGREGATES}")
 
 
 class WeightedSum(RewardFunction):
