@@ -118,3 +118,28 @@ def test_a_non_finite_reward_stops_with_the_samples_saved(tokenizer, tmp_path):
     saved = list(tmp_path.glob("nonfinite_rewards_iter0.jsonl"))
     assert saved and "nan" in saved[0].read_text()
     assert all(torch.equal(before[k], v) for k, v in mod.policy.state_dict().items())
+
+
+def test_the_inverse_cdf_sampler_samples_the_tempered_distribution(tokenizer):
+    """Sampling from the full distribution goes through InverseCDFSampler + greedy decoding: the frequencies match
+    softmax(logits / T), processors before it still apply (min_new_tokens), and a seed fixes the draw."""
+    import torch
+
+    from framework.rollout import HFGenerator, InverseCDFSampler
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100_000, 1)
+    torch.manual_seed(0)
+    picks = InverseCDFSampler(0.7)(None, logits).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).double() / picks.numel()
+    assert torch.allclose(freq, torch.softmax(logits[0].double() / 0.7, -1), atol=0.005)
+
+    lm = tiny_lm(tokenizer)
+    gen = HFGenerator(lm, tokenizer, [tokenizer.eos_token_id])
+    prompts = [tokenizer("hello there")["input_ids"]] * 8
+    settings = SamplingSettings(max_new_tokens=6, min_new_tokens=6, temperature=1.3)
+    torch.manual_seed(3)
+    first = gen.generate_ids(prompts, settings).response_ids
+    torch.manual_seed(3)
+    assert torch.equal(first, gen.generate_ids(prompts, settings).response_ids)
+    assert first.shape == (8, 6) and not (first == tokenizer.eos_token_id).any()
+    assert len({tuple(r) for r in first.tolist()}) > 1  # sampled, not greedy
