@@ -16,7 +16,7 @@ def test_reward_model_learns_the_gold_of_its_labeller(chat_model, run_cli, rlhf_
     """Noiseless labels from a gold the tiny trunk can read (length): well above chance on held-out pairs."""
     _, _, sft_dir, _ = chat_model
     proc = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "labeller.tau=0",
-                   "dataset.n=600", "stage.epochs=6", "stage.optimizer.lr=1e-3", "trainer.val_check_interval=40", *SMALL)
+                   "dataset.n=1000", "stage.epochs=6", "stage.optimizer.lr=1e-3", "trainer.val_check_interval=60", *SMALL)
     rm_dir = exported_dir(proc.stdout, "reward model")
     client, runs = mlflow_runs(rlhf_home)
     run = runs[0]
@@ -34,9 +34,11 @@ def test_reward_model_learns_the_gold_of_its_labeller(chat_model, run_cli, rlhf_
     hf = AutoModelForSequenceClassification.from_pretrained(rm_dir)  # the standard head: plain transformers
     assert hf.config.num_labels == 1 and hf.config.rlhf_reward["normalized_on"] == 64
     rm, tok, info = load_reward_model(rm_dir)
-    long, short = score_texts(rm, tok, ["hi", "hi"], ["Oh that sounds like so much fun, tell me more!", "ok"],
-                              info["format"], info["max_length"])
-    assert long > short
+    words = "oh that sounds like so much fun and I would love to hear more about it tomorrow".split()
+    replies = [" ".join(words[:k]) for k in (1, 3, 6, 10, 16)]
+    scores = score_texts(rm, tok, ["hi"] * 5, replies, info["format"], info["max_length"]).tolist()
+    concordant = sum(scores[j] > scores[i] for i in range(5) for j in range(i + 1, 5))
+    assert concordant > 5, scores  # longer replies score higher, more often than not (of 10 pairs)
 
 
 def test_kwise_file_listwise_loss_and_ensemble_head(chat_model, run_cli, rlhf_home, tmp_path):
