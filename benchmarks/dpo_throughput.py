@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_main, quiet_trainer, step_timer, window_rates  # noqa: E402
+from peer import bench_main, timed_fit  # noqa: E402
 
 STEPS, WARMUP, BATCH, LR, MAX_LEN = 100, 10, 16, 1e-4, 128
 
@@ -41,11 +41,9 @@ def run_ours(data: Path) -> dict:
     pairs = encode_pairs(tok, list(JsonlComparisons(str(data / "pref.jsonl")).comparisons()), "plain", MAX_LEN)
     loader = DataLoader(ListDataset(pairs), batch_size=BATCH, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_pairs, pad_id=tok.pad_token_id))
-    times, tokens = [], []
     module = PreferenceModule(policy, reference, DPO(beta=0.1), {"lr": LR, "weight_decay": 0.0},
                               {"warmup_steps": 0, "min_lr_ratio": 1.0})
-    quiet_trainer(STEPS, [step_timer(times, tokens)]).fit(module, train_dataloaders=loader)
-    return window_rates(times, tokens, BATCH, "pairs", WARMUP)
+    return timed_fit(module, STEPS, WARMUP, BATCH, "pairs", train_dataloaders=loader)
 
 
 if __name__ == "__main__":

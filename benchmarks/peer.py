@@ -120,6 +120,15 @@ def bench_main(doc: str, script: str, run_ours: Callable[[Path], dict], task: st
     print_table(f"{title}, median of {args.repeats}", [(names[0], ours), (names[1], theirs)], columns, keys[0])
 
 
+def timed_fit(module, steps: int, warmup: int, per_step: int, unit: str, **fit_kwargs) -> dict:
+    """Fit `module` for `steps` steps under a quiet Trainer, timing each step; the rates over the steps after
+    `warmup` (see window_rates). fit_kwargs go to Trainer.fit (datamodule=..., or train_dataloaders=...)."""
+    times: list[float] = []
+    tokens: list[int] = []
+    quiet_trainer(steps, [step_timer(times, tokens)]).fit(module, **fit_kwargs)
+    return window_rates(times, tokens, per_step, unit, warmup)
+
+
 def window_rates(times: list[float], tokens: list[int], per_step: int, unit: str, warmup: int) -> dict:
     """Throughput over the steps after `warmup` (the peer's window): `<unit>_per_s` and `tokens_per_s`."""
     wall = sum(times[warmup:])

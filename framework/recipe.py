@@ -22,7 +22,7 @@ from framework.errors import ConfigError, TrackingError
 from framework.tracking import MAX_PARAM_CHARS, git_commit, open_run, resolve_tracking_uri
 
 # what a stage logs its exported artifact under (runs:/<id> without a path looks for these)
-ARTIFACT_PATHS = ("model", "reward_model", "eval")
+ARTIFACT_PATHS = ("model", "reward_model")
 
 
 def _key(override: str) -> str:
@@ -125,12 +125,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     todo = stages[first : last + 1]
 
     hc = HydraConfig.get()
-    command_line = [*hc.overrides.task, *(o for o in hc.overrides.hydra if _key(o) == "hydra.searchpath")]
+    searchpath = [o for o in hc.overrides.hydra if _key(o) == "hydra.searchpath"]  # user config groups, every stage
+    command_line = [*hc.overrides.task, *searchpath]
     user = [o for o in hc.overrides.task if not _is_pipeline_override(o)]
     if any(_key(o) == "stage" for o in user):
         raise ConfigError(f"pipeline={pipe.name} runs its own stages ({', '.join(stages)}): drop stage=... from the "
                           "command line; choose stages with pipeline.start_at / pipeline.stop_after")
-    user += [o for o in hc.overrides.hydra if _key(o) == "hydra.searchpath"]
+    user += searchpath
     root = Path(cfg.paths.root).expanduser()
     out_dir = Path(cfg.paths.output_dir)
     artifacts = {s: resolve_input(v, s, cfg, out_dir / "inputs" / s) for s, v in given.items()}

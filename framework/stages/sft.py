@@ -15,9 +15,9 @@ from framework.data import ListDataset, hash_split
 from framework.errors import ConfigError, DataError
 from framework.imitation import (
     IGNORE_INDEX,
+    PromptEncoder,
     check_format,
     encode_demonstrations,
-    PromptEncoder,
     encode_prompt,
     evaluate_task,
     stop_token_id,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from plugins.experiments.sweep_report import SweepReport, figure, save_figure
+from framework.plots import plot_figure, save_plot
+from plugins.experiments.sweep_report import SweepReport
 
 ALGOS = {"plugins.imitation.bc.BehaviourCloning": "BC", "plugins.imitation.dagger.DAgger": "DAgger"}
 
@@ -78,7 +79,7 @@ class HorizonReport(SweepReport):
 
     @staticmethod
     def plot(by_algo: dict[str, list[dict]], path: Path) -> None:
-        plt, fig, axes = figure(2)
+        plt, fig, axes = plot_figure(2, width=5.0)
         for algo, rs in sorted(by_algo.items()):
             ts = [r["T"] for r in rs]
             axes[0].plot(ts, [r["mistakes_per_seq"] for r in rs], marker="o", label=algo)
@@ -87,4 +88,4 @@ class HorizonReport(SweepReport):
                     title="cumulative per-step cost")
         axes[1].set(xlabel="horizon T (digits to sort)", ylabel="sequence error (1 - exact match)",
                     title="sequence-level error", ylim=(0, 1.05))
-        save_figure(plt, fig, axes, path)
+        save_plot(plt, fig, axes, path)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from plugins.experiments.sweep_report import SweepReport, figure, save_figure
+from framework.plots import plot_figure, save_plot
+from plugins.experiments.sweep_report import SweepReport
 
 
 def fit_gold(ds: list[float], gains: list[float], form: str) -> tuple[float, float] | None:
@@ -120,7 +121,7 @@ class OveroptimizationReport(SweepReport):
     def plot(curves: dict, rows: list[dict], path: Path) -> None:
         fits = {(r["method"], r["proxy"]): (r["alpha"], r["beta"]) for r in rows}
         panels = [(m, t) for m, t in (("bon", "best-of-n"), ("rl", "PPO")) if any(k[0] == m for k in curves)]
-        plt, fig, axes = figure(len(panels))
+        plt, fig, axes = plot_figure(len(panels), width=5.0)
         for ax, (method, title) in zip(axes, panels):
             for (m, label), pts in sorted(curves.items()):
                 if m != method:
@@ -135,4 +136,4 @@ class OveroptimizationReport(SweepReport):
                     ax.plot(grid, [fitted(alpha, beta, method, d) for d in grid], color=line.get_color(),
                             linewidth=0.8, alpha=0.6)
             ax.set(xlabel="d = sqrt(KL to the starting policy)", ylabel="reward gain over the start", title=title)
-        save_figure(plt, fig, axes, path)
+        save_plot(plt, fig, axes, path)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from plugins.experiments.sweep_report import SweepReport, figure, save_figure
+from framework.plots import plot_figure, save_plot
+from plugins.experiments.sweep_report import SweepReport
 
 
 class RewardLabelsReport(SweepReport):
@@ -57,7 +58,7 @@ class RewardLabelsReport(SweepReport):
 
     @staticmethod
     def plot(by_noise: dict[float, list[dict]], path: Path, noise_key: str) -> None:
-        plt, fig, axes = figure(2)
+        plt, fig, axes = plot_figure(2, width=5.0)
         for noise, rs in sorted(by_noise.items()):
             xs = [r["labels"] for r in rs]
             axes[0].plot(xs, [r["gold_accuracy"] for r in rs], marker="o", label=f"{noise_key}={noise:g}")
@@ -71,4 +72,4 @@ class RewardLabelsReport(SweepReport):
                     title="held-out gold agreement")
         axes[1].set(xlabel="comparisons (labels)", ylabel="Spearman(RM score, gold score)",
                     title="rank correlation with gold")
-        save_figure(plt, fig, axes, path)
+        save_plot(plt, fig, axes, path)

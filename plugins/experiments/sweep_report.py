@@ -11,7 +11,6 @@ from typing import Mapping, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework.plots import plot_figure, save_plot
 from framework.tracking import open_run, resolve_tracking_uri
 
 
@@ -44,10 +43,3 @@ class SweepReport(Callback):
         tracked.end()
         print(f"[rlhf] {self.kind}: {png} (MLflow run {tracked.run_id})")
         return tracked.run_id
-
-
-def figure(ncols: int, width: float = 5.0):
-    return plot_figure(ncols, width)
-
-
-save_figure = save_plot

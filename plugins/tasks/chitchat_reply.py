@@ -59,4 +59,4 @@ class FriendlyReply(Task):
         if reference is None:
             raise ExpertError(f"task {self.name}: prompt {prompt.text[:60]!r} carries no reference reply (prompts from "
                               "task.prompts() do); for other prompts use a teacher LM (expert=teacher_lm)")
-        return reference[len(prefix.lstrip()) :] if prefix.strip() else reference
+        return reference[len(prefix.lstrip()) :]
