@@ -41,7 +41,7 @@ def fraction_of_a(completions) -> list[float]:
     return out
 
 
-def run_ours(data: Path, algo: str) -> dict:
+def run_ours(data: Path, algo: str, seed: int = 0) -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -63,7 +63,7 @@ def run_ours(data: Path, algo: str) -> dict:
         def score(self, prompts, completions):
             return fraction_of_a(completions)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tok = load_tokenizer(data / "tokenizer")
     lm = load_causal_lm(str(data / "init_policy"))
     disable_dropout(lm)
@@ -85,7 +85,7 @@ def run_ours(data: Path, algo: str) -> dict:
     updates = STEPS * int(algorithm.epochs) * int(algorithm.minibatches)
     module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
                       {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
-                      no_eos_penalty=None, reward_clip=None, gradient_clip=1.0, seed=0)
+                      no_eos_penalty=None, reward_clip=None, gradient_clip=1.0, seed=seed)
     loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
     times, gen, rewards = [], [], []
@@ -123,11 +123,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=("grpo", "rloo", "ppo"), default="grpo")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seeds", action="store_true",
+                    help="repeat r of our side samples with seed r (default: seed 0 every time), to see the spread "
+                         "of the reward columns; TRL's side keeps its own seed")
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
     args = ap.parse_args()
     root = bench_root()
     if args.ours_only:
-        print(json.dumps(run_ours(root / "data", args.algo)))
+        print(json.dumps(run_ours(root / "data", args.algo, args.seed)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
@@ -136,8 +140,8 @@ def main() -> None:
         ensure_reward_model(root, trl_python)
     ours, theirs = [], []
     for r in range(args.repeats):
-        out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo], check=True,
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo,
+                              "--seed", str(r if args.seeds else 0)], check=True, capture_output=True, text=True)
         ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if args.algo == "ppo" and ppo_python.exists():
             peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r)],
@@ -153,6 +157,9 @@ def main() -> None:
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
                  ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", "reward, steps 51-60", ".4f")],
                 "episodes_per_s")
+    if args.seeds:
+        last = [round(x["reward_last10"], 4) for x in ours]
+        print(f"reward, steps 51-60, ours by seed 0..{len(ours) - 1}: {last} (spread {max(last) - min(last):.4f})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from framework.errors import ConfigError
 from framework.interfaces import ModelSource
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -40,6 +41,19 @@ def resolve_model_path(path: str, allow_download: bool = False) -> str:
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
+def fused_activations(model: "torch.nn.Module") -> "torch.nn.Module":
+    """Swap transformers' Python tanh-GELU (`gelu_new`: GPT-2's, five elementwise kernels forward and more backward)
+    for PyTorch's fused kernel of the same formula (`gelu_pytorch_tanh`; outputs agree to float rounding, ~1e-7).
+    In place; the saved config still says `gelu_new`, so an export loads anywhere as before."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+    return model
+
+
 def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "PreTrainedModel":
     """Load a causal LM with clear errors (not a causal LM, unreadable weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,7 +68,7 @@ def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "P
             "AutoModelForCausalLM directory (a pretraining or SFT `model/` export)"
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs)
+        return fused_activations(AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs))
     except ValueError as err:
         raise ConfigError(
             f"model.path={path!r} holds a {type(config).__name__} that is not a causal LM ({err}); "
@@ -115,7 +129,7 @@ class CausalLMFactory(ModelSource):
             config = AutoConfig.for_model(self.arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                           **self.config_kwargs)
-            return AutoModelForCausalLM.from_config(config)
+            return fused_activations(AutoModelForCausalLM.from_config(config))
         except (ValueError, TypeError, AssertionError) as err:
             keys = ", ".join(f"{k}={v}" for k, v in self.config_kwargs.items())
             raise ConfigError(f"cannot build a {self.arch} model from model.* ({keys}): {err}") from None

@@ -20,6 +20,7 @@ from torch import nn
 
 from framework.errors import ConfigError
 from framework.interfaces import RewardFunction, RewardHead, Task
+from framework.models import fused_activations
 from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ def load_reward_model(path: str | Path) -> tuple[nn.Module, "PreTrainedTokenizer
     else:
         raise ConfigError(f"{path}: not a reward model (architectures {architectures or 'unknown'}; neither a "
                           f"...ForSequenceClassification dir nor a trunk with {HEAD_WEIGHTS})")
-    rm.eval()
+    fused_activations(rm).eval()
     return rm, tokenizer, info
 
 

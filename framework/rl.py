@@ -37,15 +37,55 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask.to(x.dtype)
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: logits [B, T, V] are the predictions of tokens [B, T]."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return _log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    # -sum p log p as one dot product per position (no [B, T, V] product tensor written)
+    return -(logp.exp().unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return _entropy(_log_softmax(logits, temperature))
+
+
+class _TokenLogprobsAndEntropy(torch.autograd.Function):
+    """Forward: log softmax(logits / t) at the tokens, and the entropy per position (not differentiable). Backward
+    straight from the saved probabilities: d/dlogits = (onehot(token) - p) * g / t, two passes over [B, T, V]
+    instead of autograd's gather (a zero fill and a scatter) plus log-softmax backward."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        logp = _log_softmax(logits, temperature)
+        probs = logp.exp()
+        entropy = -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        ctx.save_for_backward(probs, tokens)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        probs, tokens = ctx.saved_tensors
+        out = probs * -grad.unsqueeze(-1)
+        out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            out = out / ctx.temperature
+        return out.to(ctx.dtype), None, None
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` (differentiable) and, from the same softmax, the entropy per position (for logging)."""
+    return _TokenLogprobsAndEntropy.apply(logits, tokens, float(temperature))
 
 
 ESTIMATORS = ("k1", "k2", "k3")

@@ -14,6 +14,7 @@ from framework.rl import (
     kl_estimate,
     last_index,
     token_logprobs,
+    token_logprobs_and_entropy,
     token_rewards,
     whiten,
 )
@@ -86,6 +87,26 @@ def test_logprobs_use_the_sampling_temperature():
         z = [2.0 / temp, 0.0, -1.0 / temp]
         expected = z[0] - math.log(sum(math.exp(v) for v in z))
         assert token_logprobs(logits, tok, temp).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_fused_logprobs_and_entropy_match_autograd():
+    """The update's log-probs and entropy come from one hand-written autograd function: its values and its
+    gradient (at two temperatures, a bfloat16 input upcast) must be those of plain log-softmax + gather."""
+    torch.manual_seed(0)
+    tok = torch.randint(0, 11, (3, 5))
+    for temp in (1.0, 0.7):
+        x = torch.randn(3, 5, 11, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tok, temp)[0], (x,))
+        logp, entropy = token_logprobs_and_entropy(x, tok, temp)
+        probs = torch.softmax(x / temp, -1)
+        assert torch.allclose(logp, token_logprobs(x, tok, temp))
+        assert torch.allclose(entropy, -(probs * probs.log()).sum(-1))
+        assert not entropy.requires_grad
+    half = torch.randn(2, 4, 11).bfloat16().requires_grad_()
+    logp, _ = token_logprobs_and_entropy(half, tok[:2, :4], 1.0)
+    assert logp.dtype == torch.float32
+    logp.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
 
 
 def test_kl_controllers():

@@ -143,3 +143,33 @@ def test_the_inverse_cdf_sampler_samples_the_tempered_distribution(tokenizer):
     assert torch.equal(first, gen.generate_ids(prompts, settings).response_ids)
     assert first.shape == (8, 6) and not (first == tokenizer.eos_token_id).any()
     assert len({tuple(r) for r in first.tolist()}) > 1  # sampled, not greedy
+
+
+def test_response_only_logits_match_the_full_forward(tokenizer):
+    """RL forwards project only the response positions onto the vocabulary (`logits_to_keep`); a model whose
+    forward lacks that argument is sliced instead. Both must give the full forward's numbers, left padding and all."""
+    from framework.stages.rl import causal_lm_forward, positions
+
+    class NoKeep(nn.Module):  # a user model without logits_to_keep
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    lm = tiny_lm(tokenizer).eval()
+    ids = torch.randint(3, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    pos = positions(mask)
+    full = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    expected = response_slice(full, 12 - 5, 5)
+    for model in (lm, NoKeep(lm)):
+        out = causal_lm_forward(model, ids, mask, pos, 5).logits
+        assert out.shape == (3, 5, full.size(-1)) and torch.allclose(out, expected, atol=1e-6)
+    policy = PolicyWithValue(lm, value_head=True)
+    logits, values = policy(ids, mask, 5)
+    all_logits, all_values = policy(ids, mask)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5))
