@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from framework.errors import ConfigError
+from framework.interfaces import RewardHead
 from framework.models import CausalLMFactory, load_causal_lm
 from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, export_reward_model, load_reward_model, score_texts
@@ -255,6 +256,37 @@ def test_a_separate_critic_starts_as_the_normalised_reward_model(tiny_lm_and_tok
                                     {"_target_": "plugins.reward_heads.heads.MeanPool"}, tok, tmp_path / "mp",
                                     {"format": "plain", "max_length": 64})
     assert critic_from_reward_model(mean_pool)[1].weight.shape == (1, lm.config.hidden_size)
+
+
+class MLPHead(RewardHead):  # a user's head that is not one linear layer (reloaded by `_target_: test_reward.MLPHead`)
+
+    def build(self, hidden_size):
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden_size, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+            def forward(self, hidden, attention_mask):
+                return self.mlp(hidden[rows(hidden), last_token_index(attention_mask)])
+
+        return Net()
+
+
+def rows(hidden):
+    return torch.arange(hidden.size(0), device=hidden.device)
+
+
+def test_a_separate_critic_from_a_non_linear_head_is_refused_with_the_fix(tiny_lm_and_tokenizer, tmp_path):
+    from framework.reward import critic_from_reward_model
+
+    lm, tok = tiny_lm_and_tokenizer
+    head = MLPHead()
+    rm = RewardModel.from_causal_lm(lm, head).eval()
+    out = export_reward_model(rm, head, {"_target_": "test_reward.MLPHead"}, tok, tmp_path / "mlp",
+                              {"format": "plain", "max_length": 64})
+    assert load_reward_model(out)[0] is not None  # the RM itself loads and scores
+    with pytest.raises(ConfigError, match="not one linear layer .2 found.*algo.critic=shared"):
+        critic_from_reward_model(out)
 
 
 def test_a_policy_with_another_tokenizer_is_scored_through_text(tiny_lm_and_tokenizer, tmp_path):

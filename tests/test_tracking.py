@@ -69,3 +69,28 @@ def test_instantiate_plugin_checks_targets():
     with pytest.raises(ConfigError, match="cannot build"):
         instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "bogus": 1}),
                            "dataset", TextDataset)
+
+
+def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_path, monkeypatch, capsys):
+    """`rlhf compare` on bad input: each problem is named with its fix, exit status 2, nothing written."""
+    import mlflow
+
+    from framework.compare import main as compare
+    from framework.tracking import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "nowhere"))
+    assert compare([]) == 2
+    assert "no local MLflow store" in capsys.readouterr().err
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
+    client.create_experiment("rlhf-lab")
+    out = tmp_path / "cmp"
+    assert compare(["--tag", "stage", "--out", str(out)]) == 2
+    assert "--tag 'stage': write KEY=VALUE" in capsys.readouterr().err
+    assert compare(["--experiment", "nope", "--out", str(out)]) == 2
+    assert "no MLflow experiment 'nope' (there are: " in capsys.readouterr().err
+    assert compare(["--tag", "stage=rl", "--out", str(out)]) == 2
+    assert "no runs match" in capsys.readouterr().err
+    assert not out.exists()
