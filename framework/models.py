@@ -43,14 +43,16 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 def fused_activations(model: "torch.nn.Module") -> "torch.nn.Module":
     """Swap transformers' Python tanh-GELU (`gelu_new`: GPT-2's, five elementwise kernels forward and more backward)
-    for PyTorch's fused kernel of the same formula (`gelu_pytorch_tanh`; outputs agree to float rounding, ~1e-7).
-    In place; the saved config still says `gelu_new`, so an export loads anywhere as before."""
-    from transformers.activations import GELUTanh, NewGELUActivation
+    for PyTorch's fused kernel of the same formula (`nn.GELU(approximate="tanh")`, what transformers calls
+    `gelu_pytorch_tanh`; outputs agree to float rounding, ~1e-7). In place; the saved config still says `gelu_new`,
+    so an export loads anywhere as before."""
+    import torch
+    from transformers.activations import NewGELUActivation
 
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
-                setattr(module, name, GELUTanh())
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
     return model
 
 

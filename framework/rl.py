@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -48,9 +49,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return _log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    # -sum p log p as one dot product per position (no [B, T, V] product tensor written)
-    return -(logp.exp().unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+def _entropy(logp: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    # -sum p log p as one dot product per position (no [B, T, V] product tensor written), in logp's precision even
+    # under autocast (which would run the matmul in bf16)
+    probs = logp.exp() if probs is None else probs
+    with torch.autocast(logp.device.type, enabled=False):
+        return -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -66,13 +70,14 @@ class _TokenLogprobsAndEntropy(torch.autograd.Function):
     def forward(ctx, logits, tokens, temperature):
         logp = _log_softmax(logits, temperature)
         probs = logp.exp()
-        entropy = -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        entropy = _entropy(logp, probs)
         ctx.save_for_backward(probs, tokens)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
         ctx.mark_non_differentiable(entropy)
         return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad, _):
         probs, tokens = ctx.saved_tensors
         out = probs * -grad.unsqueeze(-1)

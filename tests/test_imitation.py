@@ -106,6 +106,8 @@ def test_dagger_round_bookkeeping_and_state(tok):
     assert DAgger(rounds=3, betas=[0.7, 0.1]).beta(2) == 0.1 and DAgger(rounds=3, beta_p=0.5).beta(2) == 0.25
     with pytest.raises(ConfigError, match="imitation.betas needs 2 values"):
         DAgger(rounds=3, betas=[0.5])
+    with pytest.raises(ConfigError, match="rollouts_per_round .0. .* must be >= 1"):
+        DAgger(rounds=3, rollouts_per_round=0)
     r0 = algo.round_dataset(0, ctx)
     assert r0 == demos[:5] and algo.round_metrics()["expert_labels"] == sum(
         sum(l != IGNORE_INDEX for l in ex.labels) for ex in demos[:5])
@@ -157,3 +159,17 @@ def test_teacher_lm_labels_are_its_argmax_and_vocab_must_match(tok, tmp_path):
     other = ByteLevelBPETrainer(vocab_size=280).build(["completely different text"] * 20, tmp_path / "c")
     with pytest.raises(ExpertError, match="different tokenizer"):
         TeacherLM(str(tmp_path / "t")).setup(other, other.eos_token_id)
+
+
+def test_dagger_mix_takes_its_rollouts_from_the_demonstration_budget():
+    """imitation=dagger_mix: n/2 demonstrations then 3 rounds of n/6 expert-mixed rollouts (the floordiv resolver)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf  # the resolvers are registered by importing `framework` (top of this file)
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["stage=sft", "task=sort", "dataset=task_demos", "expert=task",
+                                                       "imitation=dagger_mix", "dataset.n=1000"])
+    imitation = OmegaConf.to_container(cfg.imitation, resolve=True)
+    assert imitation["rollouts_per_round"] == 166 and imitation["first_round_demos"] == 0.5
+    algo = DAgger(**{k: v for k, v in imitation.items() if k != "_target_"})
+    assert [algo.beta(i) for i in (1, 2, 3)] == [0.5, 0.25, 0.125]

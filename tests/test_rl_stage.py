@@ -169,7 +169,12 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
         out = causal_lm_forward(model, ids, mask, pos, 5).logits
         assert out.shape == (3, 5, full.size(-1)) and torch.allclose(out, expected, atol=1e-6)
     policy = PolicyWithValue(lm, value_head=True)
+    torch.nn.init.normal_(policy.value.weight)  # zero at init: any slice would match
     logits, values = policy(ids, mask, 5)
     all_logits, all_values = policy(ids, mask)
     assert torch.allclose(logits, expected, atol=1e-6)
-    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5))
+    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5)) and values.abs().sum() > 0
+    trunk = tiny_lm(tokenizer, seed=1).transformer.eval()  # a separate critic's trunk
+    critic = PolicyWithValue(lm, value_head=True, critic=(trunk, nn.Linear(32, 1)))
+    values, all_values = critic(ids, mask, 5)[1], critic(ids, mask)[1]
+    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5)) and values.abs().sum() > 0

@@ -79,6 +79,7 @@ def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_p
     from framework.tracking import default_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default --out folder would be made here
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "nowhere"))
     assert compare([]) == 2
     assert "no local MLflow store" in capsys.readouterr().err
@@ -93,4 +94,4 @@ def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_p
     assert "no MLflow experiment 'nope' (there are: " in capsys.readouterr().err
     assert compare(["--tag", "stage=rl", "--out", str(out)]) == 2
     assert "no runs match" in capsys.readouterr().err
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob("compare-*"))

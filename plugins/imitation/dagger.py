@@ -21,6 +21,9 @@ class DAgger(ImitationAlgorithm):
                  beta_p: float = 0.5, rollout_batch_size: int = 64, betas: list[float] | None = None):
         if rounds < 2:
             raise ConfigError("imitation.rounds must be >= 2 for DAgger (round 0 is the demonstrations)")
+        if rollouts_per_round < 1 or rollout_batch_size < 1:
+            raise ConfigError(f"imitation.rollouts_per_round ({rollouts_per_round}) and imitation.rollout_batch_size "
+                              f"({rollout_batch_size}) must be >= 1 (dagger_mix takes dataset.n / 6: n >= 6)")
         if not 0.0 < first_round_demos <= 1.0 or not 0.0 <= beta_p <= 1.0:
             raise ConfigError("imitation.first_round_demos must be in (0, 1] and imitation.beta_p in [0, 1]")
         self.num_rounds = rounds
