@@ -50,7 +50,7 @@ def test_kwise_file_listwise_loss_and_ensemble_head(chat_model, run_cli, rlhf_ho
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     proc = run_cli("stage=reward_model", f"model.path={pretrained}", "dataset=comparisons_jsonl",
                    f"dataset.paths=[{path}]", "loss=kwise", "reward_head=ensemble", "reward_head.members=3",
-                   "stage.format=plain", "stage.epochs=3", "stage.batch_size=8", "stage.optimizer.lr=1e-3",
+                   "stage.format=plain", "stage.epochs=5", "stage.batch_size=8", "stage.optimizer.lr=1e-3",
                    "trainer.val_check_interval=10", *SMALL)
     rm_dir = exported_dir(proc.stdout, "reward model")
     assert (rm_dir / "reward_head.safetensors").is_file()

@@ -14,6 +14,8 @@ import copy
 import inspect
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -162,7 +164,9 @@ class PromptCursor(torch.utils.data.IterableDataset):
             yield self.batch(it, self.rank())
 
     def __len__(self) -> int:
-        return max(0, self.iterations - self.start())
+        # all iterations, also on resume: Lightning restores how many batches of the epoch are done and counts on
+        # from there, while __iter__ starts at the restored iteration
+        return self.iterations
 
 
 class RLModule(pl.LightningModule):
@@ -206,6 +210,28 @@ class RLModule(pl.LightningModule):
         self.reference.to(self.device)
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
+        # Ctrl-C (SIGINT) stops between iterations, never inside one: an iteration updates the policy several times,
+        # and a checkpoint taken halfway could not be resumed to the uninterrupted run. A second Ctrl-C stops at once.
+        self._stop_requested, self._previous_sigint = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print(f"[rlhf] interrupt: stopping after iteration {self.iteration} (Ctrl-C again to stop now)", flush=True)
+
+    def on_fit_end(self) -> None:
+        self._restore_sigint()
+
+    def teardown(self, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if getattr(self, "_previous_sigint", None) is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a list of Prompt records: tensors are made on the device by the rollout
@@ -270,6 +296,8 @@ class RLModule(pl.LightningModule):
 
     # ----- one iteration -----------------------------------------------------------------------------------------
     def training_step(self, batch: list[Prompt], batch_idx: int) -> None:
+        if getattr(self, "_stop_requested", False):  # at an iteration boundary: the state is whole, checkpoint it
+            raise KeyboardInterrupt(f"interrupted after iteration {self.iteration}")
         started = time.perf_counter()
         disable_dropout(self.policy)
         # the random stream of an iteration depends on (seed, iteration, rank) only: a resumed run samples and
