@@ -250,11 +250,15 @@ class PolicySampler:
             warnings.warn(f"{encoder.truncated} prompt(s) longer than {encoder.room} tokens (context {self.context} - "
                           f"max_new_tokens {max_new_tokens}) were cut from the left for sampling", stacklevel=2)
         flat = [ids for ids in encoded for _ in range(k)]
-        torch.manual_seed(self.seed)
         texts: list[str] = []
-        for start in range(0, len(flat), self.batch_size):
-            out = gen.generate_ids(flat[start : start + self.batch_size], settings)
-            texts.extend(t.strip() for t in self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True))
+        # seeded, and on a forked RNG: drawing the samples (or reading them from the cache) leaves the run's own
+        # random stream untouched, so a cache hit and a cache miss train the same model
+        param = next(self.model.parameters())
+        with torch.random.fork_rng(devices=[param.device] if param.is_cuda else []):
+            torch.manual_seed(self.seed)
+            for start in range(0, len(flat), self.batch_size):
+                out = gen.generate_ids(flat[start : start + self.batch_size], settings)
+                texts.extend(t.strip() for t in self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True))
         result = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
         print(f"[rlhf] policy samples: {len(prompts)} x {k} in {time.perf_counter() - started:.1f}s")
         if cache is not None:
