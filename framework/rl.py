@@ -49,16 +49,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return _log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _entropy(logp: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+def _entropy(logp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     # -sum p log p as one dot product per position (no [B, T, V] product tensor written), in logp's precision even
     # under autocast (which would run the matmul in bf16)
-    probs = logp.exp() if probs is None else probs
     with torch.autocast(logp.device.type, enabled=False):
         return -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return _entropy(_log_softmax(logits, temperature))
 
 
 class _TokenLogprobsAndEntropy(torch.autograd.Function):

@@ -14,7 +14,7 @@ from framework.interfaces import RewardFunction
 from framework.models import CausalLMFactory
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
-from framework.stages.rl import NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_slice
+from framework.stages.rl import NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_positions
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO
 from plugins.algorithms.ppo import PPO
@@ -105,7 +105,7 @@ def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokeni
     n = int(roll.response_mask[i].sum())
     ids = torch.cat([alone_q, roll.response_ids[i : i + 1, :n]], 1)
     logits, _ = mod.policy(ids, torch.ones_like(ids))
-    alone = token_logprobs(response_slice(logits, alone_q.size(1), n), roll.response_ids[i : i + 1, :n], 0.7)
+    alone = token_logprobs(response_positions(logits, n), roll.response_ids[i : i + 1, :n], 0.7)
     assert torch.allclose(alone[0], roll.logprobs[i, :n], atol=1e-5)
     assert torch.allclose(roll.logprobs[i, :n], roll.ref_logprobs[i, :n], atol=1e-6)  # policy == reference at start
 
@@ -164,7 +164,7 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
     mask[0, :4] = 0  # left padding
     pos = positions(mask)
     full = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    expected = response_slice(full, 12 - 5, 5)
+    expected = full[:, 6:11]  # positions 6..10 predict tokens 7..11
     for model in (lm, NoKeep(lm)):
         out = causal_lm_forward(model, ids, mask, pos, 5).logits
         assert out.shape == (3, 5, full.size(-1)) and torch.allclose(out, expected, atol=1e-6)
@@ -173,8 +173,8 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
     logits, values = policy(ids, mask, 5)
     all_logits, all_values = policy(ids, mask)
     assert torch.allclose(logits, expected, atol=1e-6)
-    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5)) and values.abs().sum() > 0
+    assert torch.allclose(values, all_values[:, 6:11]) and values.abs().sum() > 0
     trunk = tiny_lm(tokenizer, seed=1).transformer.eval()  # a separate critic's trunk
     critic = PolicyWithValue(lm, value_head=True, critic=(trunk, nn.Linear(32, 1)))
     values, all_values = critic(ids, mask, 5)[1], critic(ids, mask)[1]
-    assert torch.allclose(values, response_slice(all_values, 12 - 5, 5)) and values.abs().sum() > 0
+    assert torch.allclose(values, all_values[:, 6:11]) and values.abs().sum() > 0

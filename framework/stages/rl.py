@@ -11,6 +11,7 @@ Lightning's `.train()` calls cannot bring it back): the first minibatch of every
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
@@ -89,7 +90,7 @@ class PolicyWithValue(nn.Module):
         else:
             hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         if response_length is not None:
-            hidden = hidden[:, -response_length - 1 : -1]
+            hidden = response_positions(hidden, response_length)
         return out.logits, self.value(hidden).squeeze(-1)
 
 
@@ -100,18 +101,25 @@ def causal_lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p
     GPT-2, Llama, ...) never project the prompt positions onto the vocabulary (the LM head is most of a small
     model's cost); others compute every position and are sliced."""
     keep = response_length is not None
-    if keep and _takes_logits_to_keep(model):
-        wanted = torch.arange(ids.size(1) - response_length - 1, ids.size(1) - 1, device=ids.device)
+    if keep and _takes_logits_to_keep(type(model)):
+        wanted = response_positions(torch.arange(ids.size(1), device=ids.device), response_length)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=wanted, **kwargs)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
     if keep:
-        out.logits = out.logits[:, -response_length - 1 : -1]
+        out.logits = response_positions(out.logits, response_length)
     return out
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
+def response_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """The positions (dim -1 of a 1-d tensor, else dim 1) whose outputs predict / value the last `length` tokens:
+    the output at position p belongs to the token at p + 1."""
+    return tensor[-length - 1 : -1] if tensor.dim() == 1 else tensor[:, -length - 1 : -1]
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -137,12 +145,6 @@ def stop_mask(response: torch.Tensor, stop_id: int) -> tuple[torch.Tensor, torch
                        torch.full_like(ended, response.size(1) - 1, dtype=torch.long))
     steps = torch.arange(response.size(1), device=response.device)
     return (steps.unsqueeze(0) <= last.unsqueeze(1)).long(), ended
-
-
-def response_slice(tensor: torch.Tensor, prompt_width: int, length: int) -> torch.Tensor:
-    """Per-position outputs of a forward over prompt + response that predict / value the response tokens: the
-    output at position p belongs to the token at p + 1."""
-    return tensor[:, prompt_width - 1 : prompt_width - 1 + length]
 
 
 class PromptCursor(torch.utils.data.IterableDataset):
@@ -201,6 +203,7 @@ class RLModule(pl.LightningModule):
                               and not algorithm.needs_value)
         self.iteration = 0
         self.episodes = 0
+        self._stop_requested, self._previous_sigint = False, None  # see on_fit_start
 
     @property
     def reference(self) -> nn.Module:
@@ -212,7 +215,7 @@ class RLModule(pl.LightningModule):
             self.reward.to(self.device)
         # Ctrl-C (SIGINT) stops between iterations, never inside one: an iteration updates the policy several times,
         # and a checkpoint taken halfway could not be resumed to the uninterrupted run. A second Ctrl-C stops at once.
-        self._stop_requested, self._previous_sigint = False, None
+        self._stop_requested = False
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
 
@@ -222,14 +225,8 @@ class RLModule(pl.LightningModule):
         self._stop_requested = True
         print(f"[rlhf] interrupt: stopping after iteration {self.iteration} (Ctrl-C again to stop now)", flush=True)
 
-    def on_fit_end(self) -> None:
-        self._restore_sigint()
-
-    def teardown(self, stage: str) -> None:
-        self._restore_sigint()
-
-    def _restore_sigint(self) -> None:
-        if getattr(self, "_previous_sigint", None) is not None:
+    def teardown(self, stage: str) -> None:  # after fit, also one that failed
+        if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
@@ -296,7 +293,7 @@ class RLModule(pl.LightningModule):
 
     # ----- one iteration -----------------------------------------------------------------------------------------
     def training_step(self, batch: list[Prompt], batch_idx: int) -> None:
-        if getattr(self, "_stop_requested", False):  # at an iteration boundary: the state is whole, checkpoint it
+        if self._stop_requested:  # at an iteration boundary: the state is whole, checkpoint it
             raise KeyboardInterrupt(f"interrupted after iteration {self.iteration}")
         started = time.perf_counter()
         disable_dropout(self.policy)
