@@ -94,12 +94,14 @@ def step_timer(times: list[float], tokens: list[int]):
 
 
 def quiet_trainer(steps: int, callbacks: list):
-    """A bare Lightning Trainer for a timed run: no logger, checkpoints, progress bar or validation."""
+    """A bare Lightning Trainer for a timed run: no logger, checkpoints, progress bar or validation. It clips the
+    gradient norm at 1.0, as our stages do by default and as the peer's trainers do (transformers' default
+    max_grad_norm)."""
     import pytorch_lightning as pl
 
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=callbacks, inference_mode=False)
+                      gradient_clip_val=1.0, callbacks=callbacks, inference_mode=False)
 
 
 def bench_main(doc: str, script: str, run_ours: Callable[[Path], dict], task: str, title: str, names: tuple[str, str],

@@ -85,11 +85,14 @@ def run_ours(data: Path, algo: str, seed: int = 0) -> dict:
     kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else 0.05, "estimator": "k1"}
     # TRL's PPOTrainer cannot force a length: there, and so here, a sample may stop early at its EOS
     sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=0 if algo == "ppo" else NEW, temperature=1.0)
+    # the peers' gradient clipping: TRL 1.16's GRPO/RLOO trainers clip at transformers' default max_grad_norm 1.0;
+    # TRL 1.12's PPOTrainer has its own update loop that never clips
+    gradient_clip = None if algo == "ppo" else 1.0
     per_step = PROMPTS * int(algorithm.generations_per_prompt)
     updates = STEPS * int(algorithm.epochs) * int(algorithm.minibatches)
     module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
                       PEER_ADAMW, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
-                      no_eos_penalty=None, reward_clip=None, gradient_clip=1.0, seed=seed)
+                      no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed)
     loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
     times, gen, rewards = [], [], []

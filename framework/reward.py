@@ -20,7 +20,7 @@ from torch import nn
 
 from framework.errors import ConfigError
 from framework.interfaces import RewardFunction, RewardHead, Task
-from framework.models import fused_activations
+from framework.models import fused_activations, no_cache
 from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
@@ -64,8 +64,8 @@ class RewardModel(nn.Module):
         return cls(trunk, head.build(int(lm.config.hidden_size)), int(head.members))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden, attention_mask)
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask, **no_cache(self.trunk))
+        return self.head(out.last_hidden_state, attention_mask)
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised reward per sequence [batch]."""
@@ -92,7 +92,7 @@ class SequenceClassifierReward(nn.Module):
         self.register_buffer("bias", torch.tensor(float(bias)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(self.model)).logits
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.gain * self(input_ids, attention_mask).float().mean(-1) + self.bias

@@ -83,3 +83,22 @@ def test_gelu_new_is_swapped_for_the_fused_kernel(tmp_path):
     assert fused(loaded)
     ids = torch.randint(2, 300, (2, 10))
     assert torch.allclose(loaded(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_training_forwards_build_no_kv_cache():
+    """Forwards that are not decoding pass use_cache=False where the model takes it: transformers' LMs otherwise
+    build a KV cache on every training forward. A model whose forward has no such parameter gets nothing extra."""
+    from framework.models import forward_takes, no_cache
+
+    gpt = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(FakeTok())
+    ids = torch.tensor([[1, 2, 3]])
+    assert gpt(ids).past_key_values is not None  # transformers' default
+    assert no_cache(gpt) == {"use_cache": False} and gpt(ids, **no_cache(gpt)).past_key_values is None
+    assert no_cache(gpt.transformer) == {"use_cache": False}
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    assert no_cache(Plain()) == {} and not forward_takes(Plain, "logits_to_keep")
+    assert forward_takes(type(gpt), "logits_to_keep")

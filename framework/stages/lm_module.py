@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from framework.interfaces import IGNORE_INDEX, Loss
+from framework.models import no_cache
 from framework.stages.common import adamw_warmup_cosine
 
 
@@ -75,7 +76,8 @@ class CausalLMModule(TrainingModule):
         self.val_correct = MeanMetric()
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          **no_cache(self.model))
 
     def train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss_fn(self(batch), batch)

@@ -29,7 +29,7 @@ from framework.interfaces import (
     Task,
 )
 from framework.instantiate import instantiate_plugin
-from framework.models import context_length, count_parameters, load_causal_lm
+from framework.models import context_length, count_parameters, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
 from framework.stages.common import build_trainer, check_stage_values, export_causal_lm
 from framework.stages.lm_module import TrainingModule
@@ -83,7 +83,7 @@ class PreferenceModule(TrainingModule):
         self._reference[0].to(self.device)
 
     def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)).logits
         logps = sequence_logps(logits, batch["labels"], self.average)
         half = logps.size(0) // 2
         return logps[:half], logps[half:]
