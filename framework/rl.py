@@ -45,8 +45,9 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `tokens`: logits [B, T, V] are the predictions of tokens [B, T]."""
-    return _log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits / temperature) at `tokens`: logits [B, T, V] are the predictions of tokens [B, T].
+    Differentiable, with the fused backward of `token_logprobs_and_entropy`; no entropy computed."""
+    return _TokenLogprobs.apply(logits, tokens, float(temperature), False)[0]
 
 
 def _entropy(logp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -56,19 +57,23 @@ def _entropy(logp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
-class _TokenLogprobsAndEntropy(torch.autograd.Function):
-    """Forward: log softmax(logits / t) at the tokens, and the entropy per position (not differentiable). Backward
-    straight from the saved probabilities: d/dlogits = (onehot(token) - p) * g / t, two passes over [B, T, V]
-    instead of autograd's gather (a zero fill and a scatter) plus log-softmax backward."""
+class _TokenLogprobs(torch.autograd.Function):
+    """Forward: log softmax(logits / t) at the tokens and, with `with_entropy`, the entropy per position (not
+    differentiable). Backward straight from the saved probabilities: d/dlogits = (onehot(token) - p) * g / t, two
+    passes over [B, T, V] instead of autograd's gather (a zero fill and a scatter) plus log-softmax backward. The
+    probabilities are only computed when the entropy or a gradient needs them (not for a frozen reference)."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature):
+    def forward(ctx, logits, tokens, temperature, with_entropy):
         logp = _log_softmax(logits, temperature)
-        probs = logp.exp()
-        entropy = _entropy(logp, probs)
-        ctx.save_for_backward(probs, tokens)
-        ctx.temperature, ctx.dtype = temperature, logits.dtype
-        ctx.mark_non_differentiable(entropy)
+        needs_grad = ctx.needs_input_grad[0]
+        probs = logp.exp() if needs_grad or with_entropy else None
+        entropy = _entropy(logp, probs) if with_entropy else None
+        if needs_grad:
+            ctx.save_for_backward(probs, tokens)
+            ctx.temperature, ctx.dtype = temperature, logits.dtype
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
         return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
     @staticmethod
@@ -79,13 +84,13 @@ class _TokenLogprobsAndEntropy(torch.autograd.Function):
         out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
         if ctx.temperature != 1.0:
             out = out / ctx.temperature
-        return out.to(ctx.dtype), None, None
+        return out.to(ctx.dtype), None, None, None
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` (differentiable) and, from the same softmax, the entropy per position (for logging)."""
-    return _TokenLogprobsAndEntropy.apply(logits, tokens, float(temperature))
+    return _TokenLogprobs.apply(logits, tokens, float(temperature), True)
 
 
 ESTIMATORS = ("k1", "k2", "k3")

@@ -97,9 +97,14 @@ def test_fused_logprobs_and_entropy_match_autograd():
     for temp in (1.0, 0.7):
         x = torch.randn(3, 5, 11, dtype=torch.double, requires_grad=True)
         assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tok, temp)[0], (x,))
+        assert torch.autograd.gradcheck(lambda z: token_logprobs(z, tok, temp), (x,))
         logp, entropy = token_logprobs_and_entropy(x, tok, temp)
         probs = torch.softmax(x / temp, -1)
-        assert torch.allclose(logp, token_logprobs(x, tok, temp))
+        plain = torch.log_softmax(x / temp, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(logp, plain)
+        assert torch.allclose(token_logprobs(x, tok, temp), plain)
+        with torch.no_grad():  # a frozen reference: no probabilities kept, the same values
+            assert torch.allclose(token_logprobs(x, tok, temp), plain)
         assert torch.allclose(entropy, -(probs * probs.log()).sum(-1))
         assert not entropy.requires_grad
     half = torch.randn(2, 4, 11).bfloat16().requires_grad_()

@@ -14,7 +14,8 @@ from framework.interfaces import RewardFunction
 from framework.models import CausalLMFactory
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
-from framework.stages.rl import NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_positions
+from framework.stages.rl import (NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_positions,
+                                trim_left_padding)
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO
 from plugins.algorithms.ppo import PPO
@@ -108,6 +109,26 @@ def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokeni
     alone = token_logprobs(response_positions(logits, n), roll.response_ids[i : i + 1, :n], 0.7)
     assert torch.allclose(alone[0], roll.logprobs[i, :n], atol=1e-5)
     assert torch.allclose(roll.logprobs[i, :n], roll.ref_logprobs[i, :n], atol=1e-6)  # policy == reference at start
+
+
+def test_a_minibatch_drops_only_the_left_padding_all_its_rows_share(tokenizer, tmp_path):
+    mod = module(tokenizer, PPO(epochs=1, minibatches=2), Length(), tmp_path)
+    torch.manual_seed(1)
+    roll = mod.rollout(PROMPTS)
+    ids = torch.cat([roll.query_ids, roll.response_ids], 1)
+    mask = torch.cat([roll.query_mask, roll.response_mask], 1)
+    rows = roll.query_mask.sum(-1).argsort()[:2]  # the two shortest prompts: some padding shared
+    full_ids, full_mask = ids[rows], mask[rows]
+    shared = int(roll.query_mask.size(1) - roll.query_mask[rows].sum(-1).max())
+    assert shared > 0
+    cut_ids, cut_mask = trim_left_padding(full_ids, full_mask)
+    assert cut_ids.size(1) == full_ids.size(1) - shared and cut_mask[:, 0].any()
+    length = roll.response_ids.size(1)
+    assert torch.equal(cut_ids[:, -length:], full_ids[:, -length:])  # the response columns are untouched
+    with torch.no_grad():
+        (a, va), (b, vb) = mod.policy(full_ids, full_mask, length), mod.policy(cut_ids, cut_mask, length)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(va, vb, atol=1e-6)
+    assert trim_left_padding(ids, mask)[0].size(1) == ids.size(1)  # the longest prompt has no padding: kept
 
 
 def test_a_non_finite_reward_stops_with_the_samples_saved(tokenizer, tmp_path):

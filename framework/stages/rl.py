@@ -11,8 +11,6 @@ Lightning's `.train()` calls cannot bring it back): the first minibatch of every
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
 import math
 import signal
@@ -40,7 +38,7 @@ from framework.interfaces import (
     StageResult,
     Task,
 )
-from framework.models import context_length, count_parameters, load_causal_lm
+from framework.models import context_length, count_parameters, forward_takes, load_causal_lm, no_cache
 from framework.records import Prompt
 from framework.reward import TaskGold, critic_from_reward_model
 from framework.rl import kl_controller, masked_mean, token_logprobs, token_logprobs_and_entropy
@@ -88,7 +86,8 @@ class PolicyWithValue(nn.Module):
         if shared:
             hidden = out.hidden_states[-1]
         else:
-            hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos, **no_cache(self.critic))
+            hidden = hidden.last_hidden_state
         if response_length is not None:
             hidden = response_positions(hidden, response_length)
         return out.logits, self.value(hidden).squeeze(-1)
@@ -101,7 +100,8 @@ def causal_lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p
     GPT-2, Llama, ...) never project the prompt positions onto the vocabulary (the LM head is most of a small
     model's cost); others compute every position and are sliced."""
     keep = response_length is not None
-    if keep and _takes_logits_to_keep(type(model)):
+    kwargs.update(no_cache(model))
+    if keep and forward_takes(type(model), "logits_to_keep"):
         wanted = response_positions(torch.arange(ids.size(1), device=ids.device), response_length)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=wanted, **kwargs)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
@@ -116,12 +116,12 @@ def response_positions(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return tensor[-length - 1 : -1] if tensor.dim() == 1 else tensor[:, -length - 1 : -1]
 
 
-@functools.cache
-def _takes_logits_to_keep(model_type: type) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row (a minibatch of left-padded sequences is padded to
+    the whole rollout's longest prompt). Position ids count real tokens only, so every output is unchanged; the
+    response columns at the end are never touched."""
+    shared = int((mask.cumsum(-1) == 0).sum(-1).min())
+    return (ids[:, shared:], mask[:, shared:]) if shared else (ids, mask)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -328,10 +328,10 @@ class RLModule(pl.LightningModule):
                 if single:
                     new_logprobs, new_values = live_logprobs[chunk], None
                 else:
-                    ids = torch.cat([roll.query_ids[chunk], roll.response_ids[chunk]], 1)
-                    mask = torch.cat([roll.query_mask[chunk], roll.response_mask[chunk]], 1)
+                    ids, mask = trim_left_padding(torch.cat([roll.query_ids[chunk], roll.response_ids[chunk]], 1),
+                                                  torch.cat([roll.query_mask[chunk], roll.response_mask[chunk]], 1))
                     logits, new_values = self.policy(ids, mask, length)
-                    new_logprobs, _ = token_logprobs_and_entropy(logits, roll.response_ids[chunk], self.sampling.temperature)
+                    new_logprobs = token_logprobs(logits, roll.response_ids[chunk], self.sampling.temperature)
                 loss, metrics = self.algorithm.loss(new_logprobs, new_values, mb)
                 opt.zero_grad()
                 self.manual_backward(loss)
