@@ -24,6 +24,11 @@ QUIET_WARNINGS = (
     r'.*ckpt_path="last"\) is set, but there is no last checkpoint',
     r".*isinstance\(treespec, LeafSpec\)",
     r"Metric `SpearmanCorrcoef` will save all targets",
+    # the RL stage checkpoints at iteration boundaries, after the updates: the state a resume needs (Lightning's
+    # advice about saving pre-optimisation state is for checkpoints taken in the middle of a step)
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    # the RL prompt cursor knows its exact length per rank and is read without worker processes
+    r"Your `IterableDataset` has `__len__` defined",
 )
 
 
