@@ -19,7 +19,7 @@ def plot_figure(ncols: int = 1, width: float = 6.0):
 def save_plot(plt, fig, axes, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep a legend the caller made
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -42,6 +42,40 @@ def test_overoptimization_fits_recover_known_coefficients():
     assert gold_peak(1.0, -0.1, "bon") is None and fit_gold([0.5], [0.1], "bon") is None
 
 
+def test_overoptimization_report_pools_seeds(tmp_path):
+    """Runs of several seeds per (method, proxy): one fit over all points, each seed's observed peak averaged
+    (with its spread), and the curve averaged per evaluation."""
+    from omegaconf import OmegaConf
+
+    from plugins.experiments.overoptimization_report import OveroptimizationReport, fitted, mean_curve
+
+    def run(seed, alpha, stretch):
+        return [{"seed": seed, "step": k, "kl": (stretch * 0.5 * k) ** 2, "d": stretch * 0.5 * k,
+                 "gold_gain": fitted(alpha, 0.3, "rl", stretch * 0.5 * k), "proxy_gain": 0.1 * k} for k in range(8)]
+
+    pts = run("0", 0.8, 1.0) + run("1", 0.9, 1.2)
+    mean = mean_curve(pts)
+    assert [p["step"] for p in mean] == list(range(8)) and all(p["seeds"] == 2 for p in mean)
+    assert mean[3]["d"] == pytest.approx((1.5 + 1.8) / 2) and mean[3]["gold_gain_sd"] > 0
+    published = {}
+
+    class Report(OveroptimizationReport):
+        def curves(self, config):
+            return {("rl", "250 labels"): sorted(pts, key=lambda p: p["d"])}
+
+        def publish(self, config, rows, lines, png, metrics, extra=None):
+            published.update(rows=rows, metrics={m[0] for m in metrics}, png=png)
+
+    Report().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    row = published["rows"][0]
+    assert row["seeds"] == 2 and row["points"] == 16
+    peaks = [max(run(s, a, k), key=lambda p: p["gold_gain"]) for s, a, k in (("0", 0.8, 1.0), ("1", 0.9, 1.2))]
+    assert row["best_observed_d"] == pytest.approx((peaks[0]["d"] + peaks[1]["d"]) / 2)
+    assert row["best_observed_d_sd"] > 0
+    assert row["max_gold_gain"] == pytest.approx((peaks[0]["gold_gain"] + peaks[1]["gold_gain"]) / 2)
+    assert "rl/250_labels/observed_peak_d" in published["metrics"] and published["png"].is_file()
+
+
 def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):
     from conftest import QUIET, exported_dir
 

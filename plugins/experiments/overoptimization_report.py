@@ -2,12 +2,15 @@
 that, when the sweep ends, reads back the PPO runs (eval/gold_reward, eval/proxy_reward, eval/kl per evaluation)
 and the best-of-n runs (bon/gold, bon/proxy, bon/d per n), expresses every point as a gain over the starting
 policy against d = sqrt(KL), fits the paper's forms to the gold gain (best-of-n: d (alpha - beta d); RL:
-d (alpha - beta log d)), and logs table, fits and figure to a report run."""
+d (alpha - beta log d)), and logs table, fits and figure to a report run. Runs of several seeds (`seed=0,1,2` in
+the sweep) are pooled per (method, proxy): one fit to all their points, the observed peak as mean and spread over
+seeds, and the figure's curves averaged over seeds at each evaluation."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -46,6 +49,31 @@ def fitted(alpha: float, beta: float, form: str, d: float) -> float:
     return d * (alpha - beta * (d if form == "bon" else math.log(d)))
 
 
+def by_seed(points: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in points:
+        out.setdefault(str(p.get("seed", "?")), []).append(p)
+    return out
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation; 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_curve(points: list[dict]) -> list[dict]:
+    """The seeds' points averaged at each evaluation (PPO iteration, best-of-n n), sorted by mean d; one seed's
+    points come back as they are, with gold_gain_sd 0."""
+    steps: dict[float, list[dict]] = {}
+    for p in points:
+        steps.setdefault(p["step"], []).append(p)
+    out = [{"step": step, "seeds": len(ps), "d": statistics.mean(p["d"] for p in ps),
+            "kl": statistics.mean(p["kl"] for p in ps), "gold_gain": statistics.mean(p["gold_gain"] for p in ps),
+            "proxy_gain": statistics.mean(p["proxy_gain"] for p in ps),
+            "gold_gain_sd": spread([p["gold_gain"] for p in ps])} for step, ps in steps.items()]
+    return sorted(out, key=lambda p: p["d"])
+
+
 def proxy_label(path: str) -> str:
     config = Path(path) / "config.json"
     n = None
@@ -58,7 +86,8 @@ class OveroptimizationReport(SweepReport):
     kind = "overoptimization"
 
     def curves(self, config: DictConfig) -> dict[tuple[str, str], list[dict]]:
-        """{(method, proxy label): [{d, gold_gain, proxy_gain, kl}, ...]} sorted by d."""
+        """{(method, proxy label): [{seed, step, d, gold_gain, proxy_gain, kl}, ...]}: the points of every seed's
+        run, each a gain over that run's own start, sorted by d."""
         from mlflow import MlflowClient
 
         from framework.tracking import resolve_tracking_uri
@@ -68,23 +97,23 @@ class OveroptimizationReport(SweepReport):
         for stage, method in (("rl", "rl"), ("eval", "bon")):
             for run in self.sweep_runs(config, stage):
                 label = proxy_label(run.data.params.get("reward.path", "?"))
+                seed = run.data.params.get("seed", "?")
                 hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
                 if method == "rl":
                     gold, proxy, kl = hist("eval/gold_reward"), hist("eval/proxy_reward"), hist("eval/kl")
                     steps = sorted(set(gold) & set(proxy) & set(kl))
                     base = steps[0] if steps else None
-                    points = [{"step": s, "kl": kl[s], "d": math.sqrt(max(kl[s], 0.0)),
+                    points = [{"seed": seed, "step": s, "kl": kl[s], "d": math.sqrt(max(kl[s], 0.0)),
                                "gold_gain": gold[s] - gold[base], "proxy_gain": proxy[s] - proxy[base]}
                               for s in steps]
                 else:
                     gold, proxy, d = hist("bon/gold"), hist("bon/proxy"), hist("bon/d")
                     steps = sorted(set(gold) & set(proxy) & set(d))
                     base = 1 if 1 in gold else (steps[0] if steps else None)
-                    points = [{"step": n, "kl": d[n] ** 2, "d": d[n], "gold_gain": gold[n] - gold[base],
+                    points = [{"seed": seed, "step": n, "kl": d[n] ** 2, "d": d[n], "gold_gain": gold[n] - gold[base],
                                "proxy_gain": proxy[n] - proxy[base]} for n in steps]
-                if points:
-                    out[(method, label)] = sorted(points, key=lambda p: p["d"])
-        return out
+                out.setdefault((method, label), []).extend(points)
+        return {key: sorted(pts, key=lambda p: p["d"]) for key, pts in out.items() if pts}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         curves = self.curves(config)
@@ -92,23 +121,29 @@ class OveroptimizationReport(SweepReport):
             print(f"[rlhf] {self.kind}: no finished runs in this sweep")
             return
         rows, lines, metrics = [], [], []
-        lines.append(f"{'method':<6} {'proxy':<14} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
-                     f"{'max gold gain':>13} {'alpha':>8} {'beta':>8} {'fit peak d':>10}")
+        lines.append(f"{'method':<6} {'proxy':<14} {'seeds':>5} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
+                     f"{'max gold gain':>13} {'peak d (observed)':>17} {'alpha':>8} {'beta':>8} {'fit peak d':>10}")
         for (method, label), pts in sorted(curves.items()):
             fit = fit_gold([p["d"] for p in pts], [p["gold_gain"] for p in pts], method)
             alpha, beta = fit if fit else (math.nan, math.nan)
             peak = gold_peak(alpha, beta, method) if fit else None
-            row = {"method": method, "proxy": label, "points": len(pts), "max_d": max(p["d"] for p in pts),
-                   "max_proxy_gain": max(p["proxy_gain"] for p in pts),
-                   "max_gold_gain": max(p["gold_gain"] for p in pts), "alpha": alpha, "beta": beta,
+            best = [max(run, key=lambda p: p["gold_gain"]) for run in by_seed(pts).values()]  # each seed's peak
+            row = {"method": method, "proxy": label, "seeds": len(best), "points": len(pts),
+                   "max_d": max(p["d"] for p in pts), "max_proxy_gain": max(p["proxy_gain"] for p in pts),
+                   "max_gold_gain": statistics.mean(p["gold_gain"] for p in best),
+                   "max_gold_gain_sd": spread([p["gold_gain"] for p in best]), "alpha": alpha, "beta": beta,
                    "fit_peak_d": math.nan if peak is None else peak,
-                   "best_observed_d": max(pts, key=lambda p: p["gold_gain"])["d"]}
+                   "best_observed_d": statistics.mean(p["d"] for p in best),
+                   "best_observed_d_sd": spread([p["d"] for p in best])}
             rows.append(row)
-            lines.append(f"{method:<6} {label:<14} {len(pts):>6} {row['max_d']:>6.2f} {row['max_proxy_gain']:>14.3f} "
-                         f"{row['max_gold_gain']:>13.3f} {alpha:>8.3f} {beta:>8.3f} {row['fit_peak_d']:>10.2f}")
+            observed = f"{row['best_observed_d']:.2f} ± {row['best_observed_d_sd']:.2f}"
+            lines.append(f"{method:<6} {label:<14} {len(best):>5} {len(pts):>6} {row['max_d']:>6.2f} "
+                         f"{row['max_proxy_gain']:>14.3f} {row['max_gold_gain']:>13.3f} {observed:>17} "
+                         f"{alpha:>8.3f} {beta:>8.3f} {row['fit_peak_d']:>10.2f}")
             key = f"{method}/{label.replace(' ', '_')}"
-            metrics += [(f"{key}/alpha", alpha, 0), (f"{key}/beta", beta, 0)]
-            for i, p in enumerate(pts):
+            metrics += [(f"{key}/alpha", alpha, 0), (f"{key}/beta", beta, 0),
+                        (f"{key}/observed_peak_d", row["best_observed_d"], 0)]
+            for i, p in enumerate(mean_curve(pts)):
                 metrics += [(f"{key}/gold_gain", p["gold_gain"], i), (f"{key}/proxy_gain", p["proxy_gain"], i),
                             (f"{key}/d", p["d"], i)]
         print("[rlhf] over-optimisation: gold and proxy gain against d = sqrt(KL)\n" + "\n".join(lines))
@@ -119,21 +154,37 @@ class OveroptimizationReport(SweepReport):
 
     @staticmethod
     def plot(curves: dict, rows: list[dict], path: Path) -> None:
+        """Per method: the gold gain (left axis, with the fit and, for several seeds, their spread) and the proxy
+        gain (right axis, dashed: its normalised units are not the gold's) against d."""
         fits = {(r["method"], r["proxy"]): (r["alpha"], r["beta"]) for r in rows}
         panels = [(m, t) for m, t in (("bon", "best-of-n"), ("rl", "PPO")) if any(k[0] == m for k in curves)]
-        plt, fig, axes = plot_figure(len(panels), width=5.0)
+        plt, fig, axes = plot_figure(len(panels), width=5.5)
         for ax, (method, title) in zip(axes, panels):
+            right = ax.twinx()
             for (m, label), pts in sorted(curves.items()):
                 if m != method:
                     continue
-                ds = [p["d"] for p in pts]
-                line, = ax.plot(ds, [p["gold_gain"] for p in pts], marker="o", label=f"gold, {label}")
-                ax.plot(ds, [p["proxy_gain"] for p in pts], linestyle="--", color=line.get_color(),
-                        label=f"proxy, {label}")
+                mean = mean_curve(pts)
+                ds = [p["d"] for p in mean]
+                line, = ax.plot(ds, [p["gold_gain"] for p in mean], marker="o", label=f"gold, {label}")
+                if any(p["gold_gain_sd"] > 0 for p in mean):  # several seeds: their spread at each evaluation
+                    ax.errorbar(ds, [p["gold_gain"] for p in mean], yerr=[p["gold_gain_sd"] for p in mean],
+                                fmt="none", ecolor=line.get_color(), alpha=0.5, capsize=2)
+                right.plot(ds, [p["proxy_gain"] for p in mean], linestyle="--", color=line.get_color(),
+                           label=f"proxy, {label}")
                 alpha, beta = fits[(m, label)]
                 if math.isfinite(alpha):
                     grid = [max(ds) * k / 50 for k in range(1, 51)]
                     ax.plot(grid, [fitted(alpha, beta, method, d) for d in grid], color=line.get_color(),
                             linewidth=0.8, alpha=0.6)
-            ax.set(xlabel="d = sqrt(KL to the starting policy)", ylabel="reward gain over the start", title=title)
+            ax.set(xlabel="d = sqrt(KL to the starting policy)", ylabel="gold reward gain over the start (—)",
+                   title=title)
+            right.set_ylabel("proxy reward gain, normalised units (- -)")
+            (lo, hi), (rlo, rhi) = ax.get_ylim(), right.get_ylim()
+            if hi > 0 and rhi > 0:  # zero at the same height on both axes
+                low = min(lo / hi, rlo / rhi)
+                ax.set_ylim(low * hi, hi)
+                right.set_ylim(low * rhi, rhi)
+            handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
         save_plot(plt, fig, axes, path)
