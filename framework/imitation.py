@@ -174,24 +174,53 @@ class _ExpertMixer:
         return scores
 
 
+class _EnvironmentForcer:
+    """A logits processor, after every other: where the task's environment has text to append (`Task.environment`),
+    its next token replaces whatever the learner or the expert chose."""
+
+    def __init__(self, task: Task, prompts: Sequence[Prompt], tokenizer, width: int, stop_id: int):
+        self.task, self.prompts, self.tokenizer, self.width, self.stop_id = task, prompts, tokenizer, width, stop_id
+
+    def __call__(self, input_ids, scores):
+        for i in range(input_ids.size(0)):
+            prefix = input_ids[i, self.width :].tolist()
+            if self.stop_id in prefix:
+                continue
+            forced = self.task.environment(self.prompts[i], self.tokenizer.decode(prefix, skip_special_tokens=True))
+            if forced:
+                ids = self.tokenizer(forced, add_special_tokens=False)["input_ids"]
+                scores[i, :] = float("-inf")
+                scores[i, ids[0]] = 0.0
+        return scores
+
+
 def rollout(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, stop_id: int,
             expert: Expert | None = None, prompts: Sequence[Prompt] | None = None, beta: float = 0.0,
-            rng: random.Random | None = None, batch_size: int = 64) -> list[list[int]]:
-    """Greedy rollouts of the mixture policy beta * expert + (1 - beta) * learner; each response ends at its stop."""
+            rng: random.Random | None = None, batch_size: int = 64, task: Task | None = None) -> list[list[int]]:
+    """Greedy rollouts of the mixture policy beta * expert + (1 - beta) * learner; each response ends at its stop.
+    A task with an environment (`task`, else the expert's task) has its observations forced into the responses
+    (`prompts` needed)."""
     from transformers import LogitsProcessorList
 
     gen = HFGenerator(model, tokenizer, [stop_id])
     settings = SamplingSettings(max_new_tokens=max_new_tokens, do_sample=False)
     rng = rng or random.Random(0)
+    task = task if task is not None else getattr(expert, "task", None)
+    environment = task is not None and task.has_environment
+    if environment and prompts is None:
+        raise ValueError(f"task {task.name} has an environment: rollout() needs the prompts to ask it")
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
-        processors = None
+        width = max(len(p) for p in chunk)
+        processors = []
         if beta > 0 and expert is not None:
-            width = max(len(p) for p in chunk)
             choose = lambda i, prefix, s=start: expert.next_token(prompts[s + i], prompt_ids[s + i], prefix)  # noqa: E731
-            processors = LogitsProcessorList([_ExpertMixer(beta, rng, width, choose, stop_id)])
-        result = gen.generate_ids(chunk, settings, logits_processor=processors)
+            processors.append(_ExpertMixer(beta, rng, width, choose, stop_id))
+        if environment:
+            processors.append(_EnvironmentForcer(task, prompts[start : start + batch_size], tokenizer, width, stop_id))
+        result = gen.generate_ids(chunk, settings, logits_processor=LogitsProcessorList(processors) if processors
+                                  else None)
         out.extend(trim_at_stop(r, [stop_id]) for r in result.response_ids.tolist())
     return out
 
@@ -203,7 +232,7 @@ def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: 
     i.e. the states along the learner's own trajectory where its token differs from the expert's."""
     stop_id = stop_token_id(tokenizer, fmt)
     prompt_ids = [encode(p.text) if encode else encode_prompt(tokenizer, p.text, fmt) for p in prompts]
-    responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id)
+    responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id, prompts=prompts, task=task)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     gold = [task.gold(p, t) for p, t in zip(prompts, texts)]
     metrics = {"eval/gold": sum(gold) / len(gold), "eval/exact_match": sum(g >= 1.0 for g in gold) / len(gold)}

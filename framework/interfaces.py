@@ -75,6 +75,17 @@ class Task(ABC):
         """The expert's whole response, as a demonstration."""
         return Demonstration(prompt=prompt.text, response=self.expert_continuation(prompt, ""), source=prompt.source)
 
+    def environment(self, prompt: Prompt, prefix: str) -> str:
+        """Text the task's environment appends after the response `prefix` before the learner acts again (e.g. an
+        observation of the state its last action led to; the rest of it, when `prefix` ends inside one), or ""
+        when it is the learner's turn. Imitation rollouts and task evaluation force this text into the response,
+        so a learner cannot write its own observations. The default task has no environment."""
+        return ""
+
+    @property
+    def has_environment(self) -> bool:
+        return type(self).environment is not Task.environment
+
 
 class Expert(ABC):
     """Labels states for imitation learning: the best next token from (prompt, response prefix) token ids."""

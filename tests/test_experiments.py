@@ -27,6 +27,20 @@ def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):
         a.path for a in client.list_artifacts(report[0].info.run_id)}
 
 
+def test_dagger_vs_bc_drive_runs_with_its_environment(run_cli, rlhf_home):
+    """The lane-keeping sweep composes, rolls DAgger out with the environment's observations forced in, and
+    reports; each of the learner's episodes is 2T + 1 states (tokens_per_step: 2)."""
+    proc = run_cli("experiment=dagger_vs_bc_drive", "task.length=3", "dataset.n=60", "trainer.max_steps=24",
+                   "trainer.val_check_interval=12", "stage.eval.prompts=20", "model.n_embd=32")
+    assert "DAgger vs BC by horizon" in proc.stdout
+    client, runs = mlflow_runs(rlhf_home)
+    jobs = [r for r in runs if r.data.tags.get("stage") == "sft"]
+    assert len(jobs) == 2 and {r.data.params["task._target_"] for r in jobs} == {"plugins.tasks.drive.DriveLane"}
+    dagger = [r for r in jobs if "dagger" in r.data.params["imitation._target_"].lower()][0]
+    # every rollout of DAgger's rounds is labelled at its 2T + 1 states (actions, forced observations, the stop)
+    assert dagger.data.metrics["imitation/expert_labels"] > 0 and 0.0 <= dagger.data.metrics["eval/gold"] <= 1.0
+
+
 def test_overoptimization_fits_recover_known_coefficients():
     import math
 

@@ -113,3 +113,73 @@ def test_task_expert_labels_states_token_by_token():
         TaskExpert().setup(CharTok(), 0, None)
     with pytest.raises(ExpertError, match=r"task sort3: .* \[state: prompt 'sort: =', response prefix '12'\]"):
         expert.next_token(Prompt("sort: =", meta={}), [], [ord("1"), ord("2")])
+
+
+def test_drive_expert_steers_back_and_the_environment_observes_the_true_offset():
+    from plugins.tasks.drive import DriveLane
+
+    task = DriveLane(length=4)
+    p = Prompt("road: <|>| =")
+    # on its own road the expert copies the bends and stays in the centre ('4')
+    assert task.expert_continuation(p, "") == "L4S4R4S4" and task.gold(p, "L4S4R4S4") == 1.0
+    assert task.demonstration(p).response == "L4S4R4S4"
+    # a mistake: steering straight into the left bend drifts one right ('5'); the expert steers back
+    assert task.environment(p, "S") == "5" and task.environment(p, "S5") == ""
+    assert task.expert_continuation(p, "S") == "5L4R4S4"
+    assert task.expert_continuation(p, "S5") == "L4R4S4"
+    # the offset comes from the actions, whatever a written observation claims; anything but L/R steers straight
+    assert task.expert_continuation(p, "S4") == "L4R4S4" and task.environment(p, "x") == "5"
+    # a learner that keeps copying the road after its mistake stays off-centre: the expert's label differs at every
+    # later action, and the gold counts the steps that end in the centre
+    assert task.gold(p, "S5S5R5S5") == 0.0 and task.gold(p, "S5L4R4S4") == 0.75 and task.gold(p, "L4") == 0.25
+    assert task.expert_continuation(p, "L4S4R4S4") == "" and task.expert_continuation(p, "L4S4R4S4S") == ""
+    # the offset is clipped at the road's edge; steering can only gain on the road where it runs straight
+    far = DriveLane(length=6)
+    q = Prompt("road: <<<||| =")
+    assert far.expert_continuation(q, "R6R8R8") == "L7L6L5"
+    assert far.expert_continuation(Prompt("road: <<<<<< ="), "R6R8R8") == "L8L8L8"
+    assert [len(x.text) for x in far.prompts(3, seed=0)] == [len("road: <<<<<< =")] * 3
+    with pytest.raises(ValueError, match="bend_rate"):
+        DriveLane(length=4, bend_rate=2.0)
+
+
+def test_environment_observations_are_forced_into_rollouts():
+    """A learner that never writes a digit still gets the environment's observation after each of its actions, and
+    the observed offsets are the true ones: a learner cannot write itself back to the centre."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from framework.imitation import evaluate_task, rollout
+    from plugins.tasks.drive import DriveLane
+
+    class ByteTok(CharTok):
+        pad_token_id, eos_token_id = 1, 0
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_layer=1, n_head=2, n_embd=16, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=1)).eval()
+    with torch.no_grad():  # a learner that always says 'S' (and never a digit)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[ord("S")] = 1.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+    task = DriveLane(length=4)
+    prompts = [Prompt("road: <|>| ="), Prompt("road: |||| =")]
+    ids = [[ord(c) for c in p.text] for p in prompts]
+    free = rollout(model, ByteTok(), ids, 8, stop_id=0)
+    assert "".join(chr(t) for t in free[0]) == "SSSSSSSS"  # without the task: no observations
+    forced = rollout(model, ByteTok(), ids, 8, stop_id=0, prompts=prompts, task=task)
+    assert ["".join(chr(t) for t in r) for r in forced] == ["S5S5S4S4", "S4S4S4S4"]
+    expert = TaskExpert()
+    expert.setup(ByteTok(), stop_id=0, task=task)
+    metrics, texts = evaluate_task(model, ByteTok(), task, prompts, "plain", 8, expert,
+                                   encode=lambda t: [ord(c) for c in t])
+    assert texts == ["S5S5S4S4", "S4S4S4S4"]
+    # the first road: 'S' into the left bend (the expert: 'L'), then 'S' at offset 5 on the straight (the expert:
+    # 'L', back to the centre); the right bend then brings the car back by itself. The second road: no mistakes
+    labels = expert.next_token_labels(prompts[0], ids[0], forced[0])
+    assert "".join(chr(t) for t in labels[:8]) == "L5L5S4S4"
+    assert metrics["eval/mistakes_per_seq"] == pytest.approx(2 / 2)
+    assert metrics["eval/gold"] == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="needs the prompts"):
+        rollout(model, ByteTok(), ids, 8, stop_id=0, task=task)

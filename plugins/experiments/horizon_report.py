@@ -32,8 +32,10 @@ class HorizonReport(SweepReport):
 
     kind = "horizon_report"
 
-    def __init__(self, horizon_key: str = "task.length"):
-        self.horizon_key = horizon_key
+    def __init__(self, horizon_key: str = "task.length", tokens_per_step: int = 1):
+        """tokens_per_step: response tokens per step of the horizon (2 for an action and its observation); with the
+        stop token, an episode is tokens_per_step * T + 1 labelled states."""
+        self.horizon_key, self.tokens_per_step = horizon_key, tokens_per_step
 
     def collect(self, config: DictConfig) -> list[dict]:
         rows = []
@@ -48,7 +50,8 @@ class HorizonReport(SweepReport):
                 "algorithm": ALGOS.get(p.get("imitation._target_"), p.get("imitation._target_")),
                 "T": horizon, "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
                 "token_error_on_expert_states": token_error,
-                "amplification": mistakes / ((horizon + 1) * token_error) if token_error > 0 else float("nan"),
+                "amplification": (mistakes / ((self.tokens_per_step * horizon + 1) * token_error)
+                                  if token_error > 0 else float("nan")),
                 "expert_labels": m.get("imitation/expert_labels", float("nan")), "run_id": r.info.run_id,
             })
         return sorted(rows, key=lambda row: (row["algorithm"], row["T"]))
