@@ -32,10 +32,11 @@ class HorizonReport(SweepReport):
 
     kind = "horizon_report"
 
-    def __init__(self, horizon_key: str = "task.length", tokens_per_step: int = 1):
+    def __init__(self, horizon_key: str = "task.length", tokens_per_step: int = 1,
+                 horizon_label: str = "horizon T (digits to sort)"):
         """tokens_per_step: response tokens per step of the horizon (2 for an action and its observation); with the
-        stop token, an episode is tokens_per_step * T + 1 labelled states."""
-        self.horizon_key, self.tokens_per_step = horizon_key, tokens_per_step
+        stop token, an episode is tokens_per_step * T + 1 labelled states. horizon_label: the figure's x axis."""
+        self.horizon_key, self.tokens_per_step, self.horizon_label = horizon_key, tokens_per_step, horizon_label
 
     def collect(self, config: DictConfig) -> list[dict]:
         rows = []
@@ -75,20 +76,20 @@ class HorizonReport(SweepReport):
         print("[rlhf] DAgger vs BC by horizon\n" + "\n".join(lines))
 
         png = sweep_dir / "horizon_report.png"
-        self.plot(by_algo, png)
+        self.plot(by_algo, png, self.horizon_label)
         metrics = [(f"{r['algorithm']}/{k}", r[k], r["T"]) for r in rows for k in ("mistakes_per_seq", "seq_error")]
         metrics += [(f"{a}/growth_exponent", s, 0) for a, s in slopes.items() if s is not None]
         self.publish(config, rows, lines, png, metrics, extra={"growth_exponent": slopes})
 
     @staticmethod
-    def plot(by_algo: dict[str, list[dict]], path: Path) -> None:
+    def plot(by_algo: dict[str, list[dict]], path: Path, horizon_label: str = "horizon T (digits to sort)") -> None:
         plt, fig, axes = plot_figure(2, width=5.0)
         for algo, rs in sorted(by_algo.items()):
             ts = [r["T"] for r in rs]
             axes[0].plot(ts, [r["mistakes_per_seq"] for r in rs], marker="o", label=algo)
             axes[1].plot(ts, [r["seq_error"] for r in rs], marker="o", label=algo)
-        axes[0].set(xlabel="horizon T (digits to sort)", ylabel="mistakes per sequence (learner's own states)",
+        axes[0].set(xlabel=horizon_label, ylabel="mistakes per sequence (learner's own states)",
                     title="cumulative per-step cost")
-        axes[1].set(xlabel="horizon T (digits to sort)", ylabel="sequence error (1 - exact match)",
+        axes[1].set(xlabel=horizon_label, ylabel="sequence error (1 - exact match)",
                     title="sequence-level error", ylim=(0, 1.05))
         save_plot(plt, fig, axes, path)
