@@ -8,7 +8,7 @@ import random
 import warnings
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from framework.errors import ConfigError, DataError
+from framework.errors import ConfigError, DataError, ExpertError
 from framework.interfaces import IGNORE_INDEX, Example, Expert, Task
 from framework.records import Demonstration, Prompt
 from framework.rollout import HFGenerator, SamplingSettings
@@ -156,6 +156,12 @@ def trim_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def _force(scores, row: int, token: int) -> None:
+    """Make `token` the only choice of row `row` (greedy decoding then emits it)."""
+    scores[row, :] = float("-inf")
+    scores[row, token] = 0.0
+
+
 class _ExpertMixer:
     """A logits processor: in each state, with probability beta, the expert's token replaces the learner's choice."""
 
@@ -168,9 +174,7 @@ class _ExpertMixer:
             prefix = input_ids[i, self.width :].tolist()
             if self.stop_id in prefix or self.rng.random() >= self.beta:
                 continue
-            tok = self.choose(i, prefix)
-            scores[i, :] = float("-inf")
-            scores[i, tok] = 0.0
+            _force(scores, i, self.choose(i, prefix))
         return scores
 
 
@@ -186,11 +190,14 @@ class _EnvironmentForcer:
             prefix = input_ids[i, self.width :].tolist()
             if self.stop_id in prefix:
                 continue
-            forced = self.task.environment(self.prompts[i], self.tokenizer.decode(prefix, skip_special_tokens=True))
+            text = self.tokenizer.decode(prefix, skip_special_tokens=True)
+            forced = self.task.environment(self.prompts[i], text)
             if forced:
                 ids = self.tokenizer(forced, add_special_tokens=False)["input_ids"]
-                scores[i, :] = float("-inf")
-                scores[i, ids[0]] = 0.0
+                if not ids:
+                    raise ExpertError(f"task {self.task.name}: its environment's text {forced!r} after response "
+                                      f"prefix {text!r} (prompt {self.prompts[i].text!r}) tokenises to nothing")
+                _force(scores, i, ids[0])
         return scores
 
 

@@ -183,3 +183,14 @@ def test_environment_observations_are_forced_into_rollouts():
     assert metrics["eval/gold"] == pytest.approx((0.5 + 1.0) / 2)
     with pytest.raises(ValueError, match="needs the prompts"):
         rollout(model, ByteTok(), ids, 8, stop_id=0, task=task)
+
+    class Silent(DriveLane):  # an environment whose text the tokenizer cannot express
+        def environment(self, prompt, prefix):
+            return "\u2603" if prefix else ""
+
+    class NoSnow(ByteTok):
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text if ord(c) < 128]}
+
+    with pytest.raises(ExpertError, match=r"task drive4: its environment's text .* tokenises to nothing"):
+        rollout(model, NoSnow(), ids, 8, stop_id=0, prompts=prompts, task=Silent(length=4))
