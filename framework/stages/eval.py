@@ -18,9 +18,7 @@ from framework.errors import ConfigError
 from framework.imitation import check_format
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import RewardFunction, Stage, StageContext, StageResult, Task
-from framework.models import context_length, load_causal_lm
 from framework.rollout import SamplingSettings
-from framework.tokenization import load_tokenizer
 
 
 def bon_weights(n_samples: int, n: int) -> list[float]:
@@ -70,11 +68,8 @@ class EvalStage(Stage):
         task: Task = instantiate_plugin(cfg.task, "task", Task)
         proxy: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
         gold = TaskGold(task)
-        tokenizer = load_tokenizer(path)
-        lm = load_causal_lm(str(path)).eval()
         prompts = task.prompts(self.n_prompts, int(cfg.seed) + 7919)
-        sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), None, None, context_length(lm),
-                                self.batch_size)
+        sampler = PolicySampler.from_dir(str(path), self.format, int(cfg.seed), None, self.batch_size)
         started = time.perf_counter()
         groups = sampler(prompts, self.n_samples, self.sampling.max_new_tokens, self.sampling.temperature)
         gen_s = time.perf_counter() - started

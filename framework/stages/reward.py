@@ -233,6 +233,16 @@ class PolicySampler:
         self.fingerprint, self.batch_size = fingerprint, batch_size
         self.stop_id = stop_token_id(tokenizer, fmt)
 
+    @classmethod
+    def from_dir(cls, path: str, fmt: str, seed: int, cache_dir: Path | None, batch_size: int = 64) -> "PolicySampler":
+        """A sampler of the saved model at `path` with its own tokenizer, in eval mode (cached when cache_dir)."""
+        from framework.models import load_causal_lm
+        from framework.tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        lm = load_causal_lm(str(path)).eval()
+        return cls(lm, tokenizer, fmt, seed, cache_dir, weights_fingerprint(path), context_length(lm), batch_size)
+
     def __call__(self, prompts: Sequence[Prompt], k: int, max_new_tokens: int = 48,
                  temperature: float = 1.0) -> list[list[str]]:
         key = hashlib.sha256(json.dumps([self.fingerprint, self.fmt, self.seed, k, max_new_tokens, temperature,
@@ -273,8 +283,10 @@ class RewardModelStage(Stage):
     def __init__(self, name: str = "reward_model", format: str = "chat", max_length: int = 256, batch_size: int = 16,
                  epochs: float | None = None, val_fraction: float = 0.1, num_workers: int = 0,
                  optimizer: Mapping | None = None, scheduler: Mapping | None = None, checkpoint_every_n_steps: int = 200,
-                 normalize: Mapping | None = None, disable_dropout: bool = True, group_by_length: bool = True):
+                 normalize: Mapping | None = None, disable_dropout: bool = True, group_by_length: bool = True,
+                 policy_path: str | None = None):
         check_format(format)
+        self.policy_path = policy_path
         self.disable_dropout, self.group_by_length = disable_dropout, group_by_length
         self.name, self.format, self.max_length = name, format, max_length
         self.batch_size, self.epochs, self.val_fraction, self.num_workers = batch_size, epochs, val_fraction, num_workers
@@ -295,8 +307,9 @@ class RewardModelStage(Stage):
         labeller: Labeller | None = None
         if dataset.needs_policy:
             if not cfg.model.get("path"):
-                raise ConfigError(f"{dataset.describe()}: comparisons are sampled from the policy, so the stage needs "
-                                  "model.path=<the SFT model dir>")
+                raise ConfigError(f"{dataset.describe()}: the reward model's trunk comes from model.path=<an SFT or "
+                                  "pretrained model dir>" + ("" if self.policy_path else "; it is also the policy "
+                                  "whose replies are compared unless stage.policy_path=<dir> names another"))
             if not cfg.get("labeller"):
                 raise ConfigError(f"{dataset.describe()}: needs a labeller to rank the samples: labeller=synthetic")
             labeller = instantiate_plugin(cfg.labeller, "labeller", Labeller)
@@ -309,8 +322,13 @@ class RewardModelStage(Stage):
         n_ctx = context_length(lm)
         if n_ctx is not None and self.max_length > n_ctx:
             raise ConfigError(f"stage.max_length={self.max_length} exceeds the model's context length {n_ctx}")
-        sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), Path(cfg.paths.cache_dir),
-                                weights_fingerprint(cfg.model.get("path")), context=n_ctx)
+        if self.policy_path:  # another model's replies (e.g. a trunk larger than the policy it will judge)
+            sampler = PolicySampler.from_dir(self.policy_path, self.format, int(cfg.seed), Path(cfg.paths.cache_dir))
+            print(f"[rlhf] policy samples come from stage.policy_path={self.policy_path} "
+                  f"({count_parameters(sampler.model) / 1e6:.2f} M parameters)")
+        else:
+            sampler = PolicySampler(lm, tokenizer, self.format, int(cfg.seed), Path(cfg.paths.cache_dir),
+                                    weights_fingerprint(cfg.model.get("path")), context=n_ctx)
         if dataset.needs_policy:
             rankings, heldout = read_comparisons(dataset, task, labeller, sampler, int(cfg.seed))
             skipped = getattr(dataset, "skipped", 0)
