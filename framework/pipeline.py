@@ -3,6 +3,7 @@ each stage gets its own tracked MLflow run (nested under the pipeline's run when
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +31,24 @@ QUIET_WARNINGS = (
     # the RL prompt cursor knows its exact length per rank and is read without worker processes
     r"Your `IterableDataset` has `__len__` defined",
 )
+
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger / litmodels" notices (printed by every Trainer: once per
+    stage, a dozen times in a pipeline); the tracking here is MLflow's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\U0001f4a1 Tip:" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """The expected-notice filters above (process-wide) and the advert filter on Lightning's rank-zero logger."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdverts())
 
 
 def _saved_config(run_dir: Path) -> DictConfig | None:
@@ -80,8 +99,7 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None) -> StageResult:
     from framework.instantiate import instantiate_plugin
 
     seed_everything(int(cfg.seed), workers=True, verbose=False)
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+    quiet_lightning()
     root = Path(cfg.paths.root).expanduser()
     output_dir = Path(cfg.paths.output_dir)
     stage: Stage = instantiate_plugin(cfg.stage, "stage", Stage)

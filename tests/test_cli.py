@@ -54,6 +54,7 @@ def test_multirun_sweeps_each_value(run_cli, rlhf_home):
     proc = run_cli("--multirun", "experiment=smoke", "model.n_layer=1,2", "trainer.max_steps=6",
                    "trainer.val_check_interval=3", "stage.samples.prompts=[]", *QUIET)
     assert "#0" in proc.stdout and "#1" in proc.stdout
+    assert "Tip:" not in proc.stdout + proc.stderr  # Lightning's litlogger/litmodels adverts, once per Trainer
     client, runs = mlflow_runs(rlhf_home)
     assert sorted(r.data.params["model.n_layer"] for r in runs) == ["1", "2"]
     assert all(r.info.status == "FINISHED" for r in runs)
