@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import mlflow_runs
-from plugins.experiments.horizon_report import loglog_slope
+from plugins.experiments.horizon_report import loglog_slope, pool_seeds
 
 
 def test_loglog_slope():
@@ -12,10 +12,30 @@ def test_loglog_slope():
     assert loglog_slope([1], [1]) is None
 
 
+def test_horizon_report_pools_seeds():
+    """Runs of one (algorithm, T) with several seeds become one row: means, the spread of the mistakes, and the
+    amplification of the means (defined while any seed has a token error)."""
+    def run(algo, t, seed, mistakes, eps):
+        return {"algorithm": algo, "T": t, "seed": seed, "seq_error": min(1.0, mistakes), "mistakes_per_seq": mistakes,
+                "token_error_on_expert_states": eps, "expert_labels": 100.0 * t}
+
+    rows = pool_seeds([run("BC", 16, 1, 4.0, 0.02), run("BC", 16, 2, 2.0, 0.0), run("DAgger", 16, 1, 0.1, 0.0),
+                       run("BC", 32, 1, 8.0, 0.01)], tokens_per_step=2)
+    assert [(r["algorithm"], r["T"], r["seeds"]) for r in rows] == [("BC", 16, 2), ("BC", 32, 1), ("DAgger", 16, 1)]
+    bc16 = rows[0]
+    assert bc16["mistakes_per_seq"] == pytest.approx(3.0) and bc16["mistakes_sd"] == pytest.approx(2 ** 0.5)
+    assert bc16["token_error_on_expert_states"] == pytest.approx(0.01)
+    assert bc16["amplification"] == pytest.approx(3.0 / (33 * 0.01))
+    assert rows[1]["mistakes_sd"] == 0.0 and rows[1]["amplification"] == pytest.approx(8.0 / (65 * 0.01))
+    assert rows[2]["amplification"] != rows[2]["amplification"]  # NaN: no seed erred on expert states
+
+
 def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):
     proc = run_cli("experiment=dagger_vs_bc", "task.length=2,3", "dataset.n=60", "trainer.max_steps=24",
                    "trainer.val_check_interval=12", "stage.eval.prompts=20", "model.n_embd=32")
     assert "DAgger vs BC by horizon" in proc.stdout and "growth exponent" in proc.stdout
+    assert [line.split()[:3] for line in proc.stdout.splitlines() if line.startswith(("BC ", "DAgger "))] == [
+        ["BC", "2", "1"], ["BC", "3", "1"], ["DAgger", "2", "1"], ["DAgger", "3", "1"]]  # algorithm, T, seeds
     client, runs = mlflow_runs(rlhf_home)
     report = [r for r in runs if r.data.tags.get("stage") == "report"]
     jobs = [r for r in runs if r.data.tags.get("stage") == "sft"]

@@ -5,6 +5,7 @@ to a report run."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,8 +28,31 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / var if var else None
 
 
+POOLED = ("seq_error", "mistakes_per_seq", "token_error_on_expert_states", "expert_labels")
+
+
+def pool_seeds(runs: list[dict], tokens_per_step: int) -> list[dict]:
+    """One row per (algorithm, T): the mean over its runs (seeds) of each measure, the standard deviation of the
+    mistakes (0 for one seed), and the amplification of the means (mean mistakes over (states x mean token error),
+    defined while any seed has a token error)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(run["algorithm"], run["T"])].append(run)
+    rows = []
+    for (algo, horizon), rs in sorted(groups.items()):
+        row = {"algorithm": algo, "T": horizon, "seeds": len(rs)}
+        row.update({k: statistics.fmean(r[k] for r in rs) for k in POOLED})
+        row["mistakes_sd"] = statistics.stdev(r["mistakes_per_seq"] for r in rs) if len(rs) > 1 else 0.0
+        eps = row["token_error_on_expert_states"]
+        row["amplification"] = (row["mistakes_per_seq"] / ((tokens_per_step * horizon + 1) * eps)
+                                if eps > 0 else float("nan"))
+        rows.append(row)
+    return rows
+
+
 class HorizonReport(SweepReport):
-    """on_multirun_end: one row per (algorithm, T) from the runs tagged with this sweep's directory."""
+    """on_multirun_end: one row per (algorithm, T) from the runs tagged with this sweep's directory; the runs of
+    several seeds (`seed=1,2,3` in the sweep) are pooled into their mean and spread."""
 
     kind = "horizon_report"
 
@@ -39,6 +63,7 @@ class HorizonReport(SweepReport):
         self.horizon_key, self.tokens_per_step, self.horizon_label = horizon_key, tokens_per_step, horizon_label
 
     def collect(self, config: DictConfig) -> list[dict]:
+        """One row per finished run (per algorithm, T and seed)."""
         rows = []
         for r in self.sweep_runs(config, "sft"):
             m, p = r.data.metrics, r.data.params
@@ -49,16 +74,15 @@ class HorizonReport(SweepReport):
             mistakes = m.get("eval/mistakes_per_seq", float("nan"))
             rows.append({
                 "algorithm": ALGOS.get(p.get("imitation._target_"), p.get("imitation._target_")),
-                "T": horizon, "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
+                "T": horizon, "seed": p.get("seed", "?"), "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
                 "token_error_on_expert_states": token_error,
-                "amplification": (mistakes / ((self.tokens_per_step * horizon + 1) * token_error)
-                                  if token_error > 0 else float("nan")),
                 "expert_labels": m.get("imitation/expert_labels", float("nan")), "run_id": r.info.run_id,
             })
-        return sorted(rows, key=lambda row: (row["algorithm"], row["T"]))
+        return sorted(rows, key=lambda row: (row["algorithm"], row["T"], str(row["seed"])))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        rows = self.collect(config)
+        runs = self.collect(config)
+        rows = pool_seeds(runs, self.tokens_per_step)
         if not rows:
             print("[rlhf] horizon report: no finished runs in this sweep")
             return
@@ -68,8 +92,10 @@ class HorizonReport(SweepReport):
             by_algo[row["algorithm"]].append(row)
         slopes = {a: loglog_slope([r["T"] + 1 for r in rs], [r["mistakes_per_seq"] for r in rs]) for a, rs in by_algo.items()}
 
-        header = f"{'algorithm':<8} {'T':>4} {'seq err':>8} {'mistakes':>9} {'tok err':>8} {'ampl.':>6} {'labels':>7}"
-        lines = [header] + [f"{r['algorithm']:<8} {r['T']:>4} {r['seq_error']:>8.3f} {r['mistakes_per_seq']:>9.3f} "
+        header = (f"{'algorithm':<8} {'T':>4} {'seeds':>5} {'seq err':>8} {'mistakes':>9} {'sd':>7} {'tok err':>8} "
+                  f"{'ampl.':>6} {'labels':>7}")
+        lines = [header] + [f"{r['algorithm']:<8} {r['T']:>4} {r['seeds']:>5} {r['seq_error']:>8.3f} "
+                            f"{r['mistakes_per_seq']:>9.3f} {r['mistakes_sd']:>7.3f} "
                             f"{r['token_error_on_expert_states']:>8.4f} {r['amplification']:>6.2f} "
                             f"{r['expert_labels']:>7.0f}" for r in rows]
         lines += [f"growth exponent of mistakes/seq in (T+1), {a}: {s:.2f}" for a, s in slopes.items() if s is not None]
@@ -79,14 +105,15 @@ class HorizonReport(SweepReport):
         self.plot(by_algo, png, self.horizon_label)
         metrics = [(f"{r['algorithm']}/{k}", r[k], r["T"]) for r in rows for k in ("mistakes_per_seq", "seq_error")]
         metrics += [(f"{a}/growth_exponent", s, 0) for a, s in slopes.items() if s is not None]
-        self.publish(config, rows, lines, png, metrics, extra={"growth_exponent": slopes})
+        self.publish(config, rows, lines, png, metrics, extra={"growth_exponent": slopes, "runs": runs})
 
     @staticmethod
     def plot(by_algo: dict[str, list[dict]], path: Path, horizon_label: str = "horizon T (digits to sort)") -> None:
         plt, fig, axes = plot_figure(2, width=5.0)
         for algo, rs in sorted(by_algo.items()):
             ts = [r["T"] for r in rs]
-            axes[0].plot(ts, [r["mistakes_per_seq"] for r in rs], marker="o", label=algo)
+            axes[0].errorbar(ts, [r["mistakes_per_seq"] for r in rs], yerr=[r.get("mistakes_sd", 0.0) for r in rs],
+                             marker="o", capsize=3, label=algo)
             axes[1].plot(ts, [r["seq_error"] for r in rs], marker="o", label=algo)
         axes[0].set(xlabel=horizon_label, ylabel="mistakes per sequence (learner's own states)",
                     title="cumulative per-step cost")
