@@ -145,7 +145,10 @@ class CausalLMFactory(ModelSource):
             model = load_causal_lm(self.path, self.allow_download)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
-            return model
+            # from_pretrained returns eval mode, and Lightning keeps each module's mode at fit start: without this a
+            # loaded model would fine-tune with its dropout silently off. Built from config or loaded, a model source
+            # hands out a model in train mode; generation and evaluation switch to eval mode themselves.
+            return model.train()
         try:
             config = AutoConfig.for_model(self.arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

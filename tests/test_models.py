@@ -54,6 +54,18 @@ def test_loads_a_saved_dir_and_rejects_a_non_causal_lm(tmp_path):
         load_causal_lm(str(tmp_path / "encoder"))
 
 
+def test_a_loaded_model_trains_with_its_dropout_on(tmp_path):
+    """from_pretrained hands out eval mode and Lightning keeps it at fit start, so the model source must switch a
+    loaded model to train mode, or fine-tuning a model saved with dropout would silently run without it."""
+    saved = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.5,
+                            embd_pdrop=0.5).build(FakeTok())
+    saved.save_pretrained(tmp_path / "lm")
+    loaded = CausalLMFactory(path=str(tmp_path / "lm")).build(FakeTok())
+    assert all(m.training for m in loaded.modules())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert not torch.equal(loaded(ids).logits, loaded(ids).logits)  # dropout is live
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
