@@ -110,6 +110,24 @@ def test_overoptimization_report_pools_seeds(tmp_path):
     assert "rl/250_labels/observed_peak_d" in published["metrics"] and published["png"].is_file()
 
 
+def test_proxy_label_names_budget_and_size(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from plugins.experiments.overoptimization_report import proxy_label
+
+    rm = tmp_path / "rm_250" / "reward_model"
+    rm.mkdir(parents=True)
+    (rm / "config.json").write_text(json.dumps({"rlhf_reward": {"train_comparisons": 250}}))
+    save_file({"trunk": torch.zeros(1000, 1000), "head": torch.zeros(500, 1000)}, str(rm / "model.safetensors"))
+    assert proxy_label(str(rm)) == "250 labels 1.5M"
+    bare = tmp_path / "rm_x" / "reward_model"
+    bare.mkdir(parents=True)
+    assert proxy_label(str(bare)) == "rm_x"  # no config, no weights: the run folder's name
+
+
 def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):
     from conftest import QUIET, exported_dir
 

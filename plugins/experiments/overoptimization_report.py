@@ -74,12 +74,30 @@ def mean_curve(points: list[dict]) -> list[dict]:
     return sorted(out, key=lambda p: p["d"])
 
 
+def proxy_size(path: str) -> float | None:
+    """Millions of parameters in a saved model dir's safetensors (tied weights are stored once); None without any."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total / 1e6
+
+
 def proxy_label(path: str) -> str:
+    """"<n> labels <size>M": a proxy's label budget and size (proxies of one budget and several sizes stay apart)."""
     config = Path(path) / "config.json"
     n = None
     if config.is_file():
         n = (json.loads(config.read_text()).get("rlhf_reward") or {}).get("train_comparisons")
-    return f"{n} labels" if n else Path(path).parent.name
+    size = proxy_size(path)
+    name = f"{n} labels" if n else Path(path).parent.name
+    return name + (f" {size:.1f}M" if size else "")
 
 
 class OveroptimizationReport(SweepReport):
@@ -121,7 +139,7 @@ class OveroptimizationReport(SweepReport):
             print(f"[rlhf] {self.kind}: no finished runs in this sweep")
             return
         rows, lines, metrics = [], [], []
-        lines.append(f"{'method':<6} {'proxy':<14} {'seeds':>5} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
+        lines.append(f"{'method':<6} {'proxy':<18} {'seeds':>5} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
                      f"{'max gold gain':>13} {'peak d (observed)':>17} {'alpha':>8} {'beta':>8} {'fit peak d':>10}")
         for (method, label), pts in sorted(curves.items()):
             fit = fit_gold([p["d"] for p in pts], [p["gold_gain"] for p in pts], method)
@@ -137,7 +155,7 @@ class OveroptimizationReport(SweepReport):
                    "best_observed_d_sd": spread([p["d"] for p in best])}
             rows.append(row)
             observed = f"{row['best_observed_d']:.2f} ± {row['best_observed_d_sd']:.2f}"
-            lines.append(f"{method:<6} {label:<14} {len(best):>5} {len(pts):>6} {row['max_d']:>6.2f} "
+            lines.append(f"{method:<6} {label:<18} {len(best):>5} {len(pts):>6} {row['max_d']:>6.2f} "
                          f"{row['max_proxy_gain']:>14.3f} {row['max_gold_gain']:>13.3f} {observed:>17} "
                          f"{alpha:>8.3f} {beta:>8.3f} {row['fit_peak_d']:>10.2f}")
             key = f"{method}/{label.replace(' ', '_')}"
