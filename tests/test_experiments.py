@@ -28,6 +28,7 @@ def test_horizon_report_pools_seeds():
     assert bc16["amplification"] == pytest.approx(3.0 / (33 * 0.01))
     assert rows[1]["mistakes_sd"] == 0.0 and rows[1]["amplification"] == pytest.approx(8.0 / (65 * 0.01))
     assert rows[2]["amplification"] != rows[2]["amplification"]  # NaN: no seed erred on expert states
+    assert bc16["mistakes_per_failure"] == pytest.approx(3.0 / 1.0) and rows[2]["mistakes_per_failure"] == pytest.approx(1.0)
 
 
 def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):

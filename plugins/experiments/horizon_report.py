@@ -33,8 +33,8 @@ POOLED = ("seq_error", "mistakes_per_seq", "token_error_on_expert_states", "expe
 
 def pool_seeds(runs: list[dict], tokens_per_step: int) -> list[dict]:
     """One row per (algorithm, T): the mean over its runs (seeds) of each measure, the standard deviation of the
-    mistakes (0 for one seed), and the amplification of the means (mean mistakes over (states x mean token error),
-    defined while any seed has a token error)."""
+    mistakes (0 for one seed), the amplification of the means (mean mistakes over (states x mean token error),
+    defined while any seed has a token error), and the mistakes per failed sequence (of the means)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         groups[(run["algorithm"], run["T"])].append(run)
@@ -46,6 +46,9 @@ def pool_seeds(runs: list[dict], tokens_per_step: int) -> list[dict]:
         eps = row["token_error_on_expert_states"]
         row["amplification"] = (row["mistakes_per_seq"] / ((tokens_per_step * horizon + 1) * eps)
                                 if eps > 0 else float("nan"))
+        # what one failed sequence costs: ~1 when the learner slips and recovers, up to ~T when a slip compounds
+        row["mistakes_per_failure"] = (row["mistakes_per_seq"] / row["seq_error"] if row["seq_error"] > 0
+                                       else float("nan"))
         rows.append(row)
     return rows
 
@@ -92,10 +95,10 @@ class HorizonReport(SweepReport):
             by_algo[row["algorithm"]].append(row)
         slopes = {a: loglog_slope([r["T"] + 1 for r in rs], [r["mistakes_per_seq"] for r in rs]) for a, rs in by_algo.items()}
 
-        header = (f"{'algorithm':<8} {'T':>4} {'seeds':>5} {'seq err':>8} {'mistakes':>9} {'sd':>7} {'tok err':>8} "
-                  f"{'ampl.':>6} {'labels':>7}")
+        header = (f"{'algorithm':<8} {'T':>4} {'seeds':>5} {'seq err':>8} {'mistakes':>9} {'sd':>7} {'/failed':>7} "
+                  f"{'tok err':>8} {'ampl.':>6} {'labels':>7}")
         lines = [header] + [f"{r['algorithm']:<8} {r['T']:>4} {r['seeds']:>5} {r['seq_error']:>8.3f} "
-                            f"{r['mistakes_per_seq']:>9.3f} {r['mistakes_sd']:>7.3f} "
+                            f"{r['mistakes_per_seq']:>9.3f} {r['mistakes_sd']:>7.3f} {r['mistakes_per_failure']:>7.2f} "
                             f"{r['token_error_on_expert_states']:>8.4f} {r['amplification']:>6.2f} "
                             f"{r['expert_labels']:>7.0f}" for r in rows]
         lines += [f"growth exponent of mistakes/seq in (T+1), {a}: {s:.2f}" for a, s in slopes.items() if s is not None]
