@@ -117,7 +117,7 @@ def test_proxy_label_names_budget_and_size(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from plugins.experiments.overoptimization_report import proxy_label
+    from plugins.experiments.overoptimization_report import proxy_label, reward_label
 
     rm = tmp_path / "rm_250" / "reward_model"
     rm.mkdir(parents=True)
@@ -127,6 +127,9 @@ def test_proxy_label_names_budget_and_size(tmp_path):
     bare = tmp_path / "rm_x" / "reward_model"
     bare.mkdir(parents=True)
     assert proxy_label(str(bare)) == "rm_x"  # no config, no weights: the run folder's name
+    assert reward_label({"reward.path": str(rm), "reward._target_": "plugins.rewards.learned.LearnedReward"}) == \
+        "250 labels 1.5M"
+    assert reward_label({"reward._target_": "plugins.rewards.gold.TaskGold"}) == "TaskGold"  # the gold control
 
 
 def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Mapping
 
 from omegaconf import DictConfig
 
@@ -96,8 +97,17 @@ def proxy_label(path: str) -> str:
     if config.is_file():
         n = (json.loads(config.read_text()).get("rlhf_reward") or {}).get("train_comparisons")
     size = proxy_size(path)
-    name = f"{n} labels" if n else Path(path).parent.name
+    name = f"{n} labels" if n else (Path(path).parent.name or str(path))
     return name + (f" {size:.1f}M" if size else "")
+
+
+def reward_label(params: Mapping[str, str]) -> str:
+    """A run's reward in the report: a learned proxy by its budget and size, any other reward (reward=gold, the
+    control that optimises the gold itself) by its class name."""
+    path = params.get("reward.path")
+    if path and path != "None":
+        return proxy_label(path)
+    return params.get("reward._target_", "reward").rsplit(".", 1)[-1]
 
 
 class OveroptimizationReport(SweepReport):
@@ -114,7 +124,7 @@ class OveroptimizationReport(SweepReport):
         out: dict[tuple[str, str], list[dict]] = {}
         for stage, method in (("rl", "rl"), ("eval", "bon")):
             for run in self.sweep_runs(config, stage):
-                label = proxy_label(run.data.params.get("reward.path", "?"))
+                label = reward_label(run.data.params)
                 seed = run.data.params.get("seed", "?")
                 hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
                 if method == "rl":
