@@ -1,5 +1,7 @@
 """`experiment=dagger_vs_bc` end to end at a tiny size: the sweep runs and HorizonReport logs table + figure."""
 
+import math
+
 import pytest
 
 from conftest import mlflow_runs
@@ -29,6 +31,37 @@ def test_horizon_report_pools_seeds():
     assert rows[1]["mistakes_sd"] == 0.0 and rows[1]["amplification"] == pytest.approx(8.0 / (65 * 0.01))
     assert rows[2]["amplification"] != rows[2]["amplification"]  # NaN: no seed erred on expert states
     assert bc16["mistakes_per_failure"] == pytest.approx(3.0 / 1.0) and rows[2]["mistakes_per_failure"] == pytest.approx(1.0)
+
+
+def test_horizon_report_keeps_configurations_apart_and_survives_nan():
+    """Runs that differ in anything but the seed (two DAgger variants, two budgets) are separate rows; a seed
+    without a measure is left out of that measure's mean; a repeated seed is averaged with a warning."""
+    def run(seed, mistakes, variant="mix", eps=0.01):
+        return {"algorithm": "DAgger", "T": 16, "seed": seed, "seq_error": 0.5, "mistakes_per_seq": mistakes,
+                "token_error_on_expert_states": eps, "expert_labels": 100.0,
+                "config": {"imitation.rounds": variant, "task.length": "16"}}
+
+    rows = pool_seeds([run(1, 2.0), run(2, 4.0), run(1, 1.0, "matched"), run(2, float("nan"), "matched")], 2)
+    assert [(r["algorithm"], r["seeds"]) for r in rows] == [("DAgger [imitation.rounds=matched]", 2),
+                                                           ("DAgger [imitation.rounds=mix]", 2)]
+    matched, mix = rows
+    assert matched["mistakes_per_seq"] == 1.0 and matched["mistakes_sd"] == 0.0  # the NaN seed left out
+    assert mix["mistakes_per_seq"] == 3.0
+    with pytest.warns(UserWarning, match="2 runs of 1 distinct seed"):
+        (again,) = pool_seeds([run(1, 2.0), run(1, 4.0)], 2)
+    assert again["seeds"] == 1 and again["mistakes_per_seq"] == 3.0
+    (none,) = pool_seeds([run(1, float("nan")), run(2, float("nan"))], 2)
+    assert math.isnan(none["mistakes_per_seq"]) and math.isnan(none["mistakes_sd"])
+
+
+def test_metric_names_are_ones_mlflow_accepts():
+    from plugins.experiments.sweep_report import metric_name
+
+    assert metric_name("rl/3996_labels_5.9M/alpha") == "rl/3996_labels_5.9M/alpha"
+    assert metric_name("rl//alpha") == "rl/alpha"
+    assert metric_name("DAgger [imitation.rounds=3, dataset.n=200]/seq_error") == \
+        "DAgger _imitation.rounds_3_ dataset.n_200_/seq_error"
+    assert metric_name("rl/../x") == "rl/__/x"
 
 
 def test_dagger_vs_bc_sweep_writes_a_report(run_cli, rlhf_home):
@@ -130,6 +163,9 @@ def test_proxy_label_names_budget_and_size(tmp_path):
     assert reward_label({"reward.path": str(rm), "reward._target_": "plugins.rewards.learned.LearnedReward"}) == \
         "250 labels 1.5M"
     assert reward_label({"reward._target_": "plugins.rewards.gold.TaskGold"}) == "TaskGold"  # the gold control
+    ensemble = {"reward._target_": "plugins.rewards.learned.RewardEnsemble", "reward.aggregate": "min",
+                "reward.paths": repr([str(rm), str(bare)])}
+    assert reward_label(ensemble) == "ensemble min of 250 labels 1.5M + rm_x"
 
 
 def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):

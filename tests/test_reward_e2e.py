@@ -78,7 +78,8 @@ def test_a_trunk_can_judge_another_models_replies(chat_model, run_cli):
     assert "policy samples: 36 x 2 from cache" in same.stdout and "policy samples come from" not in same.stdout
     missing = run_cli("stage=reward_model", f"model.path={pretrained}", "stage.policy_path=/nonexistent/policy",
                       *args, check=False)
-    assert missing.returncode != 0 and "/nonexistent/policy" in missing.stderr
+    assert missing.returncode != 0 and "stage.policy_path='/nonexistent/policy'" in missing.stderr
+    assert "policy samples" not in missing.stdout  # refused before any work
 
 
 def test_user_errors(chat_model, run_cli, rlhf_home, tmp_path):

@@ -41,7 +41,7 @@ from framework.reward import RewardModel, encode_scored, export_reward_model, pa
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import build_tokenizer_and_model, build_trainer, check_stage_values
 from framework.stages.lm_module import TrainingModule
-from framework.models import context_length, count_parameters
+from framework.models import context_length, count_parameters, resolve_model_path
 
 
 @dataclass
@@ -236,11 +236,11 @@ class PolicySampler:
     @classmethod
     def from_dir(cls, path: str, fmt: str, seed: int, cache_dir: Path | None, batch_size: int = 64) -> "PolicySampler":
         """A sampler of the saved model at `path` with its own tokenizer, in eval mode (cached when cache_dir)."""
-        from framework.models import load_causal_lm
+        from framework.models import CausalLMFactory
         from framework.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer(path)
-        lm = load_causal_lm(str(path)).eval()
+        lm = CausalLMFactory(path=str(path)).build(tokenizer).eval()  # embeddings resized to the tokenizer if needed
         return cls(lm, tokenizer, fmt, seed, cache_dir, weights_fingerprint(path), context_length(lm), batch_size)
 
     def __call__(self, prompts: Sequence[Prompt], k: int, max_new_tokens: int = 48,
@@ -286,6 +286,12 @@ class RewardModelStage(Stage):
                  normalize: Mapping | None = None, disable_dropout: bool = True, group_by_length: bool = True,
                  policy_path: str | None = None):
         check_format(format)
+        if policy_path:  # checked before any work, with the key to fix
+            try:
+                resolve_model_path(str(policy_path))
+            except ConfigError as err:
+                raise ConfigError(f"stage.policy_path={policy_path!r}: the policy whose replies are compared must be "
+                                  f"a saved model dir (an SFT `model/` export). {err}") from None
         self.policy_path = policy_path
         self.disable_dropout, self.group_by_length = disable_dropout, group_by_length
         self.name, self.format, self.max_length = name, format, max_length
@@ -357,6 +363,7 @@ class RewardModelStage(Stage):
         norm_prompts = self._normalization_prompts(task if dataset.needs_policy else None, train_r, int(cfg.seed))
         norm_samples = [s[0] for s in sampler(norm_prompts, 1, int(self.normalize.get("max_new_tokens", 48)),
                                              float(self.normalize.get("temperature", 1.0)))] if norm_prompts else []
+        del sampler  # with stage.policy_path it holds a second model, not needed for training
 
         rm = RewardModel.from_causal_lm(lm, head)
         if self.disable_dropout:  # reward targets are noisy enough; TRL's RewardConfig also disables dropout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,27 +30,59 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 POOLED = ("seq_error", "mistakes_per_seq", "token_error_on_expert_states", "expert_labels")
+# parameters that differ between the runs of one configuration: the seed (and what follows it), output paths, and
+# counts measured by the run itself
+PER_RUN = ("seed", "dataset.seed", "paths.", "logger.", "data.")
+
+
+def nan_mean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def nan_sd(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else float("nan"))
+
+
+def configurations(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs of one (algorithm, T) split by whatever else differs between them (another DAgger variant, another
+    dataset.n in the same sweep), apart from the seed: {"" or "key=value, ...": runs}."""
+    configs = [run.get("config", {}) for run in runs]
+    keys = sorted({k for c in configs for k in c if len({str(other.get(k)) for other in configs}) > 1})
+    out: dict[str, list[dict]] = defaultdict(list)
+    for run, c in zip(runs, configs):
+        out[", ".join(f"{k}={c.get(k)}" for k in keys)].append(run)
+    return out
 
 
 def pool_seeds(runs: list[dict], tokens_per_step: int) -> list[dict]:
-    """One row per (algorithm, T): the mean over its runs (seeds) of each measure, the standard deviation of the
-    mistakes (0 for one seed), the amplification of the means (mean mistakes over (states x mean token error),
-    defined while any seed has a token error), and the mistakes per failed sequence (of the means)."""
+    """One row per configuration (algorithm, T and any other swept parameter but the seed): the mean over its seeds
+    of each measure (NaNs left out), the standard deviation of the mistakes (0 for one seed), the amplification of
+    the means (mean mistakes over (states x mean token error), defined while any seed has a token error), and the
+    mistakes per failed sequence (of the means). `seeds` counts distinct seeds; runs that repeat a seed (a rerun
+    into the same sweep folder) are averaged too, with a warning."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         groups[(run["algorithm"], run["T"])].append(run)
     rows = []
-    for (algo, horizon), rs in sorted(groups.items()):
-        row = {"algorithm": algo, "T": horizon, "seeds": len(rs)}
-        row.update({k: statistics.fmean(r[k] for r in rs) for k in POOLED})
-        row["mistakes_sd"] = statistics.stdev(r["mistakes_per_seq"] for r in rs) if len(rs) > 1 else 0.0
-        eps = row["token_error_on_expert_states"]
-        row["amplification"] = (row["mistakes_per_seq"] / ((tokens_per_step * horizon + 1) * eps)
-                                if eps > 0 else float("nan"))
-        # what one failed sequence costs: ~1 when the learner slips and recovers, up to ~T when a slip compounds
-        row["mistakes_per_failure"] = (row["mistakes_per_seq"] / row["seq_error"] if row["seq_error"] > 0
-                                       else float("nan"))
-        rows.append(row)
+    for (algo, horizon), same in sorted(groups.items()):
+        for variant, rs in sorted(configurations(same).items()):
+            label = f"{algo} [{variant}]" if variant else algo
+            seeds = len({str(r.get("seed")) for r in rs})
+            if seeds < len(rs):
+                warnings.warn(f"{label}, T = {horizon}: {len(rs)} runs of {seeds} distinct seed(s) are averaged "
+                              "(a rerun into the same sweep folder?)", stacklevel=2)
+            row = {"algorithm": label, "T": horizon, "seeds": seeds}
+            row.update({k: nan_mean(r[k] for r in rs) for k in POOLED})
+            row["mistakes_sd"] = nan_sd([r["mistakes_per_seq"] for r in rs])
+            eps = row["token_error_on_expert_states"]
+            row["amplification"] = (row["mistakes_per_seq"] / ((tokens_per_step * horizon + 1) * eps)
+                                    if eps > 0 else float("nan"))
+            # what one failed sequence costs: ~1 when the learner slips and recovers, up to ~T when a slip compounds
+            row["mistakes_per_failure"] = (row["mistakes_per_seq"] / row["seq_error"] if row["seq_error"] > 0
+                                           else float("nan"))
+            rows.append(row)
     return rows
 
 
@@ -80,6 +113,7 @@ class HorizonReport(SweepReport):
                 "T": horizon, "seed": p.get("seed", "?"), "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
                 "token_error_on_expert_states": token_error,
                 "expert_labels": m.get("imitation/expert_labels", float("nan")), "run_id": r.info.run_id,
+                "config": {k: v for k, v in p.items() if not k.startswith(PER_RUN)},
             })
         return sorted(rows, key=lambda row: (row["algorithm"], row["T"], str(row["seed"])))
 
@@ -108,7 +142,8 @@ class HorizonReport(SweepReport):
         self.plot(by_algo, png, self.horizon_label)
         metrics = [(f"{r['algorithm']}/{k}", r[k], r["T"]) for r in rows for k in ("mistakes_per_seq", "seq_error")]
         metrics += [(f"{a}/growth_exponent", s, 0) for a, s in slopes.items() if s is not None]
-        self.publish(config, rows, lines, png, metrics, extra={"growth_exponent": slopes, "runs": runs})
+        self.publish(config, rows, lines, png, metrics, extra={
+            "growth_exponent": slopes, "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]})
 
     @staticmethod
     def plot(by_algo: dict[str, list[dict]], path: Path, horizon_label: str = "horizon T (digits to sort)") -> None:

@@ -8,6 +8,7 @@ seeds, and the figure's curves averaged over seeds at each evaluation."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import statistics
@@ -102,11 +103,18 @@ def proxy_label(path: str) -> str:
 
 
 def reward_label(params: Mapping[str, str]) -> str:
-    """A run's reward in the report: a learned proxy by its budget and size, any other reward (reward=gold, the
-    control that optimises the gold itself) by its class name."""
+    """A run's reward in the report: a learned proxy by its budget and size, an ensemble by its aggregate and
+    members, any other reward (reward=gold, the control that optimises the gold itself) by its class name."""
     path = params.get("reward.path")
     if path and path != "None":
         return proxy_label(path)
+    paths = params.get("reward.paths")
+    if paths and paths != "None":  # reward=ensemble: its aggregate and its members
+        try:
+            members = [str(m) for m in ast.literal_eval(paths)]
+        except (ValueError, SyntaxError):
+            members = [paths]
+        return f"ensemble {params.get('reward.aggregate', '')} of " + " + ".join(proxy_label(m) for m in members)
     return params.get("reward._target_", "reward").rsplit(".", 1)[-1]
 
 

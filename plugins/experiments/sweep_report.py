@@ -5,6 +5,7 @@ the sweep's folder."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -12,6 +13,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from framework.tracking import open_run, resolve_tracking_uri
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts for a metric: alphanumerics, "_", "-", ".", " ", ":" and "/" only, no empty path part
+    ("rl//alpha") and no "." or ".." part; labels built from run parameters (paths, "k=v" lists) may hold others."""
+    name = re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
+    parts = [part if part.strip(".") else part.replace(".", "_") for part in name.split("/") if part]
+    return "/".join(parts) or "_"
 
 
 class SweepReport(Callback):
@@ -36,7 +45,7 @@ class SweepReport(Callback):
         tracked = open_run(config.logger, config.paths.root, self.kind.replace("_", "-"),
                            {"stage": "report", "sweep": str(sweep_dir), "kind": self.kind})
         for name, value, step in metrics:
-            tracked.client.log_metric(tracked.run_id, name, value, step=step)
+            tracked.client.log_metric(tracked.run_id, metric_name(name), value, step=step)
         tracked.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"{self.kind}_table.json")
         tracked.client.log_artifact(tracked.run_id, str(png))
         tracked.log_text("\n".join(lines), f"{self.kind}.txt")
