@@ -33,7 +33,6 @@ QUIET_WARNINGS = (
 )
 
 
-
 class _NoAdverts(logging.Filter):
     """Drops Lightning's "Tip: try installing litlogger / litmodels" notices (printed by every Trainer: once per
     stage, a dozen times in a pipeline); the tracking here is MLflow's."""

@@ -41,7 +41,8 @@ from framework.reward import RewardModel, encode_scored, export_reward_model, pa
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import build_tokenizer_and_model, build_trainer, check_stage_values
 from framework.stages.lm_module import TrainingModule
-from framework.models import context_length, count_parameters, resolve_model_path
+from framework.tokenization import load_tokenizer
+from framework.models import CausalLMFactory, context_length, count_parameters, resolve_model_path
 
 
 @dataclass
@@ -236,9 +237,6 @@ class PolicySampler:
     @classmethod
     def from_dir(cls, path: str, fmt: str, seed: int, cache_dir: Path | None, batch_size: int = 64) -> "PolicySampler":
         """A sampler of the saved model at `path` with its own tokenizer, in eval mode (cached when cache_dir)."""
-        from framework.models import CausalLMFactory
-        from framework.tokenization import load_tokenizer
-
         tokenizer = load_tokenizer(path)
         lm = CausalLMFactory(path=str(path)).build(tokenizer).eval()  # embeddings resized to the tokenizer if needed
         return cls(lm, tokenizer, fmt, seed, cache_dir, weights_fingerprint(path), context_length(lm), batch_size)

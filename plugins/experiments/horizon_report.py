@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from framework.plots import plot_figure, save_plot
-from plugins.experiments.sweep_report import SweepReport
+from plugins.experiments.sweep_report import SweepReport, finite_spread
 
 ALGOS = {"plugins.imitation.bc.BehaviourCloning": "BC", "plugins.imitation.dagger.DAgger": "DAgger"}
 
@@ -38,11 +38,6 @@ PER_RUN = ("seed", "dataset.seed", "paths.", "logger.", "data.")
 def nan_mean(values) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return statistics.fmean(finite) if finite else float("nan")
-
-
-def nan_sd(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else float("nan"))
 
 
 def configurations(runs: list[dict]) -> dict[str, list[dict]]:
@@ -75,7 +70,7 @@ def pool_seeds(runs: list[dict], tokens_per_step: int) -> list[dict]:
                               "(a rerun into the same sweep folder?)", stacklevel=2)
             row = {"algorithm": label, "T": horizon, "seeds": seeds}
             row.update({k: nan_mean(r[k] for r in rs) for k in POOLED})
-            row["mistakes_sd"] = nan_sd([r["mistakes_per_seq"] for r in rs])
+            row["mistakes_sd"] = finite_spread([r["mistakes_per_seq"] for r in rs])
             eps = row["token_error_on_expert_states"]
             row["amplification"] = (row["mistakes_per_seq"] / ((tokens_per_step * horizon + 1) * eps)
                                     if eps > 0 else float("nan"))
@@ -110,7 +105,8 @@ class HorizonReport(SweepReport):
             mistakes = m.get("eval/mistakes_per_seq", float("nan"))
             rows.append({
                 "algorithm": ALGOS.get(p.get("imitation._target_"), p.get("imitation._target_")),
-                "T": horizon, "seed": p.get("seed", "?"), "seq_error": 1.0 - m["eval/exact_match"], "mistakes_per_seq": mistakes,
+                "T": horizon, "seed": p.get("seed", "?"), "seq_error": 1.0 - m["eval/exact_match"],
+                "mistakes_per_seq": mistakes,
                 "token_error_on_expert_states": token_error,
                 "expert_labels": m.get("imitation/expert_labels", float("nan")), "run_id": r.info.run_id,
                 "config": {k: v for k, v in p.items() if not k.startswith(PER_RUN)},

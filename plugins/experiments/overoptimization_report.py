@@ -18,7 +18,7 @@ from typing import Mapping
 from omegaconf import DictConfig
 
 from framework.plots import plot_figure, save_plot
-from plugins.experiments.sweep_report import SweepReport
+from plugins.experiments.sweep_report import SweepReport, spread
 
 
 def fit_gold(ds: list[float], gains: list[float], form: str) -> tuple[float, float] | None:
@@ -56,11 +56,6 @@ def by_seed(points: list[dict]) -> dict[str, list[dict]]:
     for p in points:
         out.setdefault(str(p.get("seed", "?")), []).append(p)
     return out
-
-
-def spread(values: list[float]) -> float:
-    """Sample standard deviation; 0 for a single value."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def mean_curve(points: list[dict]) -> list[dict]:

@@ -5,7 +5,9 @@ the sweep's folder."""
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -13,6 +15,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from framework.tracking import open_run, resolve_tracking_uri
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation; 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def finite_spread(values) -> float:
+    """spread() of the values that are not NaN; NaN when none is."""
+    finite = [v for v in values if not math.isnan(v)]
+    return spread(finite) if finite else float("nan")
 
 
 def metric_name(name: str) -> str:
