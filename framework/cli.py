@@ -10,6 +10,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from framework.errors import RLHFError
 
@@ -25,6 +26,10 @@ def _hydra_entry(cfg: DictConfig) -> None:
         run(cfg)
     except RLHFError as err:
         print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
+    except MissingMandatoryValue as err:  # a `???` in conf/ that nobody filled in
+        key = getattr(err, "full_key", None) or "a required value"
+        print(f"\nerror: {key} is required and was not given: pass {key}=<value> on the command line", file=sys.stderr)
         sys.exit(2)
 
 

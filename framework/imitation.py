@@ -241,7 +241,7 @@ def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: 
     prompt_ids = [encode(p.text) if encode else encode_prompt(tokenizer, p.text, fmt) for p in prompts]
     responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id, prompts=prompts, task=task)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    gold = [task.gold(p, t) for p, t in zip(prompts, texts)]
+    gold = task.golds(prompts, texts)
     metrics = {"eval/gold": sum(gold) / len(gold), "eval/exact_match": sum(g >= 1.0 for g in gold) / len(gold)}
     if expert is not None:
         mistakes = []

@@ -67,6 +67,10 @@ class Task(ABC):
     def gold(self, prompt: Prompt, completion: str) -> float:
         """The true score of `completion` (1.0 = exactly right; tasks may give partial credit in [0, 1])."""
 
+    def golds(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        """`gold` of many (prompt, completion) pairs; override when scoring a batch is cheaper (a reward-model gold)."""
+        return [float(self.gold(p, c)) for p, c in zip(prompts, completions)]
+
     @abstractmethod
     def expert_continuation(self, prompt: Prompt, prefix: str) -> str:
         """The rest of the best response after `prefix` ("" = stop now). Raise ExpertError if there is none."""

@@ -40,7 +40,7 @@ class TaskGold(RewardFunction):
         self.name = f"{task.name}_gold"
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        return [float(self.task.gold(p, c)) for p, c in zip(prompts, completions)]
+        return self.task.golds(prompts, completions)
 
 
 class RewardModel(nn.Module):

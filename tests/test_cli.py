@@ -50,6 +50,13 @@ def test_unknown_model_field_added_with_plus_is_rejected_before_training(run_cli
     assert "n_layers" in proc.stderr and "did you mean" in proc.stderr
 
 
+def test_a_required_value_left_out_is_named_with_the_fix(run_cli, tmp_path):
+    proc = run_cli("stage=rl", f"policy.path={tmp_path}", *QUIET, check=False)  # reward=learned needs reward.path
+    assert proc.returncode == 2
+    assert "error: reward.path is required and was not given: pass reward.path=<value>" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_multirun_sweeps_each_value(run_cli, rlhf_home):
     proc = run_cli("--multirun", "experiment=smoke", "model.n_layer=1,2", "trainer.max_steps=6",
                    "trainer.val_check_interval=3", "stage.samples.prompts=[]", *QUIET)

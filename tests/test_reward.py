@@ -357,3 +357,32 @@ def test_policy_samples_leave_the_run_random_stream_alone(tiny_lm_and_tokenizer,
     assert torch.equal(before, torch.get_rng_state())
     assert sampler(prompts, 2, max_new_tokens=6) == drawn  # a cache hit: the same samples
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_a_reward_model_as_the_gold_keeps_the_base_task_and_scores_in_batches(tiny_lm_and_tokenizer, tmp_path):
+    """task=rm_gold: the base task's prompts and expert, the gold RM's normalised scores as the gold (one batch)."""
+    from framework.reward import TaskGold
+    from plugins.rewards.learned import LearnedReward
+    from plugins.tasks.learned_gold import RewardModelGold
+
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, LastToken()).eval()
+    rm.gain.fill_(2.0)
+    spec = {"_target_": "plugins.reward_heads.heads.LastToken"}
+    raw_dir = export_reward_model(rm, LastToken(), spec, tok, tmp_path / "raw", {"format": "chat", "max_length": 64})
+    with pytest.raises(ConfigError, match="has no normalisation"):
+        RewardModelGold(FriendlyReply(), str(raw_dir))
+    with pytest.raises(ConfigError, match="task.path=<the gold reward model dir>"):
+        RewardModelGold(FriendlyReply(), "")
+    out = export_reward_model(rm, LastToken(), spec, tok, tmp_path / "rm",
+                              {"format": "chat", "max_length": 64, "normalized_on": 128})
+    base = FriendlyReply()
+    task = RewardModelGold(base, str(out), batch_size=2)
+    prompts = base.prompts(3, seed=0)
+    assert [p.text for p in task.prompts(3, seed=0)] == [p.text for p in prompts]
+    assert task.expert_continuation(prompts[0], "") == base.expert_continuation(prompts[0], "")
+    expected = LearnedReward(str(out)).score(prompts, RESPONSES)
+    assert expected == pytest.approx(score_texts(rm, tok, [p.text for p in prompts], RESPONSES, "chat", 64).tolist())
+    assert TaskGold(task).score(prompts, RESPONSES) == pytest.approx(expected)  # through golds(), batched
+    assert [task.gold(p, r) for p, r in zip(prompts, RESPONSES)] == pytest.approx(expected, abs=1e-5)
+    assert task.golds(prompts, RESPONSES) != base.golds(prompts, RESPONSES)
