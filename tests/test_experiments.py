@@ -142,6 +142,32 @@ def test_overoptimization_report_pools_seeds(tmp_path):
     assert row["best_observed_d_sd"] > 0
     assert row["max_gold_gain"] == pytest.approx((peaks[0]["gold_gain"] + peaks[1]["gold_gain"]) / 2)
     assert "rl/250_labels/observed_peak_d" in published["metrics"] and published["png"].is_file()
+    assert row["fall_after_peak"] == 0.0  # both seeds still rising at their last evaluation
+
+    # one seed peaks at its second evaluation and loses 0.6 by its last (listed by d, not by step), one never falls
+    falling = [{"seed": "0", "step": k, "kl": d * d, "d": d, "gold_gain": g, "proxy_gain": k}
+               for k, d, g in ((0, 0.0, 0.0), (2, 2.5, 0.4), (1, 3.0, 1.0))]
+    rising = [{"seed": "1", "step": k, "kl": k, "d": k ** 0.5, "gold_gain": 0.2 * k, "proxy_gain": k} for k in range(3)]
+    pts = sorted(falling + rising, key=lambda p: p["d"])
+    Report().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    row = published["rows"][0]
+    assert row["fall_after_peak"] == pytest.approx(0.3) and row["fall_after_peak_max"] == pytest.approx(0.6)
+    assert row["fall_after_peak_sd"] == pytest.approx(0.6 / 2 ** 0.5)
+    assert "rl/250_labels/fall_after_peak" in published["metrics"]
+
+
+def test_a_sweep_can_be_pooled_with_an_earlier_one_by_its_tag():
+    """logger.tags.sweep=<an earlier sweep's folder> makes a report read that sweep's runs with its own."""
+    from omegaconf import OmegaConf
+
+    from plugins.experiments.sweep_report import SweepReport
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": "/runs/new"}}, "logger": {"tags": {"sweep": "${hydra:sweep.dir}"}}})
+    assert SweepReport.sweep_tag(cfg) == "/runs/new"  # the default interpolation: this sweep's own folder
+    cfg.logger.tags.sweep = "/runs/earlier"
+    assert SweepReport.sweep_tag(cfg) == "/runs/earlier"
+    del cfg.logger["tags"]
+    assert SweepReport.sweep_tag(cfg) == "/runs/new"
 
 
 def test_proxy_label_names_budget_and_size(tmp_path):

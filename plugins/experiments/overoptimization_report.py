@@ -4,7 +4,8 @@ and the best-of-n runs (bon/gold, bon/proxy, bon/d per n), expresses every point
 policy against d = sqrt(KL), fits the paper's forms to the gold gain (best-of-n: d (alpha - beta d); RL:
 d (alpha - beta log d)), and logs table, fits and figure to a report run. Runs of several seeds (`seed=0,1,2` in
 the sweep) are pooled per (method, proxy): one fit to all their points, the observed peak as mean and spread over
-seeds, and the figure's curves averaged over seeds at each evaluation."""
+seeds, how much gold each seed lost after its peak (to its last evaluation), and the figure's curves averaged over
+seeds at each evaluation."""
 
 from __future__ import annotations
 
@@ -153,27 +154,35 @@ class OveroptimizationReport(SweepReport):
             return
         rows, lines, metrics = [], [], []
         lines.append(f"{'method':<6} {'proxy':<18} {'seeds':>5} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
-                     f"{'max gold gain':>13} {'peak d (observed)':>17} {'alpha':>8} {'beta':>8} {'fit peak d':>10}")
+                     f"{'max gold gain':>13} {'peak d (observed)':>17} {'fall after peak':>15} {'alpha':>8} {'beta':>8} "
+                     f"{'fit peak d':>10}")
         for (method, label), pts in sorted(curves.items()):
             fit = fit_gold([p["d"] for p in pts], [p["gold_gain"] for p in pts], method)
             alpha, beta = fit if fit else (math.nan, math.nan)
             peak = gold_peak(alpha, beta, method) if fit else None
-            best = [max(run, key=lambda p: p["gold_gain"]) for run in by_seed(pts).values()]  # each seed's peak
+            runs = list(by_seed(pts).values())
+            best = [max(run, key=lambda p: p["gold_gain"]) for run in runs]  # each seed's peak
+            # how much gold each seed lost from its peak to its last evaluation (0: still at its best)
+            falls = [b["gold_gain"] - max(run, key=lambda p: p["step"])["gold_gain"] for b, run in zip(best, runs)]
             row = {"method": method, "proxy": label, "seeds": len(best), "points": len(pts),
                    "max_d": max(p["d"] for p in pts), "max_proxy_gain": max(p["proxy_gain"] for p in pts),
                    "max_gold_gain": statistics.mean(p["gold_gain"] for p in best),
                    "max_gold_gain_sd": spread([p["gold_gain"] for p in best]), "alpha": alpha, "beta": beta,
                    "fit_peak_d": math.nan if peak is None else peak,
                    "best_observed_d": statistics.mean(p["d"] for p in best),
-                   "best_observed_d_sd": spread([p["d"] for p in best])}
+                   "best_observed_d_sd": spread([p["d"] for p in best]),
+                   "fall_after_peak": statistics.mean(falls), "fall_after_peak_sd": spread(falls),
+                   "fall_after_peak_max": max(falls)}
             rows.append(row)
             observed = f"{row['best_observed_d']:.2f} ± {row['best_observed_d_sd']:.2f}"
+            fall = f"{row['fall_after_peak']:.3f} ± {row['fall_after_peak_sd']:.3f}"
             lines.append(f"{method:<6} {label:<18} {len(best):>5} {len(pts):>6} {row['max_d']:>6.2f} "
-                         f"{row['max_proxy_gain']:>14.3f} {row['max_gold_gain']:>13.3f} {observed:>17} "
+                         f"{row['max_proxy_gain']:>14.3f} {row['max_gold_gain']:>13.3f} {observed:>17} {fall:>15} "
                          f"{alpha:>8.3f} {beta:>8.3f} {row['fit_peak_d']:>10.2f}")
             key = f"{method}/{label.replace(' ', '_')}"
             metrics += [(f"{key}/alpha", alpha, 0), (f"{key}/beta", beta, 0),
-                        (f"{key}/observed_peak_d", row["best_observed_d"], 0)]
+                        (f"{key}/observed_peak_d", row["best_observed_d"], 0),
+                        (f"{key}/fall_after_peak", row["fall_after_peak"], 0)]
             for i, p in enumerate(mean_curve(pts)):
                 metrics += [(f"{key}/gold_gain", p["gold_gain"], i), (f"{key}/proxy_gain", p["proxy_gain"], i),
                             (f"{key}/d", p["d"], i)]

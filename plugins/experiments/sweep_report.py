@@ -1,6 +1,9 @@
 """The part every sweep report shares: read the runs of this Hydra sweep back from MLflow (each job is tagged with
 `sweep=${hydra:sweep.dir}`), then publish the table, the figure and a few metrics to a `stage=report` run and to
-the sweep's folder."""
+the sweep's folder.
+
+To add runs to an earlier sweep (more seeds, another proxy), run the new sweep with
+`logger.tags.sweep=<the earlier sweep's folder>`: its jobs carry the earlier tag, and its report pools both."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from framework.tracking import open_run, resolve_tracking_uri
 
@@ -39,10 +42,18 @@ def metric_name(name: str) -> str:
 class SweepReport(Callback):
     kind = "report"
 
+    @staticmethod
+    def sweep_tag(config: DictConfig) -> str:
+        """The `sweep` tag of this sweep's jobs: `logger.tags.sweep` when given on the command line (a folder of an
+        earlier sweep, to pool with it), else the sweep folder (the default `${hydra:sweep.dir}`)."""
+        tags = OmegaConf.select(config, "logger.tags")
+        tag = OmegaConf.to_container(tags, resolve=False).get("sweep") if OmegaConf.is_dict(tags) else None
+        return str(tag) if tag and "${" not in str(tag) else str(config.hydra.sweep.dir)
+
     def sweep_runs(self, config: DictConfig, stage: str) -> list:
         from mlflow import MlflowClient
 
-        sweep = str(config.hydra.sweep.dir)
+        sweep = self.sweep_tag(config)
         client = MlflowClient(resolve_tracking_uri(config.logger.get("tracking_uri"), config.paths.root))
         exp = client.get_experiment_by_name(config.logger.experiment_name)
         if exp is None:
@@ -56,7 +67,7 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         (sweep_dir / f"{self.kind}.json").write_text(json.dumps({"rows": rows, **dict(extra or {})}, indent=1))
         tracked = open_run(config.logger, config.paths.root, self.kind.replace("_", "-"),
-                           {"stage": "report", "sweep": str(sweep_dir), "kind": self.kind})
+                           {"stage": "report", "sweep": self.sweep_tag(config), "kind": self.kind})
         for name, value, step in metrics:
             tracked.client.log_metric(tracked.run_id, metric_name(name), value, step=step)
         tracked.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"{self.kind}_table.json")
