@@ -156,6 +156,15 @@ def test_overoptimization_report_pools_seeds(tmp_path):
     assert "rl/250_labels/fall_after_peak" in published["metrics"]
 
 
+def test_report_lists_proxies_by_budget():
+    from plugins.experiments.overoptimization_report import label_order
+
+    keys = [("rl", "TaskGold"), ("rl", "1000 labels 1.4M"), ("rl", "250 labels 1.4M"), ("bon", "500 labels"),
+            ("rl", "100 labels 5.9M")]
+    assert sorted(keys, key=label_order) == [("bon", "500 labels"), ("rl", "100 labels 5.9M"), ("rl", "250 labels 1.4M"),
+                                             ("rl", "1000 labels 1.4M"), ("rl", "TaskGold")]
+
+
 def test_a_sweep_can_be_pooled_with_an_earlier_one_by_its_tag():
     """logger.tags.sweep=<an earlier sweep's folder> makes a report read that sweep's runs with its own."""
     from omegaconf import OmegaConf

@@ -114,6 +114,13 @@ def reward_label(params: Mapping[str, str]) -> str:
     return params.get("reward._target_", "reward").rsplit(".", 1)[-1]
 
 
+def label_order(key: tuple[str, str]) -> tuple:
+    """(method, label) keys in reading order: proxies by their label budget (100 before 1000), then the rest."""
+    method, label = key
+    digits = label.split(" ", 1)[0]
+    return (method, 0, int(digits), label) if digits.isdigit() else (method, 1, 0, label)
+
+
 class OveroptimizationReport(SweepReport):
     kind = "overoptimization"
 
@@ -156,7 +163,7 @@ class OveroptimizationReport(SweepReport):
         lines.append(f"{'method':<6} {'proxy':<18} {'seeds':>5} {'points':>6} {'max d':>6} {'max proxy gain':>14} "
                      f"{'max gold gain':>13} {'peak d (observed)':>17} {'fall after peak':>15} {'alpha':>8} {'beta':>8} "
                      f"{'fit peak d':>10}")
-        for (method, label), pts in sorted(curves.items()):
+        for (method, label), pts in sorted(curves.items(), key=lambda kv: label_order(kv[0])):
             fit = fit_gold([p["d"] for p in pts], [p["gold_gain"] for p in pts], method)
             alpha, beta = fit if fit else (math.nan, math.nan)
             peak = gold_peak(alpha, beta, method) if fit else None
@@ -201,7 +208,7 @@ class OveroptimizationReport(SweepReport):
         plt, fig, axes = plot_figure(len(panels), width=5.5)
         for ax, (method, title) in zip(axes, panels):
             right = ax.twinx()
-            for (m, label), pts in sorted(curves.items()):
+            for (m, label), pts in sorted(curves.items(), key=lambda kv: label_order(kv[0])):
                 if m != method:
                     continue
                 mean = mean_curve(pts)
