@@ -65,7 +65,8 @@ class Task(ABC):
 
     @abstractmethod
     def gold(self, prompt: Prompt, completion: str) -> float:
-        """The true score of `completion` (1.0 = exactly right; tasks may give partial credit in [0, 1])."""
+        """The true score of `completion` (1.0 = exactly right; tasks may give partial credit in [0, 1]; a learned
+        gold, such as a reward model's, may be any real number)."""
 
     def golds(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         """`gold` of many (prompt, completion) pairs; override when scoring a batch is cheaper (a reward-model gold)."""

@@ -221,3 +221,13 @@ def test_overoptimization_sweep_writes_a_report(chat_model, run_cli, rlhf_home):
     artifacts = {a.path for a in client.list_artifacts(report[0].info.run_id)}
     assert {"overoptimization.png", "overoptimization_table.json"} <= artifacts
     assert any(k.startswith(("rl/", "bon/")) and "labels" in k for k in report[0].data.metrics)
+
+    # task=rm_gold with that reward model as the gold and as the proxy: best-of-n's gold is its proxy, at every n
+    run_cli("stage=eval", f"policy.path={sft_dir}", "task=rm_gold", f"task.path={rm_dir}", f"reward.path={rm_dir}",
+            "stage.prompts=4", "stage.samples_per_prompt=4", "stage.max_new_tokens=8", "bon.n=[1,2,4]", *QUIET)
+    client, runs = mlflow_runs(rlhf_home)
+    run = runs[0]
+    assert run.data.tags["stage"] == "eval"
+    gold, proxy = ({m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in ("bon/gold", "bon/proxy"))
+    assert sorted(gold) == [1, 2, 4] and gold == pytest.approx(proxy)
+    assert gold[4] > gold[1]  # best-of-4 by the gold itself beats a random sample

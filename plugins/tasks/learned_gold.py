@@ -3,8 +3,8 @@ for the human and labels the comparisons that train the (smaller) proxies.
 
 The prompts, the expert and the environment are the base task's; only the gold changes. A hand-written gold can
 saturate (friendliness tops out near 0.9 within a few nats of KL), so no proxy can push its peak further out; a
-gold RM's score has no ceiling, which is what lets the over-optimisation experiment measure where proxies of
-different budgets peak. The gold RM is read, normalised and scored exactly as `reward=learned` would read it.
+gold RM's score has no fixed ceiling (docs/reproductions.md has what that showed). The gold RM is read, normalised
+and scored exactly as `reward=learned` would read it.
 """
 
 from __future__ import annotations
