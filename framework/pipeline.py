@@ -16,8 +16,11 @@ from framework.interrupts import deferred_interrupts
 from framework.tracking import flatten_config, follow_run, git_commit, is_rank_zero, open_run, plugin_targets, read_pointer
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
-# config sections that must be the same for a checkpoint to fit the run that resumes it
-RESUME_MUST_MATCH = ("model", "tokenizer", "dataset", "task", "imitation")
+# config sections (or dotted keys) that must be the same for a checkpoint to fit the run that resumes it: what the
+# stage learns from and with (the RL stage's policy, reward and algorithm; the reward stage's labeller and the
+# policy whose replies it compares)
+RESUME_MUST_MATCH = ("model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "labeller",
+                     "stage.policy_path")
 
 # Lightning notices that are expected in how we run (fresh checkpoint dir per run, validate() before fit())
 QUIET_WARNINGS = (
@@ -56,13 +59,13 @@ def _saved_config(run_dir: Path) -> DictConfig | None:
 
 
 def _section(cfg: DictConfig, key: str):
-    node = cfg.get(key)
+    node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
     return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
 
 
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
-    """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same model,
-    tokenizer, dataset (and task/imitation) config as `cfg`."""
+    """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same config as `cfg`
+    in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
     candidates, mismatched = [], []
     for sub in ("runs", "multiruns"):
         for name in CHECKPOINT_NAMES:

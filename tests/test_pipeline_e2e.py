@@ -47,6 +47,39 @@ def test_merge_overrides_keeps_the_last_of_each_key():
         ["stage=sft", "a.b=3", "algo=grpo", "~c"]
 
 
+def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp_path):
+    """resume=true: an RL checkpoint of another policy or reward (or a reward-model checkpoint of another
+    stage.policy_path) is refused with the differing sections named; the matching one is picked."""
+    from omegaconf import OmegaConf
+
+    from framework.errors import ConfigError
+    from framework.pipeline import find_resume_checkpoint
+
+    def saved(name, **cfg):
+        run = tmp_path / "runs" / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
+        return run / "checkpoints" / "last.ckpt"
+
+    rl = {"stage": {"name": "rl"}, "model": {"path": None}, "policy": {"path": "/sft"},
+          "reward": {"_target_": "plugins.rewards.learned.LearnedReward", "path": "/rm_a"}, "algo": {"epochs": 4}}
+    ckpt = saved("a", **rl)
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl), "rl") == ckpt
+    other = OmegaConf.create(rl)
+    other.reward.path = "/rm_b"
+    other.policy.path = "/other_sft"
+    with pytest.raises(ConfigError, match="other policy, reward settings"):
+        find_resume_checkpoint(tmp_path, other, "rl")
+    rm = {"stage": {"name": "reward_model", "policy_path": "/small"}, "model": {"path": "/big"}}
+    saved("b", **rm)
+    moved = OmegaConf.create(rm)
+    moved.stage.policy_path = "/another"
+    with pytest.raises(ConfigError, match="other stage.policy_path settings"):
+        find_resume_checkpoint(tmp_path, moved, "reward_model")
+
+
 def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_home, tokenizer_cache, tmp_path):
     from framework.reward import load_reward_model
 
