@@ -10,7 +10,9 @@ of time spent generating, and the reward over the first and last 10 steps (the l
 `--algo ppo` runs PPO beside TRL 1.12's `trl.experimental.ppo.PPOTrainer` (TRL 1.16 has no PPO; benchmarks/
 trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32 new tokens per step, reward and
 value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
-minibatches, KL coefficient 0.05, constant lr 5e-4.
+minibatches, KL coefficient 0.05, constant lr 5e-4. Like TRL's PPOTrainer, our side takes the behaviour log-probs
+from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours recomputes them in a fresh forward
+(our default), in the same sitting.
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -45,7 +47,7 @@ def fraction_of_a(completions) -> list[float]:
     return out
 
 
-def run_ours(data: Path, algo: str, seed: int = 0) -> dict:
+def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False) -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -92,7 +94,8 @@ def run_ours(data: Path, algo: str, seed: int = 0) -> dict:
     updates = STEPS * int(algorithm.epochs) * int(algorithm.minibatches)
     module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
                       PEER_ADAMW, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
-                      no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed)
+                      no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed,
+                      logprobs_from_sampling=algo == "ppo" and not fresh_logprobs)
     loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
     times, gen, rewards = [], [], []
@@ -135,21 +138,25 @@ def main() -> None:
                          "of the reward columns; TRL's side keeps its own seed")
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
+    ap.add_argument("--fresh-logprobs", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = bench_root()
     if args.ours_only:
-        print(json.dumps(run_ours(root / "data", args.algo, args.seed)))
+        print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
     ppo_python = root / "venv112" / "bin" / "python"
     if args.algo == "ppo":
         ensure_reward_model(root, trl_python)
-    ours, theirs = [], []
+    ours, fresh, theirs = [], [], []
     for r in range(args.repeats):
-        out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo,
-                              "--seed", str(r if args.seeds else 0)], check=True, capture_output=True, text=True)
-        ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for extra, results in ([], ours), (["--fresh-logprobs"], fresh if args.algo == "ppo" else None):
+            if results is None:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo, *extra,
+                                  "--seed", str(r if args.seeds else 0)], check=True, capture_output=True, text=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if args.algo == "ppo" and ppo_python.exists():
             peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r)],
                                   check=True, capture_output=True, text=True, env={**os.environ, "TRL_BENCH_ROOT": str(root)})
@@ -160,6 +167,7 @@ def main() -> None:
     print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {gens} x {NEW} tokens, {STEPS} steps (window "
                 f"{WARMUP + 1}-{STEPS}), median of {args.repeats}",
                 [(f"rlhf-lab rl ({args.algo})", ours),
+                 *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),
                  ("TRL 1.12 PPOTrainer" if args.algo == "ppo" else f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
                  ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", "reward, steps 51-60", ".4f")],

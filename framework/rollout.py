@@ -33,6 +33,7 @@ class Generation:
     prompt_ids: "torch.Tensor"
     prompt_mask: "torch.Tensor"
     response_ids: "torch.Tensor"
+    logits: "torch.Tensor | None" = None  # [batch, new_len, vocab]: the raw logits of each sampling step (on request)
 
 
 class InverseCDFSampler:
@@ -65,8 +66,9 @@ class HFGenerator:
         self.stop_ids = list(stop_ids)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
-                     logits_processor=None) -> Generation:
-        """logits_processor: optional transformers LogitsProcessorList applied at every step (e.g. expert mixing)."""
+                     logits_processor=None, return_logits: bool = False) -> Generation:
+        """logits_processor: optional transformers LogitsProcessorList applied at every step (e.g. expert mixing).
+        return_logits: also return the model's raw logits at every step (before any processor or temperature)."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -91,6 +93,8 @@ class HFGenerator:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         elif settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        if return_logits:
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -101,4 +105,7 @@ class HFGenerator:
                 )
         finally:
             self.model.train(was_training)
+        if return_logits:
+            return Generation(prompt_ids=ids, prompt_mask=mask, response_ids=out.sequences[:, width:],
+                              logits=torch.stack(out.logits, 1).float())
         return Generation(prompt_ids=ids, prompt_mask=mask, response_ids=out[:, width:])

@@ -47,7 +47,7 @@ class Broken(RewardFunction):
         return [float("nan")] + [0.0] * (len(completions) - 1)
 
 
-def module(tokenizer, algorithm, reward, tmp_path, updates=8):
+def module(tokenizer, algorithm, reward, tmp_path, updates=8, **kwargs):
     lm = tiny_lm(tokenizer)
     reference = tiny_lm(tokenizer)
     reference.load_state_dict(lm.state_dict())
@@ -57,7 +57,7 @@ def module(tokenizer, algorithm, reward, tmp_path, updates=8):
                     {"controller": "fixed", "coef": 0.05, "estimator": "k1"}, "chat",
                     SamplingSettings(max_new_tokens=8, temperature=0.7), {"lr": 1e-3}, {"warmup_steps": 0,
                                                                                          "min_lr_ratio": 0.0},
-                    updates, no_eos_penalty=1.0, reward_clip=None, gradient_clip=1.0, sample_dir=tmp_path)
+                    updates, no_eos_penalty=1.0, reward_clip=None, gradient_clip=1.0, sample_dir=tmp_path, **kwargs)
 
 
 def fit(mod, iterations=2):
@@ -199,3 +199,35 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
     critic = PolicyWithValue(lm, value_head=True, critic=(trunk, nn.Linear(32, 1)))
     values, all_values = critic(ids, mask, 5)[1], critic(ids, mask)[1]
     assert torch.allclose(values, all_values[:, 6:11]) and values.abs().sum() > 0
+
+
+def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_path):
+    """stage.logprobs_from_sampling: the behaviour log-probs are the sampling pass's (KV cache, eval mode), equal to
+    a fresh forward's up to float rounding; a separate critic's values are what the joint forward gives; a PPO run
+    on them starts on policy (ratio 1 to ~1e-6)."""
+    mod = module(tokenizer, GRPO(generations=2, epochs=2), Length(), tmp_path, logprobs_from_sampling=True)
+    critic = tiny_lm(tokenizer, seed=1)
+    disable_dropout(critic)
+    mod.policy = PolicyWithValue(mod.policy.lm, True, critic=(critic.transformer, nn.Linear(32, 1)))
+    widths = []  # the input width of every policy forward: generation's prefill and steps, or a fresh forward
+    mod.policy.lm.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].size(1)), with_kwargs=True)
+    torch.manual_seed(0)
+    roll = mod.rollout(PROMPTS)
+    ids = torch.cat([roll.query_ids, roll.response_ids], 1)
+    mask = torch.cat([roll.query_mask, roll.response_mask], 1)
+    length = roll.response_ids.size(1)
+    assert widths and ids.size(1) not in widths  # no forward over prompt + response: only the sampling pass
+    logits, values = mod.policy(ids, mask, length)
+    fresh = token_logprobs(logits, roll.response_ids, 0.7)
+    real = roll.response_mask.bool()
+    assert real.sum() > len(PROMPTS) and torch.allclose(roll.logprobs[real], fresh[real], atol=1e-5)
+    assert torch.allclose(roll.values, values, atol=1e-6)
+    assert "objective/entropy" in roll.stats
+
+    mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path, logprobs_from_sampling=True)
+    critic = tiny_lm(tokenizer, seed=1)
+    disable_dropout(critic)
+    mod.policy = PolicyWithValue(mod.policy.lm, True, critic=(critic.transformer, nn.Linear(32, 1)))
+    metrics = fit(mod).callback_metrics
+    assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    assert metrics["first_minibatch/policy/clipfrac"].item() == 0.0

@@ -92,6 +92,16 @@ class PolicyWithValue(nn.Module):
             hidden = response_positions(hidden, response_length)
         return out.logits, self.value(hidden).squeeze(-1)
 
+    def values(self, ids: torch.Tensor, mask: torch.Tensor, response_length: int) -> torch.Tensor | None:
+        """The values alone (None without a critic): a separate critic runs without the policy; a value head on the
+        policy's trunk needs the policy's forward anyway."""
+        if self.value is None:
+            return None
+        if self.critic is None:
+            return self(ids, mask, response_length)[1]
+        hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **no_cache(self.critic))
+        return self.value(response_positions(hidden.last_hidden_state, response_length)).squeeze(-1)
+
 
 def causal_lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                       response_length: int | None, **kwargs):
@@ -178,7 +188,8 @@ class RLModule(pl.LightningModule):
                  reward: RewardFunction, kl: Mapping[str, Any], fmt: str, sampling: SamplingSettings,
                  optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], total_updates: int,
                  no_eos_penalty: float | None, reward_clip: float | None, gradient_clip: float | None,
-                 evaluator=None, sample_dir: Path | None = None, context: int | None = None, seed: int = 0):
+                 evaluator=None, sample_dir: Path | None = None, context: int | None = None, seed: int = 0,
+                 logprobs_from_sampling: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -195,6 +206,7 @@ class RLModule(pl.LightningModule):
         self.sample_dir = sample_dir
         self.encode = PromptEncoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.seed = seed
+        self.logprobs_from_sampling = logprobs_from_sampling
         # no reference forward when nothing uses it (e.g. a fixed zero KL coefficient)
         self.use_reference = algorithm.needs_reference(float(kl.get("coef", 0.05)),
                                                        str(kl.get("controller", "fixed")) == "adaptive")
@@ -242,7 +254,12 @@ class RLModule(pl.LightningModule):
         prompts = [p for p in prompts for _ in range(k)]
         encoded = [self.encode(p.text) for p in prompts]
         started = time.perf_counter()
-        gen = HFGenerator(self.policy.lm, self.tokenizer, [self.stop_id]).generate_ids(encoded, self.sampling)
+        # with logprobs_from_sampling, the behaviour log-probs come from the sampling pass's own logits (as TRL's
+        # PPOTrainer takes them) when no value head needs the policy's forward anyway
+        from_sampling = policy_logprobs and self.logprobs_from_sampling and (
+            self.policy.value is None or self.policy.critic is not None)
+        gen = HFGenerator(self.policy.lm, self.tokenizer, [self.stop_id]).generate_ids(
+            encoded, self.sampling, return_logits=from_sampling)
         gen_s = time.perf_counter() - started
         response = gen.response_ids
         response_mask, ended = stop_mask(response, self.stop_id)
@@ -252,7 +269,11 @@ class RLModule(pl.LightningModule):
         length = response.size(1)
 
         logprobs, values, stats = None, None, {}
-        if policy_logprobs:
+        if from_sampling:
+            logprobs, entropy = token_logprobs_and_entropy(gen.logits, response, self.sampling.temperature)
+            values = self.policy.values(ids, mask, length)
+            stats["objective/entropy"] = float(masked_mean(entropy, response_mask))
+        elif policy_logprobs:
             logits, values = self.policy(ids, mask, length)
             logprobs, entropy = token_logprobs_and_entropy(logits, response, self.sampling.temperature)
             stats["objective/entropy"] = float(masked_mean(entropy, response_mask))
@@ -451,7 +472,7 @@ class RLStage(Stage):
                  optimizer: Mapping | None = None, scheduler: Mapping | None = None, kl: Mapping | None = None,
                  no_eos_penalty: float | None = None, reward_clip: float | None = None,
                  gradient_clip: float | None = 1.0, checkpoint_every_n_iterations: int = 50,
-                 eval: Mapping | None = None, offline: Mapping | None = None):
+                 eval: Mapping | None = None, offline: Mapping | None = None, logprobs_from_sampling: bool = False):
         check_format(format)
         if iterations < 1 or prompts_per_iteration < 1 or max_new_tokens < 1 or temperature <= 0:
             raise ConfigError("stage.iterations, stage.prompts_per_iteration and stage.max_new_tokens must be >= 1 "
@@ -466,6 +487,7 @@ class RLStage(Stage):
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})
         self.offline = dict(offline or {})
+        self.logprobs_from_sampling = bool(logprobs_from_sampling)
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
@@ -516,7 +538,8 @@ class RLStage(Stage):
                                   reference)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
                           self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
-                          self.gradient_clip, evaluator, ctx.output_dir, n_ctx, int(cfg.seed))
+                          self.gradient_clip, evaluator, ctx.output_dir, n_ctx, int(cfg.seed),
+                          logprobs_from_sampling=self.logprobs_from_sampling)
         cursor = PromptCursor(prompts, per_iter, self.iterations, int(cfg.seed), start=lambda: module.iteration,
                               rank=lambda: module.global_rank)
         loader = DataLoader(cursor, batch_size=None, collate_fn=_as_is)
