@@ -85,22 +85,19 @@ class PolicyWithValue(nn.Module):
             return out.logits, None
         if shared:
             hidden = out.hidden_states[-1]
-        else:
-            hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos, **no_cache(self.critic))
-            hidden = hidden.last_hidden_state
+            if response_length is not None:
+                hidden = response_positions(hidden, response_length)
+            return out.logits, self.value(hidden).squeeze(-1)
+        return out.logits, self.critic_values(ids, mask, pos, response_length)
+
+    def critic_values(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                      response_length: int | None) -> torch.Tensor:
+        """The separate critic's values alone (it needs no policy forward)."""
+        hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos, **no_cache(self.critic))
+        hidden = hidden.last_hidden_state
         if response_length is not None:
             hidden = response_positions(hidden, response_length)
-        return out.logits, self.value(hidden).squeeze(-1)
-
-    def values(self, ids: torch.Tensor, mask: torch.Tensor, response_length: int) -> torch.Tensor | None:
-        """The values alone (None without a critic): a separate critic runs without the policy; a value head on the
-        policy's trunk needs the policy's forward anyway."""
-        if self.value is None:
-            return None
-        if self.critic is None:
-            return self(ids, mask, response_length)[1]
-        hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **no_cache(self.critic))
-        return self.value(response_positions(hidden.last_hidden_state, response_length)).squeeze(-1)
+        return self.value(hidden).squeeze(-1)
 
 
 def causal_lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -271,7 +268,8 @@ class RLModule(pl.LightningModule):
         logprobs, values, stats = None, None, {}
         if from_sampling:
             logprobs, entropy = token_logprobs_and_entropy(gen.logits, response, self.sampling.temperature)
-            values = self.policy.values(ids, mask, length)
+            values = (None if self.policy.critic is None
+                      else self.policy.critic_values(ids, mask, positions(mask), length))
             stats["objective/entropy"] = float(masked_mean(entropy, response_mask))
         elif policy_logprobs:
             logits, values = self.policy(ids, mask, length)
