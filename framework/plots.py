@@ -22,5 +22,5 @@ def save_plot(plt, fig, axes, path: Path) -> None:
         if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep a legend the caller made
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(fig)

@@ -361,6 +361,8 @@ def test_policy_samples_leave_the_run_random_stream_alone(tiny_lm_and_tokenizer,
 
 def test_a_reward_model_as_the_gold_keeps_the_base_task_and_scores_in_batches(tiny_lm_and_tokenizer, tmp_path):
     """task=rm_gold: the base task's prompts and expert, the gold RM's normalised scores as the gold (one batch)."""
+    from omegaconf import OmegaConf
+
     from framework.reward import TaskGold
     from plugins.rewards.learned import LearnedReward
     from plugins.tasks.learned_gold import RewardModelGold
@@ -374,6 +376,8 @@ def test_a_reward_model_as_the_gold_keeps_the_base_task_and_scores_in_batches(ti
         RewardModelGold(FriendlyReply(), str(raw_dir))
     with pytest.raises(ConfigError, match="task.path=<the gold reward model dir>"):
         RewardModelGold(FriendlyReply(), "")
+    with pytest.raises(ConfigError, match="task.base must be a task .* got DictConfig"):
+        RewardModelGold(OmegaConf.create({"name": "friendly_reply"}), str(raw_dir))  # a base without `_target_`
     out = export_reward_model(rm, LastToken(), spec, tok, tmp_path / "rm",
                               {"format": "chat", "max_length": 64, "normalized_on": 128})
     base = FriendlyReply()

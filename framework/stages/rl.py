@@ -84,17 +84,17 @@ class PolicyWithValue(nn.Module):
         if self.value is None:
             return out.logits, None
         if shared:
-            hidden = out.hidden_states[-1]
-            if response_length is not None:
-                hidden = response_positions(hidden, response_length)
-            return out.logits, self.value(hidden).squeeze(-1)
+            return out.logits, self.values_of(out.hidden_states[-1], response_length)
         return out.logits, self.critic_values(ids, mask, pos, response_length)
 
     def critic_values(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                       response_length: int | None) -> torch.Tensor:
         """The separate critic's values alone (it needs no policy forward)."""
         hidden = self.critic(input_ids=ids, attention_mask=mask, position_ids=pos, **no_cache(self.critic))
-        hidden = hidden.last_hidden_state
+        return self.values_of(hidden.last_hidden_state, response_length)
+
+    def values_of(self, hidden: torch.Tensor, response_length: int | None) -> torch.Tensor:
+        """The value layer over a trunk's last hidden state [B, L, H] -> [B, L] (or [B, response_length])."""
         if response_length is not None:
             hidden = response_positions(hidden, response_length)
         return self.value(hidden).squeeze(-1)

@@ -213,12 +213,11 @@ class OveroptimizationReport(SweepReport):
                     continue
                 mean = mean_curve(pts)
                 ds = [p["d"] for p in mean]
-                line, = ax.plot(ds, [p["gold_gain"] for p in mean], marker="o", label=f"gold, {label}")
+                line, = ax.plot(ds, [p["gold_gain"] for p in mean], marker="o", label=label)
                 if any(p["gold_gain_sd"] > 0 for p in mean):  # several seeds: their spread at each evaluation
                     ax.errorbar(ds, [p["gold_gain"] for p in mean], yerr=[p["gold_gain_sd"] for p in mean],
                                 fmt="none", ecolor=line.get_color(), alpha=0.5, capsize=2)
-                right.plot(ds, [p["proxy_gain"] for p in mean], linestyle="--", color=line.get_color(),
-                           label=f"proxy, {label}")
+                right.plot(ds, [p["proxy_gain"] for p in mean], linestyle="--", color=line.get_color())
                 alpha, beta = fits[(m, label)]
                 if math.isfinite(alpha):
                     grid = [max(ds) * k / 50 for k in range(1, 51)]
@@ -232,6 +231,6 @@ class OveroptimizationReport(SweepReport):
                 low = min(lo / hi, rlo / rhi)
                 ax.set_ylim(low * hi, hi)
                 right.set_ylim(low * rhi, rhi)
-            handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
-            ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
+            # one entry per proxy (its colour; solid gold, dashed proxy), below the panel so that no curve is hidden
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
         save_plot(plt, fig, axes, path)
