@@ -12,7 +12,9 @@ trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32
 value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
 minibatches, KL coefficient 0.05, constant lr 5e-4. Like TRL's PPOTrainer, our side takes the behaviour log-probs
 from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours recomputes them in a fresh forward
-(our default), in the same sitting.
+(our default), in the same sitting. That reward model scores almost every sample of the random initial policy alike,
+so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
+fraction of "a") instead, whose curve moves (the value model still starts from the reward model).
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -47,7 +49,8 @@ def fraction_of_a(completions) -> list[float]:
     return out
 
 
-def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False) -> dict:
+def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False, ppo_reward: str = "rm",
+             steps: int = STEPS, ppo_kl: float = 0.05) -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -79,24 +82,26 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False)
     if algo == "ppo":
         rm_dir = str(data.parent / "out" / "rm_model")
         algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
-        reward, critic = LearnedReward(rm_dir, allow_unnormalized=True, format="plain"), critic_from_reward_model(rm_dir)[:2]
+        critic = critic_from_reward_model(rm_dir)[:2]
+        if ppo_reward == "rm":
+            reward = LearnedReward(rm_dir, allow_unnormalized=True, format="plain")
     elif algo == "grpo":
         algorithm = GRPO(generations=GENERATIONS, beta=0.0)
     else:
         algorithm = RLOO(generations=GENERATIONS)
-    kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else 0.05, "estimator": "k1"}
+    kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else ppo_kl if algo == "ppo" else 0.05, "estimator": "k1"}
     # TRL's PPOTrainer cannot force a length: there, and so here, a sample may stop early at its EOS
     sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=0 if algo == "ppo" else NEW, temperature=1.0)
     # the peers' gradient clipping: TRL 1.16's GRPO/RLOO trainers clip at transformers' default max_grad_norm 1.0;
     # TRL 1.12's PPOTrainer has its own update loop that never clips
     gradient_clip = None if algo == "ppo" else 1.0
     per_step = PROMPTS * int(algorithm.generations_per_prompt)
-    updates = STEPS * int(algorithm.epochs) * int(algorithm.minibatches)
+    updates = steps * int(algorithm.epochs) * int(algorithm.minibatches)
     module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
                       PEER_ADAMW, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
                       no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed,
                       logprobs_from_sampling=algo == "ppo" and not fresh_logprobs)
-    loader = DataLoader(PromptCursor(prompts, PROMPTS, STEPS, 0, start=lambda: module.iteration, rank=lambda: 0),
+    loader = DataLoader(PromptCursor(prompts, PROMPTS, steps, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
     times, gen, rewards = [], [], []
 
@@ -135,14 +140,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seeds", action="store_true",
                     help="repeat r of our side samples with seed r (default: seed 0 every time), to see the spread "
-                         "of the reward columns; TRL's side keeps its own seed")
+                         "of the reward columns; TRL's side keeps its own seed, except for PPO (our harness), "
+                         "where it takes seed r too")
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
     ap.add_argument("--fresh-logprobs", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-reward", choices=("rm", "a"), default="rm",
+                    help="PPO's reward on both sides: the peer's reward model (rm) or the fraction of 'a' (a)")
+    ap.add_argument("--ppo-kl", type=float, default=0.05,
+                    help="PPO only: the KL coefficient on both sides (at 0 our side skips the reference forward; "
+                         "TRL 1.12's PPOTrainer still runs it)")
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help="PPO only: steps per run (the reward columns are the first and last 10; a longer run shows "
+                         "more of the reward curve)")
     args = ap.parse_args()
+    if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm") and args.algo != "ppo":
+        ap.error(f"--steps, --ppo-kl and --ppo-reward are for --algo ppo: TRL's {args.algo} side is the peer's own run")
     root = bench_root()
     if args.ours_only:
-        print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs)))
+        print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,
+                                  args.ppo_kl)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
@@ -155,26 +172,34 @@ def main() -> None:
             if results is None:
                 continue
             out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo, *extra,
+                                  "--ppo-reward", args.ppo_reward, "--steps", str(args.steps),
+                                  "--ppo-kl", str(args.ppo_kl),
                                   "--seed", str(r if args.seeds else 0)], check=True, capture_output=True, text=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if args.algo == "ppo" and ppo_python.exists():
-            peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r)],
+            peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r),
+                                   "--reward", args.ppo_reward, "--steps", str(args.steps), "--kl", str(args.ppo_kl),
+                                   "--seed", str(r if args.seeds else 0)],
                                   check=True, capture_output=True, text=True, env={**os.environ, "TRL_BENCH_ROOT": str(root)})
             theirs.append({"gen_share": float("nan"), **json.loads(peer.stdout.strip().splitlines()[-1])})
         elif args.algo != "ppo" and trl_python.exists():
             theirs.append(run_trl(root, args.algo, r, KEYS))
     gens = 1 if args.algo == "ppo" else GENERATIONS
-    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {gens} x {NEW} tokens, {STEPS} steps (window "
-                f"{WARMUP + 1}-{STEPS}), median of {args.repeats}",
+    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {gens} x {NEW} tokens, {args.steps} steps (window "
+                f"{WARMUP + 1}-{args.steps}), median of {args.repeats}",
                 [(f"rlhf-lab rl ({args.algo})", ours),
                  *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),
                  ("TRL 1.12 PPOTrainer" if args.algo == "ppo" else f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
-                 ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", "reward, steps 51-60", ".4f")],
+                 ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", f"reward, steps {args.steps - 9}-{args.steps}", ".4f")],
                 "episodes_per_s")
     if args.seeds:
         last = [round(x["reward_last10"], 4) for x in ours]
-        print(f"reward, steps 51-60, ours by seed 0..{len(ours) - 1}: {last} (spread {max(last) - min(last):.4f})")
+        print(f"reward, steps {args.steps - 9}-{args.steps}, ours by seed 0..{len(ours) - 1}: {last} (spread {max(last) - min(last):.4f})")
+        if args.algo == "ppo":
+            for name, rows in (("ours", ours), ("ours, fresh forward", fresh), ("TRL", theirs)):
+                print(f"  {name} by seed: first 10 {[round(x['reward_first10'], 4) for x in rows]}, "
+                      f"last 10 {[round(x['reward_last10'], 4) for x in rows]}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
 """TRL's PPO on the peer workload, for benchmarks/rl_throughput.py --algo ppo. Runs in a venv with trl==1.12.0 (the
 last release with `trl.experimental.ppo`) and torch==2.13.0, never in the project's environment:
 
-    $TRL_BENCH_ROOT/venv112/bin/python benchmarks/trl_ppo_peer.py --repeat 0     # prints one JSON line
+    $TRL_BENCH_ROOT/venv112/bin/python benchmarks/trl_ppo_peer.py --repeat 0 [--reward a]   # prints one JSON line
 
 Workload (the same as ours): the peer's seed-0 initial policy (1.33 M params) and its frozen copy as reference;
 the reward model trained by the peer's `rm` task (`$TRL_BENCH_ROOT/out/rm_model`, a GPT2ForSequenceClassification),
 which also initialises the value model; per step 16 prompts x 1 sample x up to 32 new tokens at temperature 1;
 4 PPO epochs x 4 minibatches, KL coefficient 0.05 (k1), constant lr 5e-4, 60 steps, throughput over steps 6-60.
+
+`--reward a` scores the responses with the peer's GRPO reward instead (the fraction of non-space completion
+characters that are "a", on the decoded response as TRL's GRPOTrainer decodes it): that reward model scores nearly
+every sample of a random policy alike, so its curve compares nothing, while this one moves. TRL 1.12's PPOTrainer
+takes only a model as its reward, so the harness replaces the trainer's `get_reward` for the reward call (the value
+model's calls are untouched, and the value model still starts from the reward model).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -23,16 +30,21 @@ STEPS, WARMUP, PROMPTS, NEW, LR = 60, 5, 16, 32, 5e-4
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=0)
+    ap.add_argument("--reward", choices=("rm", "a"), default="rm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--kl", type=float, default=0.05, help="the KL coefficient")
     args = ap.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+    ppo_trainer = importlib.import_module("trl.experimental.ppo.ppo_trainer")
 
     root = os.environ.get("TRL_BENCH_ROOT", "/tmp/trl-bench")
     data, rm_dir = f"{root}/data", f"{root}/out/rm_model"
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(f"{data}/tokenizer", padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in open(f"{data}/rl_prompts.jsonl")]
     ds = Dataset.from_list([{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts])
@@ -40,11 +52,25 @@ def main() -> None:
     ref = AutoModelForCausalLM.from_pretrained(f"{data}/init_policy")
     reward = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     value = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    if args.reward == "a":
+        model_reward = ppo_trainer.get_reward
+
+        def get_reward(model, query_responses, pad_token_id, context_length):
+            if model is not reward:
+                return model_reward(model, query_responses, pad_token_id, context_length)
+            texts = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+            fractions = []
+            for text in texts:
+                chars = text.replace(" ", "")
+                fractions.append(chars.count("a") / len(chars) if chars else 0.0)
+            return None, torch.tensor(fractions), None
+
+        ppo_trainer.get_reward = get_reward
     cfg = PPOConfig(
         output_dir=f"{root}/out/ppo_r{args.repeat}", per_device_train_batch_size=PROMPTS, num_mini_batches=4,
-        gradient_accumulation_steps=1, num_ppo_epochs=4, total_episodes=PROMPTS * STEPS, response_length=NEW,
-        temperature=1.0, kl_coef=0.05, kl_estimator="k1", learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, seed=0, use_cpu=True, bf16=False, fp16=False, report_to="none",
+        gradient_accumulation_steps=1, num_ppo_epochs=4, total_episodes=PROMPTS * args.steps, response_length=NEW,
+        temperature=1.0, kl_coef=args.kl, kl_estimator="k1", learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, seed=args.seed, use_cpu=True, bf16=False, fp16=False, report_to="none",
         logging_steps=1, save_strategy="no", eval_strategy="no", num_sample_generations=0, disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, local_rollout_forward_batch_size=PROMPTS,
         stop_token="eos", missing_eos_penalty=None, gradient_checkpointing=False,
