@@ -10,7 +10,7 @@ of time spent generating, and the reward over the first and last 10 steps (the l
 `--algo ppo` runs PPO beside TRL 1.12's `trl.experimental.ppo.PPOTrainer` (TRL 1.16 has no PPO; benchmarks/
 trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32 new tokens per step, reward and
 value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
-minibatches, KL coefficient 0.05, constant lr 5e-4. Like TRL's PPOTrainer, our side takes the behaviour log-probs
+minibatches, KL coefficient 0.05 (`--ppo-kl`), constant lr 5e-4, 60 steps (`--steps`). Like TRL's PPOTrainer, our side takes the behaviour log-probs
 from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours recomputes them in a fresh forward
 (our default), in the same sitting. That reward model scores almost every sample of the random initial policy alike,
 so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
@@ -156,6 +156,9 @@ def main() -> None:
     args = ap.parse_args()
     if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm") and args.algo != "ppo":
         ap.error(f"--steps, --ppo-kl and --ppo-reward are for --algo ppo: TRL's {args.algo} side is the peer's own run")
+    if args.steps < 20:
+        ap.error(f"--steps {args.steps}: at least 20 (throughput is timed after {WARMUP} warm-up steps, and the "
+                 "reward columns are the first and the last 10 steps)")
     root = bench_root()
     if args.ours_only:
         print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,

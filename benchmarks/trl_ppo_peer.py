@@ -6,7 +6,8 @@ last release with `trl.experimental.ppo`) and torch==2.13.0, never in the projec
 Workload (the same as ours): the peer's seed-0 initial policy (1.33 M params) and its frozen copy as reference;
 the reward model trained by the peer's `rm` task (`$TRL_BENCH_ROOT/out/rm_model`, a GPT2ForSequenceClassification),
 which also initialises the value model; per step 16 prompts x 1 sample x up to 32 new tokens at temperature 1;
-4 PPO epochs x 4 minibatches, KL coefficient 0.05 (k1), constant lr 5e-4, 60 steps, throughput over steps 6-60.
+4 PPO epochs x 4 minibatches, KL coefficient 0.05 (k1; `--kl`), constant lr 5e-4, 60 steps (`--steps`),
+throughput over steps 6 to the end.
 
 `--reward a` scores the responses with the peer's GRPO reward instead (the fraction of non-space completion
 characters that are "a", on the decoded response as TRL's GRPOTrainer decodes it): that reward model scores nearly
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--kl", type=float, default=0.05, help="the KL coefficient")
     args = ap.parse_args()
+    if args.steps <= WARMUP:
+        ap.error(f"--steps {args.steps}: more than the {WARMUP} warm-up steps, or nothing is timed")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
@@ -61,9 +64,9 @@ def main() -> None:
             texts = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
             fractions = []
             for text in texts:
-                chars = text.replace(" ", "")
+                chars = text.strip().replace(" ", "")  # as our side, which strips the decoded completion
                 fractions.append(chars.count("a") / len(chars) if chars else 0.0)
-            return None, torch.tensor(fractions), None
+            return None, torch.tensor(fractions, dtype=torch.float32, device=query_responses.device), None
 
         ppo_trainer.get_reward = get_reward
     cfg = PPOConfig(
