@@ -10,9 +10,9 @@ of time spent generating, and the reward over the first and last 10 steps (the l
 `--algo ppo` runs PPO beside TRL 1.12's `trl.experimental.ppo.PPOTrainer` (TRL 1.16 has no PPO; benchmarks/
 trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32 new tokens per step, reward and
 value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
-minibatches, KL coefficient 0.05 (`--ppo-kl`), constant lr 5e-4, 60 steps (`--steps`). Like TRL's PPOTrainer, our side takes the behaviour log-probs
-from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours recomputes them in a fresh forward
-(our default), in the same sitting. That reward model scores almost every sample of the random initial policy alike,
+minibatches, KL coefficient 0.05 (`--ppo-kl`), constant lr 5e-4, 60 steps (`--steps`). Like TRL's PPOTrainer, our
+side takes the behaviour log-probs from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours
+recomputes them in a fresh forward (our default), in the same sitting. That reward model scores almost every sample of the random initial policy alike,
 so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
 fraction of "a") instead, whose curve moves (the value model still starts from the reward model).
 
@@ -89,7 +89,7 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
         algorithm = GRPO(generations=GENERATIONS, beta=0.0)
     else:
         algorithm = RLOO(generations=GENERATIONS)
-    kl = {"controller": "fixed", "coef": 0.0 if algo == "grpo" else ppo_kl if algo == "ppo" else 0.05, "estimator": "k1"}
+    kl = {"controller": "fixed", "coef": {"grpo": 0.0, "ppo": ppo_kl}.get(algo, 0.05), "estimator": "k1"}
     # TRL's PPOTrainer cannot force a length: there, and so here, a sample may stop early at its EOS
     sampling = SamplingSettings(max_new_tokens=NEW, min_new_tokens=0 if algo == "ppo" else NEW, temperature=1.0)
     # the peers' gradient clipping: TRL 1.16's GRPO/RLOO trainers clip at transformers' default max_grad_norm 1.0;

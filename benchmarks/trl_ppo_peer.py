@@ -44,6 +44,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     ppo_trainer = importlib.import_module("trl.experimental.ppo.ppo_trainer")
+    from rl_throughput import fraction_of_a  # the same scoring as our side (benchmarks/ is this script's sys.path[0])
 
     root = os.environ.get("TRL_BENCH_ROOT", "/tmp/trl-bench")
     data, rm_dir = f"{root}/data", f"{root}/out/rm_model"
@@ -56,16 +57,13 @@ def main() -> None:
     reward = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     value = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     if args.reward == "a":
-        model_reward = ppo_trainer.get_reward
+        original = ppo_trainer.get_reward
 
         def get_reward(model, query_responses, pad_token_id, context_length):
             if model is not reward:
-                return model_reward(model, query_responses, pad_token_id, context_length)
+                return original(model, query_responses, pad_token_id, context_length)
             texts = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
-            fractions = []
-            for text in texts:
-                chars = text.strip().replace(" ", "")  # as our side, which strips the decoded completion
-                fractions.append(chars.count("a") / len(chars) if chars else 0.0)
+            fractions = fraction_of_a([t.strip() for t in texts])  # stripped, as our side decodes a completion
             return None, torch.tensor(fractions, dtype=torch.float32, device=query_responses.device), None
 
         ppo_trainer.get_reward = get_reward

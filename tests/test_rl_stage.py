@@ -205,10 +205,14 @@ def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_p
     """stage.logprobs_from_sampling: the behaviour log-probs are the sampling pass's (KV cache, eval mode), equal to
     a fresh forward's up to float rounding; a separate critic's values are what the joint forward gives; a PPO run
     on them starts on policy (ratio 1 to ~1e-6)."""
-    mod = module(tokenizer, GRPO(generations=2, epochs=2), Length(), tmp_path, logprobs_from_sampling=True)
-    critic = tiny_lm(tokenizer, seed=1)
-    disable_dropout(critic)
-    mod.policy = PolicyWithValue(mod.policy.lm, True, critic=(critic.transformer, nn.Linear(32, 1)))
+    def with_separate_critic(mod):
+        critic = tiny_lm(tokenizer, seed=1)
+        disable_dropout(critic)
+        mod.policy = PolicyWithValue(mod.policy.lm, True, critic=(critic.transformer, nn.Linear(32, 1)))
+        return mod
+
+    mod = with_separate_critic(module(tokenizer, GRPO(generations=2, epochs=2), Length(), tmp_path,
+                                      logprobs_from_sampling=True))
     widths = []  # the input width of every policy forward: generation's prefill and steps, or a fresh forward
     mod.policy.lm.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].size(1)), with_kwargs=True)
     torch.manual_seed(0)
@@ -224,10 +228,8 @@ def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_p
     assert torch.allclose(roll.values, values, atol=1e-6)
     assert "objective/entropy" in roll.stats
 
-    mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path, logprobs_from_sampling=True)
-    critic = tiny_lm(tokenizer, seed=1)
-    disable_dropout(critic)
-    mod.policy = PolicyWithValue(mod.policy.lm, True, critic=(critic.transformer, nn.Linear(32, 1)))
+    mod = with_separate_critic(module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path,
+                                      logprobs_from_sampling=True))
     metrics = fit(mod).callback_metrics
     assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-5)
     assert metrics["first_minibatch/policy/clipfrac"].item() == 0.0
