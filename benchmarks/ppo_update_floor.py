@@ -1,0 +1,134 @@
+"""Where one PPO update of the `--algo ppo` workload of benchmarks/rl_throughput.py spends its time, against the
+floor of its matrix products on this machine: how much faster the update could get without lower precision.
+
+One update = the stage's own forward of policy and separate critic (`PolicyWithValue`, LM head only over the 32
+response positions), log-probs, a PPO-shaped loss, backward, fused AdamW; a minibatch of 4 of the peer's prompts,
+left-padded, with 32 response tokens (as in a rollout). It prints:
+- the update's time (median of `--repeats` blocks of 50 updates);
+- the matrix products' share of it (torch.profiler: aten::mm, addmm, bmm, their FLOPs), and the time those FLOPs
+  take at the rate an sgemm of the update's own shapes reaches here, measured in the same process;
+- the bound on running policy and critic trunks as one computation: the two trunks' forward and backward at
+  batch 4 beside one trunk at batch 8 (the same FLOPs, half the operator calls).
+
+    TRL_BENCH_ROOT=/tmp/trl-bench python benchmarks/ppo_update_floor.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import bench_root  # noqa: E402
+
+PROMPTS, NEW = 4, 32
+
+
+def timed(fn, n: int, repeats: int) -> float:
+    """Median ms per call over `repeats` blocks of `n` calls, after a warm-up block."""
+    for _ in range(max(3, n // 5)):
+        fn()
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        blocks.append((time.perf_counter() - start) / n * 1e3)
+    return statistics.median(blocks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from framework.models import load_causal_lm
+    from framework.reward import critic_from_reward_model
+    from framework.rl import token_logprobs
+    from framework.stages.rl import PolicyWithValue, disable_dropout, positions
+    from framework.tokenization import load_tokenizer
+
+    root = bench_root()
+    data, rm_dir = root / "data", root / "out" / "rm_model"
+    if not (rm_dir / "config.json").exists():
+        sys.exit(f"no reward model at {rm_dir}: run `python benchmarks/rl_throughput.py --algo ppo` once first")
+    torch.manual_seed(0)
+    tok = load_tokenizer(data / "tokenizer")
+    lm = load_causal_lm(str(data / "init_policy"))
+    critic = critic_from_reward_model(str(rm_dir))[:2]
+    for model in (lm, critic[0]):
+        disable_dropout(model)
+    policy = PolicyWithValue(lm, True, critic)
+    opt = torch.optim.AdamW(policy.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+
+    lines = (data / "rl_prompts.jsonl").read_text().splitlines()[:PROMPTS]
+    encoded = [tok(json.loads(line)["prompt"])["input_ids"] for line in lines]
+    width = max(map(len, encoded))
+    query = torch.full((PROMPTS, width), tok.pad_token_id)
+    query_mask = torch.zeros(PROMPTS, width, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        query[i, width - len(ids):], query_mask[i, width - len(ids):] = torch.tensor(ids), 1
+    response = torch.randint(0, len(tok), (PROMPTS, NEW))
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
+    old = torch.randn(PROMPTS, NEW) - 8.0
+    advantages, returns = torch.randn(PROMPTS, NEW), torch.randn(PROMPTS, NEW)
+
+    def update():
+        logits, values = policy(ids, mask, NEW)
+        ratio = (token_logprobs(logits, response) - old).exp()
+        loss = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages).mean()
+        loss = loss + 0.5 * (values - returns).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    update_ms = timed(update, 50, args.repeats)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(20):
+            update()
+    gemm = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    gemm_ms = sum(e.self_cpu_time_total for e in gemm) / 1e3 / 20
+    gemm_flops = sum(e.flops for e in gemm) / 20
+    rows = ids.numel()  # the sgemm rate of the update's own shape (tokens x hidden x 3 hidden), in this process
+    hidden = int(lm.config.hidden_size)
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, 3 * hidden)
+    sgemm_ms = timed(lambda: a @ b, 200, args.repeats)
+    rate = 2 * rows * hidden * 3 * hidden / (sgemm_ms / 1e3)
+    floor_ms = gemm_flops / rate * 1e3
+
+    trunks = {}
+    for batch in (PROMPTS, 2 * PROMPTS):
+        reps = batch // PROMPTS
+        bids, bmask = ids.repeat(reps, 1), mask.repeat(reps, 1)
+
+        def trunk_step(model=lm.transformer, bids=bids, bmask=bmask):
+            out = model(input_ids=bids, attention_mask=bmask, position_ids=positions(bmask), use_cache=False)
+            out.last_hidden_state.sum().backward()
+
+        trunks[batch] = timed(trunk_step, 30, args.repeats)
+    critic_ms = timed(lambda: critic[0](input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                        use_cache=False).last_hidden_state.sum().backward(), 30, args.repeats)
+    pair_ms = trunks[PROMPTS] + critic_ms
+    print(f"one PPO update, policy + separate critic, minibatch {PROMPTS} x {ids.size(1)} tokens, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats}:")
+    print(f"  update                                  {update_ms:7.2f} ms")
+    print(f"  matrix products (profiled)              {gemm_ms:7.2f} ms  {gemm_ms / update_ms:.0%} of the update, "
+          f"{gemm_flops / 1e9:.2f} GFLOP")
+    print(f"  the same FLOPs at this machine's sgemm  {floor_ms:7.2f} ms  ({rate / 1e9:.0f} GFLOP/s at "
+          f"{rows}x{hidden}x{3 * hidden}); products run at {floor_ms / gemm_ms:.0%} of it")
+    print(f"  everything else                         {update_ms - gemm_ms:7.2f} ms")
+    print(f"  policy trunk + critic trunk, fwd+bwd    {pair_ms:7.2f} ms  (batch {PROMPTS} each)")
+    print(f"  one trunk at batch {2 * PROMPTS}, fwd+bwd            {trunks[2 * PROMPTS]:7.2f} ms  "
+          f"bound on fusing the two: {pair_ms - trunks[2 * PROMPTS]:.2f} ms an update "
+          f"({(pair_ms - trunks[2 * PROMPTS]) / update_ms:.0%})")
+
+
+if __name__ == "__main__":
+    main()
