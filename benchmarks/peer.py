@@ -15,6 +15,19 @@ from typing import Callable
 PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peer-baseline" / "trl"
 
 
+def repeats(text: str) -> int:
+    """argparse type of `--repeats`: a whole number of at least 1 (the tables take medians over the repeats)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 (the tables are medians over the repeats)")
+    return value
+
+
 def bench_root() -> Path:
     return Path(os.environ.get("TRL_BENCH_ROOT", "/tmp/trl-bench"))
 
@@ -111,7 +124,7 @@ def bench_main(doc: str, script: str, run_ours: Callable[[Path], dict], task: st
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=repeats, default=3)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
     args = ap.parse_args()
     if args.ours_only:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_root  # noqa: E402
+from peer import bench_root, repeats  # noqa: E402
 
 PROMPTS, NEW = 4, 32
 
@@ -43,8 +43,13 @@ def timed(fn, n: int, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=repeats, default=5)
     args = ap.parse_args()
+    root = bench_root()
+    data, rm_dir = root / "data", root / "out" / "rm_model"
+    if not (rm_dir / "config.json").exists():
+        sys.exit(f"no reward model at {rm_dir}: run `python benchmarks/rl_throughput.py --algo ppo` once first "
+                 "(it makes the peer's data and trains it), or set TRL_BENCH_ROOT to where it was made")
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -54,10 +59,6 @@ def main() -> None:
     from framework.stages.rl import PolicyWithValue, disable_dropout, positions
     from framework.tokenization import load_tokenizer
 
-    root = bench_root()
-    data, rm_dir = root / "data", root / "out" / "rm_model"
-    if not (rm_dir / "config.json").exists():
-        sys.exit(f"no reward model at {rm_dir}: run `python benchmarks/rl_throughput.py --algo ppo` once first")
     torch.manual_seed(0)
     tok = load_tokenizer(data / "tokenizer")
     lm = load_causal_lm(str(data / "init_policy"))

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_root, ensure_data, print_table, run_trl  # noqa: E402
+from peer import bench_root, ensure_data, print_table, repeats, run_trl  # noqa: E402
 
 STEPS, WARMUP, PROMPTS, GENERATIONS, NEW, LR = 60, 5, 16, 4, 32, 5e-4
 # the peer's optimizer: transformers' TrainingArguments defaults (AdamW, betas 0.9/0.999, eps 1e-8) with weight
@@ -137,7 +137,7 @@ def ensure_reward_model(root: Path, trl_python: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=("grpo", "rloo", "ppo"), default="grpo")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=repeats, default=3)
     ap.add_argument("--seeds", action="store_true",
                     help="repeat r of our side samples with seed r (default: seed 0 every time), to see the spread "
                          "of the reward columns; TRL's side keeps its own seed, except for PPO (our harness), "

@@ -1,0 +1,55 @@
+"""The benchmarks' command lines refuse what they cannot measure with a clear message, before any work starts, and
+the PPO benchmark scores both sides with one function."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
+
+
+def bench(script: str, *args: str, root=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"TRL_BENCH_ROOT": str(root)} if root else {})}
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_rl_throughput_refuses_runs_too_short_to_time():
+    out = bench("rl_throughput.py", "--algo", "ppo", "--steps", "10")
+    assert out.returncode == 2
+    assert "--steps 10: at least 20" in out.stderr
+
+
+def test_rl_throughput_ppo_options_need_ppo():
+    out = bench("rl_throughput.py", "--algo", "grpo", "--ppo-kl", "0")
+    assert out.returncode == 2
+    assert "are for --algo ppo" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["rl_throughput.py", "ppo_update_floor.py", "sft_throughput.py"])
+@pytest.mark.parametrize("value, message", [("0", "0: at least 1"), ("two", "'two' is not a whole number")])
+def test_repeats_must_be_a_positive_whole_number(script, value, message):
+    out = bench(script, "--repeats", value)
+    assert out.returncode == 2
+    assert f"argument --repeats: {message}" in out.stderr
+
+
+def test_update_floor_names_the_missing_reward_model_and_how_to_make_it(tmp_path):
+    out = bench("ppo_update_floor.py", root=tmp_path)
+    assert out.returncode == 1
+    assert f"no reward model at {tmp_path / 'out' / 'rm_model'}" in out.stderr
+    assert "rl_throughput.py --algo ppo" in out.stderr
+
+
+def test_fraction_of_a_counts_non_space_characters():
+    spec = importlib.util.spec_from_file_location("rl_throughput_under_test", BENCH / "rl_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.fraction_of_a(["a a b", "aaaa", "", "   ", "bcd"]) == [2 / 3, 1.0, 0.0, 0.0, 0.0]
+    # the TRL PPO harness scores with this same function, not a copy of it
+    assert "from rl_throughput import fraction_of_a" in (BENCH / "trl_ppo_peer.py").read_text()
