@@ -26,9 +26,8 @@ def run_ours(data: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from framework.data import ListDataset
-    from framework.models import load_causal_lm
+    from framework.models import disable_dropout, load_causal_lm
     from framework.stages.preference import PreferenceModule, collate_pairs, encode_pairs
-    from framework.stages.rl import disable_dropout
     from framework.tokenization import load_tokenizer
     from plugins.algorithms.dpo import DPO
     from plugins.datasets.comparisons import JsonlComparisons

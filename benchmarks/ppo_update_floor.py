@@ -53,10 +53,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from framework.models import load_causal_lm
+    from framework.models import disable_dropout, load_causal_lm
     from framework.reward import critic_from_reward_model
     from framework.rl import token_logprobs
-    from framework.stages.rl import PolicyWithValue, disable_dropout, positions
+    from framework.stages.rl import PolicyWithValue, positions
     from framework.tokenization import load_tokenizer
 
     torch.manual_seed(0)

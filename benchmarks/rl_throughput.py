@@ -58,10 +58,10 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     from torch.utils.data import DataLoader
 
     from framework.interfaces import RewardFunction
-    from framework.models import load_causal_lm
+    from framework.models import disable_dropout, load_causal_lm
     from framework.records import Prompt
     from framework.rollout import SamplingSettings
-    from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule, disable_dropout
+    from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule
     from framework.tokenization import load_tokenizer
     from framework.reward import critic_from_reward_model
     from plugins.algorithms.group import GRPO, RLOO

@@ -14,7 +14,7 @@ from framework.interfaces import RewardFunction
 from framework.models import CausalLMFactory
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
-from framework.stages.rl import (NonFiniteReward, PolicyWithValue, RLModule, disable_dropout, response_positions,
+from framework.stages.rl import (NonFiniteReward, PolicyWithValue, RLModule, RLStage, disable_dropout, response_positions,
                                 trim_left_padding)
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO
@@ -86,6 +86,65 @@ def test_dropout_stays_off_and_the_first_minibatch_is_on_policy(tokenizer, tmp_p
                 "val/var_explained", "val/clipfrac", "response/length", "response/eos_fraction", "episodes_per_s",
                 "time/generation_s", "time/training_s"):
         assert key in metrics, key
+
+
+def forwards_agree(model, ids) -> bool:
+    """Two forwards in train mode give the same output: no dropout is active."""
+    model.train()
+    with torch.no_grad():
+        first, second = (model(input_ids=ids)[0] for _ in range(2))
+    return torch.equal(first, second)
+
+
+def test_dropout_goes_off_also_where_a_layer_keeps_its_rate_as_a_number(tokenizer):
+    """Llama-family attention keeps `attention_dropout` as a float and applies it in train mode, with no nn.Dropout
+    module to switch off; the rate saved in the config is left alone (an export keeps it)."""
+    ids = torch.tensor([tokenizer("hello there, how was your day?")["input_ids"]])
+    torch.manual_seed(0)
+    llama = CausalLMFactory(arch="llama", num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                            hidden_size=32, intermediate_size=64, max_position_embeddings=64,
+                            attention_dropout=0.5).build(tokenizer)
+    gpt2 = tiny_lm(tokenizer)
+    for model in (llama, gpt2):
+        assert not forwards_agree(model, ids)  # the rates are live to begin with
+        assert disable_dropout(model) is model
+        assert forwards_agree(model, ids)
+    assert llama.config.attention_dropout == 0.5 and gpt2.config.attn_pdrop == 0.1
+
+
+def test_the_stage_loads_policy_reference_reward_model_and_critic_with_dropout_off(tokenizer, tmp_path):
+    """What `stage=rl` loads itself (not what a test switched off): the policy and its reference, a learned reward
+    and a separate critic from a reward model, from dirs whose configs ask for dropout."""
+    from omegaconf import OmegaConf
+
+    from framework.reward import RewardModel, export_reward_model
+    from framework.stages.common import export_causal_lm
+    from plugins.reward_heads.heads import LastToken
+    from plugins.rewards.learned import LearnedReward
+
+    ids = torch.tensor([tokenizer("hello there, how was your day?")["input_ids"]])
+    torch.manual_seed(0)
+    llama = CausalLMFactory(arch="llama", num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                            hidden_size=32, intermediate_size=64, max_position_embeddings=64,
+                            attention_dropout=0.5).build(tokenizer)
+    policy_dir = export_causal_lm(llama, tokenizer, tmp_path / "policy")
+    _, lm, reference = RLStage.load_policy(str(policy_dir))
+    assert lm.config.attention_dropout == 0.5
+    assert forwards_agree(lm, ids) and forwards_agree(reference, ids)
+
+    head = LastToken()
+    rm = RewardModel.from_causal_lm(tiny_lm(tokenizer), head)
+    rm_dir = export_reward_model(rm, head, {"_target_": "plugins.reward_heads.heads.LastToken"}, tokenizer,
+                                 tmp_path / "rm", {"format": "plain", "max_length": 64})
+    reward = LearnedReward(str(rm_dir), allow_unnormalized=True)
+    reward.model.train()
+    prompts, texts = [Prompt("hi")] * 3, ["hello there", "how are you?", "fine"]
+    assert reward.score(prompts, texts) == reward.score(prompts, texts)
+    cfg = OmegaConf.create({"reward": {}})
+    trunk, _ = RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir)), tokenizer)
+    trunk.train()
+    with torch.no_grad():
+        assert torch.equal(*(trunk(input_ids=ids).last_hidden_state for _ in range(2)))
 
 
 def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokenizer, tmp_path):

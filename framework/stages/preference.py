@@ -29,7 +29,7 @@ from framework.interfaces import (
     Task,
 )
 from framework.instantiate import instantiate_plugin
-from framework.models import context_length, count_parameters, load_causal_lm, no_cache
+from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
 from framework.stages.common import build_trainer, check_stage_values, export_causal_lm
 from framework.stages.lm_module import TrainingModule
@@ -130,8 +130,6 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     n_ctx = context_length(lm)
     if n_ctx is not None and max_length > n_ctx:
         raise ConfigError(f"stage.offline.max_length={max_length} exceeds the policy's context length {n_ctx}")
-    from framework.stages.rl import disable_dropout
-
     disable_dropout(lm)
     reference = copy.deepcopy(lm).eval().requires_grad_(False)
     sampler = PolicySampler(lm, tokenizer, stage.format, int(cfg.seed), Path(cfg.paths.cache_dir),

@@ -42,7 +42,7 @@ from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import build_tokenizer_and_model, build_trainer, check_stage_values
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
-from framework.models import CausalLMFactory, context_length, count_parameters, resolve_model_path
+from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
 
 
 @dataclass
@@ -365,9 +365,7 @@ class RewardModelStage(Stage):
 
         rm = RewardModel.from_causal_lm(lm, head)
         if self.disable_dropout:  # reward targets are noisy enough; TRL's RewardConfig also disables dropout
-            for m in rm.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
+            disable_dropout(rm)
         rm.train()
         print(f"[rlhf] reward model: {type(rm.trunk).__name__} trunk + {type(head).__name__} head "
               f"({head.members} member(s)), {count_parameters(rm) / 1e6:.2f} M parameters")

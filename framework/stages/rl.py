@@ -38,7 +38,8 @@ from framework.interfaces import (
     StageResult,
     Task,
 )
-from framework.models import context_length, count_parameters, forward_takes, load_causal_lm, no_cache
+from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
+                              no_cache)
 from framework.records import Prompt
 from framework.reward import TaskGold, critic_from_reward_model
 from framework.rl import kl_controller, masked_mean, token_logprobs, token_logprobs_and_entropy
@@ -49,13 +50,6 @@ from framework.tokenization import load_tokenizer
 
 class NonFiniteReward(RLHFError):
     """A reward source returned NaN or inf."""
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every dropout module: robust to any later `.train()`."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
 
 
 class PolicyWithValue(nn.Module):
@@ -505,12 +499,7 @@ class RLStage(Stage):
             raise ConfigError("stage=rl draws its prompts from a task: add task=friendly_reply (or sort, addition, ...)")
         task: Task = instantiate_plugin(cfg.task, "task", Task)
 
-        tokenizer = load_tokenizer(path)
-        lm = load_causal_lm(str(path))
-        reference = copy.deepcopy(lm)
-        for m in (lm, reference):
-            disable_dropout(m)
-        reference.eval().requires_grad_(False)
+        tokenizer, lm, reference = self.load_policy(str(path))
         n_ctx = context_length(lm)
         prompts = task.prompts(self.prompt_pool, int(cfg.seed))
         encoder = PromptEncoder(tokenizer, self.format, n_ctx, self.sampling.max_new_tokens)
@@ -564,6 +553,14 @@ class RLStage(Stage):
             for k, v in final.items():
                 print(f"[rlhf] {k} = {v:.4f}")
         return StageResult(artifact_dir=artifact_dir, metrics=final)
+
+    @staticmethod
+    def load_policy(path: str):
+        """(tokenizer, the policy to train, its frozen copy: the KL reference), dropout off for good in both."""
+        tokenizer = load_tokenizer(path)
+        lm = disable_dropout(load_causal_lm(path))
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
+        return tokenizer, lm, reference
 
     @staticmethod
     def separate_critic(cfg, algorithm: PolicyAlgorithm, tokenizer) -> tuple[nn.Module, nn.Linear] | None:

@@ -10,6 +10,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.interfaces import RewardFunction
+from framework.models import disable_dropout
 from framework.records import Prompt
 from framework.reward import load_reward_model, score_texts
 
@@ -32,9 +33,7 @@ class LearnedReward(RewardFunction):
             raise ConfigError("reward=learned needs reward.path=<a reward model dir>")
         self.path = str(Path(path).expanduser())
         self.model, self.tokenizer, info = load_reward_model(self.path)
-        for m in self.model.modules():  # scored in eval mode anyway; p = 0 keeps it so whatever calls .train()
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        disable_dropout(self.model)  # scored in eval mode anyway; this keeps it so whatever calls .train()
         if not info.get("normalized_on") and not allow_unnormalized:
             raise ConfigError(f"reward model {self.path} has no normalisation (rlhf_reward.normalized_on in its "
                               "config.json): train it with stage.normalize.samples > 0, or pass "
