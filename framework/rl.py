@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from framework.errors import ConfigError
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     mask = mask.to(x.dtype)
@@ -164,7 +166,7 @@ class AdaptiveKL(FixedKL):
     def __init__(self, coef: float, target: float, horizon: int):
         super().__init__(coef)
         if target <= 0 or horizon <= 0:
-            raise ValueError("kl.target and kl.horizon must be > 0 for the adaptive controller")
+            raise ConfigError(f"kl.target={target} and kl.horizon={horizon}: the adaptive controller needs both > 0")
         self.target, self.horizon = float(target), int(horizon)
 
     def update(self, kl: float, n_episodes: int) -> None:
@@ -174,14 +176,28 @@ class AdaptiveKL(FixedKL):
         self.value *= 1.0 + error * n_episodes / self.horizon
 
 
-def kl_controller(controller: str, coef: float, target: float | None = None, horizon: int = 10000) -> FixedKL:
+def kl_controller(controller: str, coef: float, target: float | None = None, horizon: int = 10000,
+                  estimator: str = "k1") -> FixedKL:
+    """The KL coefficient's controller from the `kl` config group; also checks `kl.estimator`, so that a typo stops
+    the run before any model is loaded rather than at the first rollout."""
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"kl.estimator={estimator!r}: use one of {', '.join(ESTIMATORS)}")
     if controller == "fixed":
         return FixedKL(coef)
     if controller == "adaptive":
         if target is None:
-            raise ValueError("kl.controller=adaptive needs kl.target (nats per sequence)")
+            raise ConfigError("kl.controller=adaptive needs kl.target=<nats per sequence> (or use kl=adaptive, which "
+                              "sets one)")
         return AdaptiveKL(coef, target, horizon)
-    raise ValueError(f"kl.controller={controller!r}; expected fixed or adaptive")
+    raise ConfigError(f"kl.controller={controller!r}: use fixed or adaptive")
+
+
+def kl_controller_from(kl) -> FixedKL:
+    """`kl_controller` from the `kl` config group (a mapping: controller, coef, target, horizon, estimator)."""
+    target = kl.get("target")
+    return kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
+                         None if target is None else float(target), int(kl.get("horizon") or 10000),
+                         str(kl.get("estimator", "k1")))
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from framework.errors import ConfigError
 from framework.interfaces import Rollout
 from framework.rl import gae, token_rewards, whiten
 from plugins.algorithms.group import GRPO, RLOO, Reinforce
@@ -63,7 +64,13 @@ def test_grpo_group_advantages_and_kl_term():
     k3 = torch.exp(torch.tensor(-0.1)) - 1 + 0.1
     assert m["loss/kl"].item() == pytest.approx(k3.item(), rel=1e-4)
     assert loss.item() == pytest.approx(m["loss/policy"].item() + 0.1 * m["loss/kl"].item(), rel=1e-5)
-    with pytest.raises(Exception):
+    # the loss term's estimator is algo.kl_estimator, whatever kl.estimator the logged KL uses
+    k2 = GRPO(generations=2, beta=0.1, kl_estimator="k2")
+    _, m2 = k2.loss(roll.logprobs, None, k2.make_experience(roll, kl_coef=0.5, kl_estimator="k3"))
+    assert m2["loss/kl"].item() == pytest.approx(0.5 * 0.1 ** 2, rel=1e-4)
+    with pytest.raises(ConfigError, match="algo.kl_estimator='k4'"):
+        GRPO(generations=2, kl_estimator="k4")
+    with pytest.raises(ConfigError, match="generations >= 2"):
         GRPO(generations=1)
 
 

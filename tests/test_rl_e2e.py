@@ -46,12 +46,12 @@ def test_learned_reward_and_its_normalisation(chat_model, run_cli, rlhf_home):
     refused = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}", check=False)
     assert refused.returncode != 0 and "has no normalisation" in refused.stderr
     proc = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
-                   "reward.allow_unnormalized=true", "kl=adaptive", "kl.target=1.0", "algo.minibatches=2")
+                   "reward.allow_unnormalized=true", "kl.controller=adaptive", "kl.target=1.0", "algo.minibatches=2")
     exported_dir(proc.stdout)
     _, runs = mlflow_runs(rlhf_home)
     rl = next(r for r in runs if r.data.tags["stage"] == "rl")
     assert rl.data.params["kl.controller"] == "adaptive" and "objective/kl_coef" in rl.data.metrics
-    assert rl.data.metrics["objective/kl_coef"] != 0.15  # the controller moved it
+    assert rl.data.metrics["objective/kl_coef"] != 0.05  # the controller moved it from kl.coef
     # PPO with a separate critic initialised from the same reward model
     critic = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
                      "reward.allow_unnormalized=true", "algo.critic=separate", "algo.minibatches=2",
@@ -70,6 +70,10 @@ def test_user_errors(chat_model, run_cli):
     assert too_long.returncode != 0 and "leaves no room for a prompt" in too_long.stderr
     no_rm = run_cli("stage=rl", f"policy.path={sft_dir}", check=False)
     assert no_rm.returncode != 0 and "reward.path" in no_rm.stderr
+    for setting, message in (("kl.estimator=k4", "kl.estimator='k4': use one of k1, k2, k3"),
+                             ("kl.controller=adaptive", "kl.controller=adaptive needs kl.target")):
+        bad_kl = run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", setting, check=False)
+        assert bad_kl.returncode != 0 and message in bad_kl.stderr and "Traceback" not in bad_kl.stderr
 
 
 def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlhf_home, tokenizer_cache):

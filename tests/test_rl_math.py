@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
+from framework.errors import ConfigError
 from framework.rl import (
     AdaptiveKL,
     FixedKL,
     explained_variance,
     gae,
     kl_controller,
+    kl_controller_from,
     kl_estimate,
     last_index,
     token_logprobs,
@@ -127,8 +129,17 @@ def test_kl_controllers():
     other = kl_controller("adaptive", 1.0, 6.0, 10000)
     other.load_state_dict(state)
     assert other.value == adaptive.value
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="kl.controller=adaptive needs kl.target"):
         kl_controller("adaptive", 0.1)
+    with pytest.raises(ConfigError, match="kl.controller='adaptve': use fixed or adaptive"):
+        kl_controller("adaptve", 0.1)
+    with pytest.raises(ConfigError, match="kl.estimator='k4'"):
+        kl_controller("fixed", 0.1, estimator="k4")
+    with pytest.raises(ConfigError, match="kl.target=-1.0 and kl.horizon=10000"):
+        kl_controller("adaptive", 0.1, -1.0)
+    from_config = kl_controller_from({"controller": "adaptive", "coef": 0.1, "target": 6, "horizon": None,
+                                      "estimator": "k3"})
+    assert isinstance(from_config, AdaptiveKL) and from_config.target == 6.0 and from_config.horizon == 10000
 
 
 def test_explained_variance():

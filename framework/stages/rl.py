@@ -42,7 +42,7 @@ from framework.models import (context_length, count_parameters, disable_dropout,
                               no_cache)
 from framework.records import Prompt
 from framework.reward import TaskGold, critic_from_reward_model
-from framework.rl import kl_controller, masked_mean, token_logprobs, token_logprobs_and_entropy
+from framework.rl import kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
 from framework.tokenization import load_tokenizer
@@ -187,8 +187,7 @@ class RLModule(pl.LightningModule):
         self._reference = [reference]  # not a submodule: never trained, never checkpointed, never .train()-ed
         self.tokenizer, self.algorithm, self.reward = tokenizer, algorithm, reward
         self.kl_cfg = dict(kl)
-        self.kl_ctl = kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
-                                    kl.get("target"), int(kl.get("horizon", 10000)))
+        self.kl_ctl = kl_controller_from(kl)
         self.fmt, self.sampling = fmt, sampling
         self.stop_id = stop_token_id(tokenizer, fmt)
         self.optimizer_cfg, self.scheduler_cfg, self.total_updates = dict(optimizer), dict(scheduler), total_updates
@@ -475,6 +474,7 @@ class RLStage(Stage):
         self.optimizer = dict(optimizer or {"lr": 1e-5})
         self.scheduler = dict(scheduler or {"warmup_steps": 0, "min_lr_ratio": 0.0})
         self.kl = dict(kl or {"controller": "fixed", "coef": 0.05, "estimator": "k1"})
+        kl_controller_from(self.kl)  # a wrong kl.* setting stops the run here, before any model is loaded
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})

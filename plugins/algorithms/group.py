@@ -8,7 +8,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.interfaces import PolicyAlgorithm, Rollout
-from framework.rl import kl_estimate, masked_mean
+from framework.rl import ESTIMATORS, kl_estimate, masked_mean
 from plugins.algorithms.common import broadcast, clipped_surrogate, sequence_kl
 
 
@@ -27,14 +27,18 @@ class _SequenceAlgorithm(PolicyAlgorithm):
 
 class GRPO(_SequenceAlgorithm):
     """Group relative policy optimisation (Shao et al. 2024): advantage = (score - group mean) / group std on every
-    token; the KL to the reference is a loss term, beta * k3 per token (not in the reward)."""
+    token; the KL to the reference is a loss term, beta * KL per token (not in the reward), estimated with
+    `kl_estimator` (k3 as in the paper; `kl.estimator` is the one the logged sequence KL uses)."""
 
     def __init__(self, generations: int = 4, epochs: int = 1, minibatches: int = 1, clip: float = 0.2,
-                 beta: float | None = None, scale_rewards: bool = True):
+                 beta: float | None = None, scale_rewards: bool = True, kl_estimator: str = "k3"):
         super().__init__(generations, epochs, minibatches, clip)
         if generations < 2:
             raise ConfigError("GRPO needs algo.generations >= 2 (the group is the baseline)")
-        self.beta, self.scale_rewards = beta, scale_rewards
+        if kl_estimator not in ESTIMATORS:
+            raise ConfigError(f"algo.kl_estimator={kl_estimator!r}: the KL loss term's estimator is one of "
+                              f"{', '.join(ESTIMATORS)}")
+        self.beta, self.scale_rewards, self.kl_estimator = beta, scale_rewards, kl_estimator
 
     def needs_reference(self, kl_coef: float, adaptive: bool) -> bool:
         return adaptive or (kl_coef if self.beta is None else self.beta) != 0.0
@@ -52,7 +56,7 @@ class GRPO(_SequenceAlgorithm):
 
     def loss(self, logprobs, values, mb):
         loss, metrics = super().loss(logprobs, values, mb)
-        kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"], "k3"), mb["mask"])
+        kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"], self.kl_estimator), mb["mask"])
         metrics["loss/kl"] = kl.detach()
         return loss + float(mb["beta"]) * kl, metrics
 
