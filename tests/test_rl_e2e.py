@@ -77,7 +77,10 @@ def test_user_errors(chat_model, run_cli):
 
 
 def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlhf_home, tokenizer_cache):
-    """Kill a PPO run after a checkpoint, resume it, and get the uninterrupted run's metrics (same seed)."""
+    """Kill a PPO run after a checkpoint, resume it, and get the uninterrupted run's metrics (same seed). The
+    settings make every part of the state matter: an adaptive KL coefficient, a learning rate large enough that
+    lost optimizer moments would change the losses, a cosine schedule that moves the lr every update, a value
+    head."""
     import signal
     import subprocess
     import sys
@@ -90,11 +93,19 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
     # finished the run between the checkpoint and the signal)
     iterations = 24
     args = [*TINY_RL, f"policy.path={sft_dir}", "reward=gold", f"stage.iterations={iterations}", "algo.minibatches=2",
-            "algo.epochs=1", "stage.checkpoint_every_n_iterations=2", "stage.eval.prompts=0"]
+            "algo.epochs=1", "stage.checkpoint_every_n_iterations=2", "stage.eval.prompts=0",
+            "kl.controller=adaptive", "kl.target=0.5", "kl.horizon=200", "stage.optimizer.lr=3e-4"]
+    keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value", "lr")
+
+    def history(home):
+        client, runs = mlflow_runs(home)
+        return {k: {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, k)} for k in keys}
+
     straight_home = rlhf_home.parent / "straight"
     run_cli(*args, env={"RLHF_HOME": str(straight_home)})
-    client, runs = mlflow_runs(straight_home)
-    expected = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "objective/scores")}
+    expected = history(straight_home)
+    coefs = [expected["objective/kl_coef"][s] for s in range(iterations)]
+    assert len(set(coefs)) > iterations // 2  # the controller moves the coefficient: its state is worth restoring
 
     proc = subprocess.Popen([sys.executable, "-m", "framework", *args], cwd=REPO,
                             env=cli_env(rlhf_home, tokenizer_cache), stdout=subprocess.PIPE,
@@ -107,11 +118,11 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
     assert "did not finish" in out, out[-2000:]
     resumed = run_cli(*args, "resume=true")
     assert "resuming from" in resumed.stdout
-    client, runs = mlflow_runs(rlhf_home)
-    got = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "objective/scores")}
-    assert sorted(got) == sorted(expected) == list(range(iterations)), sorted(got)
-    for step in range(iterations):
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), (step, got, expected)
+    got = history(rlhf_home)
+    for key in keys:
+        assert sorted(got[key]) == sorted(expected[key]) == list(range(iterations)), (key, sorted(got[key]))
+        for step in range(iterations):
+            assert got[key][step] == pytest.approx(expected[key][step], rel=1e-5, abs=1e-7), (key, step)
 
 
 def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home):
