@@ -318,6 +318,30 @@ def test_a_policy_with_another_tokenizer_is_scored_through_text(tiny_lm_and_toke
         RLStage.separate_critic(cfg, PPO(critic="separate"), policy_tok)
 
 
+def test_a_weighted_sum_of_reward_sources_as_the_command_line_writes_it():
+    from hydra import compose, initialize_config_module
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import RewardFunction
+
+    overrides = ["reward=sum",
+                 "+reward.components.long={weight: 0.5, reward: {_target_: plugins.rewards.length.Length}}",
+                 "+reward.components.near20={weight: -2.0, reward: {_target_: plugins.rewards.length.Length, "
+                 "target: 20, scale: 0.1}}"]
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+        empty = compose(config_name="config", overrides=["reward=sum"]).reward
+        no_target = compose(config_name="config", overrides=["reward=sum", "+reward.components.x={weight: 1.0}"]).reward
+    reward = instantiate_plugin(cfg.reward, "reward", RewardFunction)
+    completions = ["hi", "  a reply of about thirty chars ", ""]
+    expected = [0.5 * 0.01 * len(c.strip()) - 2.0 * -0.1 * abs(len(c.strip()) - 20) for c in completions]
+    assert reward.score([Prompt("p")] * 3, completions) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="reward=sum needs reward.components"):
+        instantiate_plugin(empty, "reward", RewardFunction)
+    with pytest.raises(ConfigError, match="reward.components.x.reward must be a reward source"):
+        instantiate_plugin(no_target, "reward", RewardFunction)
+
+
 def test_ensemble_aggregates_by_hand(tiny_lm_and_tokenizer, tmp_path):
     from plugins.rewards.learned import RewardEnsemble, combine
 

@@ -70,6 +70,11 @@ def test_user_errors(chat_model, run_cli):
     assert too_long.returncode != 0 and "leaves no room for a prompt" in too_long.stderr
     no_rm = run_cli("stage=rl", f"policy.path={sft_dir}", check=False)
     assert no_rm.returncode != 0 and "reward.path" in no_rm.stderr
+    # prompts longer than the room the context leaves (128 - 120 new tokens): cut from the left, with a warning
+    cut = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo=reinforce", "stage.iterations=1",
+                  "stage.prompts_per_iteration=4", "stage.max_new_tokens=120", "stage.eval.prompts=0")
+    assert "prompts are longer than 8 tokens (context 128 - stage.max_new_tokens 120)" in cut.stdout
+    exported_dir(cut.stdout)
     for setting, message in (("kl.estimator=k4", "kl.estimator='k4': use one of k1, k2, k3"),
                              ("kl.controller=adaptive", "kl.controller=adaptive needs kl.target")):
         bad_kl = run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", setting, check=False)

@@ -43,11 +43,14 @@ class Length(RewardFunction):
 
 
 class Broken(RewardFunction):
+    def __init__(self, bad=float("nan")):
+        self.bad = bad
+
     def score(self, prompts, completions):
-        return [float("nan")] + [0.0] * (len(completions) - 1)
+        return [self.bad] + [0.0] * (len(completions) - 1)
 
 
-def module(tokenizer, algorithm, reward, tmp_path, updates=8, **kwargs):
+def module(tokenizer, algorithm, reward, tmp_path, updates=8, reward_clip=None, **kwargs):
     lm = tiny_lm(tokenizer)
     reference = tiny_lm(tokenizer)
     reference.load_state_dict(lm.state_dict())
@@ -57,7 +60,8 @@ def module(tokenizer, algorithm, reward, tmp_path, updates=8, **kwargs):
                     {"controller": "fixed", "coef": 0.05, "estimator": "k1"}, "chat",
                     SamplingSettings(max_new_tokens=8, temperature=0.7), {"lr": 1e-3}, {"warmup_steps": 0,
                                                                                          "min_lr_ratio": 0.0},
-                    updates, no_eos_penalty=1.0, reward_clip=None, gradient_clip=1.0, sample_dir=tmp_path, **kwargs)
+                    updates, no_eos_penalty=1.0, reward_clip=reward_clip, gradient_clip=1.0, sample_dir=tmp_path,
+                    **kwargs)
 
 
 def fit(mod, iterations=2):
@@ -170,6 +174,27 @@ def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokeni
     assert torch.allclose(roll.logprobs[i, :n], roll.ref_logprobs[i, :n], atol=1e-6)  # policy == reference at start
 
 
+def test_reward_clipping_applies_after_the_no_eos_penalty_and_keeps_the_raw_scores(tokenizer, tmp_path):
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path, reward_clip=0.3)
+    torch.manual_seed(1)
+    roll = mod.rollout(PROMPTS)
+    penalised = roll.raw_scores - 1.0 * (~roll.ended).float()
+    assert (penalised.abs() > 0.3).any()  # there is something to clip
+    assert torch.equal(roll.scores, penalised.clamp(-0.3, 0.3))
+
+
+def test_prompts_longer_than_the_context_allows_are_cut_from_the_left(tokenizer, tmp_path):
+    """The tiny policy's context is 64 tokens; with 8 new tokens a prompt keeps its last 56 (its end, where the
+    chat template asks for the reply). Uncut, the positions past 64 would not exist."""
+    long = Prompt("tell me about your day, " * 30)
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path, context=64)
+    full = encode_prompt(tokenizer, long.text, "chat")
+    assert len(full) > 64
+    assert mod.encode(long.text) == full[-56:] and mod.encode.truncated == 1
+    roll = mod.rollout([long, *PROMPTS[:3]])
+    assert roll.query_ids.size(1) == 56 and roll.query_ids.size(1) + roll.response_ids.size(1) <= 64
+
+
 def test_a_minibatch_drops_only_the_left_padding_all_its_rows_share(tokenizer, tmp_path):
     mod = module(tokenizer, PPO(epochs=1, minibatches=2), Length(), tmp_path)
     torch.manual_seed(1)
@@ -190,13 +215,14 @@ def test_a_minibatch_drops_only_the_left_padding_all_its_rows_share(tokenizer, t
     assert trim_left_padding(ids, mask)[0].size(1) == ids.size(1)  # the longest prompt has no padding: kept
 
 
-def test_a_non_finite_reward_stops_with_the_samples_saved(tokenizer, tmp_path):
-    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Broken(), tmp_path)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_reward_stops_with_the_samples_saved(tokenizer, tmp_path, bad):
+    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Broken(bad), tmp_path)
     before = {k: v.clone() for k, v in mod.policy.state_dict().items()}
     with pytest.raises(NonFiniteReward, match="NaN/inf for 1 of 4"):
         mod.rollout(PROMPTS)
     saved = list(tmp_path.glob("nonfinite_rewards_iter0.jsonl"))
-    assert saved and "nan" in saved[0].read_text()
+    assert saved and f'"reward": "{bad}"' in saved[0].read_text()
     assert all(torch.equal(before[k], v) for k, v in mod.policy.state_dict().items())
 
 
