@@ -7,6 +7,8 @@ TRL's settings are the peer's (GRPO: beta 0, one update per generation; RLOO: be
 (GRPO: kl.coef 0, so no reference forward; RLOO: KL coefficient 0.05 in the reward). Prints completions/s, the share
 of time spent generating, and the reward over the first and last 10 steps (the learning curve must not be worse).
 
+`--algo dpo` runs benchmarks/dpo_throughput.py (DPO is offline: its own workload, the peer's `dpo` task).
+
 `--algo ppo` runs PPO beside TRL 1.12's `trl.experimental.ppo.PPOTrainer` (TRL 1.16 has no PPO; benchmarks/
 trl_ppo_peer.py, in `$TRL_BENCH_ROOT/venv112`): 16 prompts x 1 sample x up to 32 new tokens per step, reward and
 value model both from the reward model of the peer's `rm` task (ours: `algo.critic=separate`), 4 epochs x 4
@@ -136,7 +138,8 @@ def ensure_reward_model(root: Path, trl_python: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algo", choices=("grpo", "rloo", "ppo"), default="grpo")
+    ap.add_argument("--algo", choices=("grpo", "rloo", "ppo", "dpo"), default="grpo",
+                    help="dpo runs benchmarks/dpo_throughput.py (offline: its own workload and harness)")
     ap.add_argument("--repeats", type=repeats, default=3)
     ap.add_argument("--seeds", action="store_true",
                     help="repeat r of our side samples with seed r (default: seed 0 every time), to see the spread "
@@ -156,6 +159,12 @@ def main() -> None:
     args = ap.parse_args()
     if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm") and args.algo != "ppo":
         ap.error(f"--steps, --ppo-kl and --ppo-reward are for --algo ppo: TRL's {args.algo} side is the peer's own run")
+    if args.algo == "dpo":
+        if args.seeds:
+            ap.error("--seeds is for the on-policy algorithms: DPO's workload has no sampling")
+        script = str(Path(__file__).with_name("dpo_throughput.py"))
+        os.execv(sys.executable, [sys.executable, script, "--repeats", str(args.repeats),
+                                  *(["--ours-only"] if args.ours_only else [])])
     if args.steps < 20:
         ap.error(f"--steps {args.steps}: at least 20 (throughput is timed after {WARMUP} warm-up steps, and the "
                  "reward columns are the first and the last 10 steps)")

@@ -31,6 +31,12 @@ def test_rl_throughput_ppo_options_need_ppo():
     assert "are for --algo ppo" in out.stderr
 
 
+def test_rl_throughput_dpo_has_no_seeds_to_vary():
+    out = bench("rl_throughput.py", "--algo", "dpo", "--seeds")
+    assert out.returncode == 2
+    assert "--seeds is for the on-policy algorithms" in out.stderr
+
+
 @pytest.mark.parametrize("script", ["rl_throughput.py", "ppo_update_floor.py", "sft_throughput.py"])
 @pytest.mark.parametrize("value, message", [("0", "0: at least 1"), ("two", "'two' is not a whole number")])
 def test_repeats_must_be_a_positive_whole_number(script, value, message):

@@ -32,6 +32,15 @@ def test_each_algorithm_runs_logs_and_exports(chat_model, run_cli, rlhf_home, al
     assert {x.step for x in client.get_metric_history(run.info.run_id, "eval/gold_reward")} == {0, 3}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/iter_00003.json" in artifacts
+    if algo == "grpo":  # the sample table: completions with their proxy and gold scores (the same reward here)
+        import json
+
+        table = json.loads(open(client.download_artifacts(run.info.run_id, "samples/iter_00003.json")).read())
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert len(rows) == 16 and set(rows[0]) == {"prompt", "completion", "proxy", "gold"}
+        assert all(r["proxy"] == pytest.approx(r["gold"]) for r in rows)
+        gold_at_3 = {x.step: x.value for x in client.get_metric_history(run.info.run_id, "eval/gold_reward")}[3]
+        assert sum(r["gold"] for r in rows) / 16 == pytest.approx(gold_at_3, abs=1e-6)
     if algo == "ppo":
         assert "val/var_explained" in m and "loss/value" in m
     assert run.data.tags["plugin.algo"].startswith("plugins.algorithms.")
@@ -130,9 +139,12 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
             assert got[key][step] == pytest.approx(expected[key][step], rel=1e-5, abs=1e-7), (key, step)
 
 
-def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home):
+# at the start the policy is the reference, so the margin h is 0: DPO's loss is -log sigmoid(0), IPO's (0 - 1/(2 beta))^2
+@pytest.mark.parametrize("loss_type, first_loss", [("sigmoid", 0.6931), ("ipo", 25.0)])
+def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_type, first_loss):
     _, _, sft_dir, _ = chat_model
-    proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", "dataset=policy_comparisons", "labeller=synthetic",
+    proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", f"algo.loss_type={loss_type}", "algo.beta=0.1",
+                   "dataset=policy_comparisons", "labeller=synthetic",
                    "labeller/gold=length", "dataset.n=64", "stage.offline.batch_size=8", "stage.offline.max_length=128",
                    "stage.offline.epochs=2", "trainer.val_check_interval=4", "trainer.enable_model_summary=false",
                    *QUIET)
@@ -143,7 +155,9 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home):
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/pairs_per_s",
                 "val/loss", "val/rewards/accuracies"):
         assert key in m, key
-    first = min(client.get_metric_history(runs[0].info.run_id, "val/loss"), key=lambda x: x.step).value
-    assert first == pytest.approx(0.6931, abs=1e-3)  # policy == reference before training: -log sigmoid(0)
-    wrong = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
-    assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "val/loss"), key=lambda x: x.step)
+    assert history[0].value == pytest.approx(first_loss, abs=1e-3)
+    assert history[-1].value < history[0].value  # it learns from the comparisons
+    if loss_type == "sigmoid":
+        wrong = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
+        assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr

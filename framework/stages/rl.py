@@ -205,6 +205,7 @@ class RLModule(pl.LightningModule):
                               and not algorithm.needs_value)
         self.iteration = 0
         self.episodes = 0
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (iteration, metrics) of the latest evaluation
         self._stop_requested, self._previous_sigint = False, None  # see on_fit_start
 
     @property
@@ -387,7 +388,8 @@ class RLModule(pl.LightningModule):
         if self.trainer.is_global_zero and self.logger is not None:
             self.logger.log_metrics(log, step=self.iteration - 1)
         if self.evaluator is not None and self.trainer.is_global_zero and self.evaluator.due(self.iteration):
-            self.logger.log_metrics(self.evaluator(self.policy.lm, self.iteration), step=self.iteration)
+            self.last_eval = (self.iteration, self.evaluator(self.policy.lm, self.iteration))
+            self.logger.log_metrics(self.last_eval[1], step=self.iteration)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_state"] = {"kl": self.kl_ctl.state_dict(), "algorithm": self.algorithm.state_dict(),
@@ -541,8 +543,10 @@ class RLStage(Stage):
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.ckpt_path)
         final = {}
         if evaluator is not None and trainer.is_global_zero:
-            final = evaluator(lm, module.iteration)
-            if not evaluator.due(module.iteration):
+            if module.last_eval is not None and module.last_eval[0] == module.iteration:
+                final = module.last_eval[1]  # the last iteration was evaluated already: not again (nor its samples)
+            else:
+                final = evaluator(lm, module.iteration)
                 trainer.logger.log_metrics(final, step=module.iteration)
 
         artifact_dir = ctx.output_dir / "model"
