@@ -50,14 +50,14 @@ class Broken(RewardFunction):
         return [self.bad] + [0.0] * (len(completions) - 1)
 
 
-def module(tokenizer, algorithm, reward, tmp_path, updates=8, reward_clip=None, **kwargs):
+def module(tokenizer, algorithm, reward, tmp_path, updates=8, reward_clip=None, kl=None, **kwargs):
     lm = tiny_lm(tokenizer)
     reference = tiny_lm(tokenizer)
     reference.load_state_dict(lm.state_dict())
     for m in (lm, reference):
         disable_dropout(m)
     return RLModule(PolicyWithValue(lm, algorithm.needs_value), reference.eval(), tokenizer, algorithm, reward,
-                    {"controller": "fixed", "coef": 0.05, "estimator": "k1"}, "chat",
+                    kl or {"controller": "fixed", "coef": 0.05, "estimator": "k1"}, "chat",
                     SamplingSettings(max_new_tokens=8, temperature=0.7), {"lr": 1e-3}, {"warmup_steps": 0,
                                                                                          "min_lr_ratio": 0.0},
                     updates, no_eos_penalty=1.0, reward_clip=reward_clip, gradient_clip=1.0, sample_dir=tmp_path,
@@ -149,6 +149,21 @@ def test_the_stage_loads_policy_reference_reward_model_and_critic_with_dropout_o
     trunk.train()
     with torch.no_grad():
         assert torch.equal(*(trunk(input_ids=ids).last_hidden_state for _ in range(2)))
+
+
+def test_the_kl_estimator_setting_reaches_the_algorithm(tokenizer, tmp_path):
+    seen = []
+
+    class Recording(PPO):
+        def make_experience(self, rollout, kl_coef, kl_estimator):
+            seen.append((kl_coef, kl_estimator))
+            return super().make_experience(rollout, kl_coef, kl_estimator)
+
+    mod = module(tokenizer, Recording(epochs=1, minibatches=1), Length(), tmp_path,
+                 kl={"controller": "fixed", "coef": 0.2, "estimator": "k3"})
+    trainer = fit(mod, iterations=1)
+    assert seen == [(0.2, "k3")]
+    assert trainer.callback_metrics["objective/kl"].item() >= 0.0  # k3 is never negative
 
 
 def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokenizer, tmp_path):
