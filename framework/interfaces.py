@@ -175,6 +175,12 @@ class Labeller(ABC):
     def label(self, prompt: Prompt, responses: Sequence[str], rng: "random.Random") -> Ranking:
         """Rank `responses` (best first); record the gold scores in the Ranking when there are any."""
 
+    def label_many(self, prompts: Sequence[Prompt], groups: Sequence[Sequence[str]],
+                   rng: "random.Random") -> list[Ranking]:
+        """`label` of each (prompt, responses) pair, in order; override when scoring them together is cheaper (a
+        reward-model gold scores a batch in one forward). The rankings must be those of calling `label` in turn."""
+        return [self.label(p, g, rng) for p, g in zip(prompts, groups)]
+
 
 @dataclass
 class ComparisonContext:

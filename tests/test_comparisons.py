@@ -208,3 +208,24 @@ def test_configs_instantiate_as_comparison_datasets(tmp_path):
     ds = instantiate_plugin(cfg, "dataset", ComparisonDataset)
     assert isinstance(ds, SavedComparisons) and not ds.needs_policy and ds.split == "train" and ds.limit == 5
     assert len(list(ds.comparisons(ctx()))) == 1 and saved in ds.describe()
+
+
+def test_policy_comparisons_skip_groups_without_two_distinct_responses_and_split_by_prompt():
+    from plugins.datasets.policy_comparisons import PolicyComparisons
+    from plugins.labellers.synthetic import SyntheticLabeller
+    from plugins.rewards.length import Length
+    from plugins.tasks.chitchat_reply import FriendlyReply
+
+    def sample(prompts, k, max_new_tokens, temperature):  # prompt 1's samples are all alike: nothing to compare
+        return [["same"] * k if i == 1 else [f"{'x' * (i + 1)}", "a much longer reply", "a much longer reply"]
+                for i in range(len(prompts))]
+
+    ctx = ComparisonContext(sample=sample, task=FriendlyReply(), labeller=SyntheticLabeller(Length(), tau=0.0), seed=0)
+    ds = PolicyComparisons(n=3, k=3, heldout=2)
+    train, held = list(ds.comparisons(ctx)), list(ds.validation(ctx))
+    assert ds.skipped == 1
+    assert [r.source for r in train] == ["friendly_reply:0", "friendly_reply:2"]  # prompt 1 skipped, n cut at 3 prompts
+    assert [r.source for r in held] == ["friendly_reply:3", "friendly_reply:4"]
+    for r in train + held:
+        assert len(r.responses) == 2 and r.responses[r.order[0]] == "a much longer reply"  # duplicates dropped
+        assert r.gold == tuple(0.01 * len(x) for x in r.responses)

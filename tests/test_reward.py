@@ -143,7 +143,11 @@ def test_export_reloads_with_plain_transformers_with_the_same_scores(tiny_lm_and
     rm.set_normalization(torch.tensor([0.0, 1.0, 4.0]))
     out = export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, tok,
                               tmp_path / "rm", {"format": "chat", "max_length": 64})
+    grad_modes = []
+    hook = rm.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
     ours = score_texts(rm, tok, PROMPTS, RESPONSES, "chat", 64, raw=True)
+    hook.remove()
+    assert grad_modes and not any(grad_modes)  # scores are data: no autograd graph, outside a no_grad block too
     hf = AutoModelForSequenceClassification.from_pretrained(out)
     hf_tok = AutoTokenizer.from_pretrained(out)
     assert hf.config.num_labels == 1 and hf.config.pad_token_id == hf_tok.pad_token_id
@@ -206,6 +210,27 @@ def test_synthetic_labeller_follows_bradley_terry():
     assert flipped.order == (1, 0, 2)
     with pytest.raises(ValueError):
         SyntheticLabeller(gold, tau=-1)
+
+
+def test_labelling_many_groups_scores_once_and_ranks_as_one_at_a_time():
+    calls = []
+
+    class Counting(Fixed):
+        def score(self, prompts, completions):
+            calls.append(len(completions))
+            return super().score(prompts, completions)
+
+    gold = Counting({"a": 0.3, "b": 0.0, "c": -1.0})
+    labeller = SyntheticLabeller(gold, tau=0.5, flip_rate=0.2)
+    prompts = [Prompt(f"p{i}") for i in range(50)]
+    groups = [["a", "b", "c"][: 2 + i % 2] for i in range(50)]
+    rng = random.Random(3)
+    sequential = [labeller.label(p, g, rng) for p, g in zip(prompts, groups)]
+    calls.clear()
+    batched = labeller.label_many(prompts, groups, random.Random(3))
+    assert calls == [125]  # every response of every group in one call
+    assert batched == sequential and len({r.order for r in batched}) > 1  # the same draws, not one fixed order
+    assert [r.gold for r in batched[:2]] == [(0.3, 0.0), (0.3, 0.0, -1.0)]
 
 
 def test_golds():

@@ -47,13 +47,11 @@ class PolicyComparisons(ComparisonDataset):
         rng = random.Random(f"labels:{ctx.seed}")
         train: list[Ranking] = []
         heldout: list[Ranking] = []
-        self.skipped = 0
-        for i, (prompt, group) in enumerate(zip(prompts, responses)):
-            distinct = list(dict.fromkeys(group))
-            if len(distinct) < 2:
-                self.skipped += 1
-                continue
-            ranking = ctx.labeller.label(prompt, distinct, rng)
+        kept = [(i, list(dict.fromkeys(group))) for i, group in enumerate(responses)]
+        kept = [(i, distinct) for i, distinct in kept if len(distinct) >= 2]
+        self.skipped = len(prompts) - len(kept)
+        rankings = ctx.labeller.label_many([prompts[i] for i, _ in kept], [distinct for _, distinct in kept], rng)
+        for (i, _), ranking in zip(kept, rankings):
             (train if i < train_prompts else heldout).append(
                 Ranking(ranking.prompt, ranking.responses, ranking.order, source=f"{ctx.task.name}:{i}",
                         gold=ranking.gold, margin=ranking.margin))

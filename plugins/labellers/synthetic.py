@@ -25,9 +25,21 @@ class SyntheticLabeller(Labeller):
         self.gold, self.tau, self.flip_rate = gold, float(tau), float(flip_rate)
 
     def label(self, prompt: Prompt, responses: Sequence[str], rng: random.Random) -> Ranking:
-        scores = self.gold.score([prompt] * len(responses), list(responses))
-        order = self.rank(scores, rng)
-        return Ranking(prompt.text, tuple(responses), tuple(order), source=prompt.source, gold=tuple(scores))
+        return self.label_many([prompt], [responses], rng)[0]
+
+    def label_many(self, prompts: Sequence[Prompt], groups: Sequence[Sequence[str]],
+                   rng: random.Random) -> list[Ranking]:
+        """All groups' responses scored by the gold in one call (a reward-model gold batches them), then ranked
+        group by group: the same random draws, so the same rankings, as labelling one group at a time."""
+        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+        flat = self.gold.score(flat_prompts, [r for g in groups for r in g])
+        rankings, start = [], 0
+        for prompt, group in zip(prompts, groups):
+            scores = flat[start : start + len(group)]
+            start += len(group)
+            rankings.append(Ranking(prompt.text, tuple(group), tuple(self.rank(scores, rng)), source=prompt.source,
+                                    gold=tuple(scores)))
+        return rankings
 
     def rank(self, scores: Sequence[float], rng: random.Random) -> list[int]:
         def noisy(i: int) -> tuple[float, float]:
