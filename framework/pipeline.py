@@ -63,6 +63,30 @@ def _section(cfg: DictConfig, key: str):
     return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
 
 
+def _with_new_defaults(saved, current):
+    """`saved` (a config section) with the keys that a later version of its plugin added filled in from `current`,
+    where `current` holds the plugin's own default for them: the saved run ran with that default before the key
+    existed (e.g. GRPO's `kl_estimator`, k3, which was hard-coded before), so it still matches."""
+    import inspect
+
+    from framework.instantiate import _import_target
+
+    if not (isinstance(saved, dict) and isinstance(current, dict)) or "_target_" not in saved \
+            or saved.get("_target_") != current.get("_target_"):
+        return saved
+    try:
+        params = inspect.signature(_import_target(str(saved["_target_"]), "resume")).parameters
+    except (ConfigError, TypeError, ValueError):
+        return saved
+    filled = dict(saved)
+    for key, value in current.items():
+        param = params.get(key)
+        if key not in saved and param is not None and param.default is not inspect.Parameter.empty \
+                and param.default == value:
+            filled[key] = value
+    return filled
+
+
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
     """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same config as `cfg`
     in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
@@ -73,7 +97,8 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 saved = _saved_config(ckpt.parent.parent)
                 if saved is None or saved.get("stage", {}).get("name") != stage_name:
                     continue
-                diff = [k for k in RESUME_MUST_MATCH if _section(saved, k) != _section(cfg, k)]
+                diff = [k for k in RESUME_MUST_MATCH
+                        if _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
                 (mismatched if diff else candidates).append((ckpt, diff))
     if candidates:
         return max((c for c, _ in candidates), key=lambda p: p.stat().st_mtime)

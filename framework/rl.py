@@ -196,7 +196,8 @@ def kl_controller_from(kl) -> FixedKL:
     """`kl_controller` from the `kl` config group (a mapping: controller, coef, target, horizon, estimator)."""
     target = kl.get("target")
     return kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
-                         None if target is None else float(target), int(kl.get("horizon") or 10000),
+                         None if target is None else float(target),
+                         10000 if kl.get("horizon") is None else int(kl.get("horizon")),
                          str(kl.get("estimator", "k1")))
 
 

@@ -137,6 +137,11 @@ class TrackedRun:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """An MLflow table, written once per file: MLflow appends the rows to a table file that exists, so a step
+        logged again after a resume (the same seeded samples) would hold them twice. The first one stays."""
+        folder = artifact_file.rpartition("/")[0] or None
+        if any(a.path == artifact_file for a in self.client.list_artifacts(self.run_id, folder)):
+            return
         self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
 
     def log_dir(self, path: Path, artifact_path: str, max_mb: float) -> bool:

@@ -80,6 +80,31 @@ def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp
         find_resume_checkpoint(tmp_path, moved, "reward_model")
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_default(tmp_path):
+    """A GRPO run saved before `algo.kl_estimator` existed (k3 was hard-coded) resumes under today's config, where
+    the key holds GRPO's default; a value other than the default, or another plugin, still does not match."""
+    from omegaconf import OmegaConf
+
+    from framework.errors import ConfigError
+    from framework.pipeline import find_resume_checkpoint
+
+    old_algo = {"_target_": "plugins.algorithms.group.GRPO", "generations": 4, "beta": None}
+    run = tmp_path / "runs" / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+    OmegaConf.save(OmegaConf.create({"stage": {"name": "rl"}, "algo": old_algo}), run / ".hydra" / "config.yaml")
+    today = OmegaConf.create({"stage": {"name": "rl"}, "algo": {**old_algo, "kl_estimator": "k3"}})
+    assert find_resume_checkpoint(tmp_path, today, "rl") == ckpt
+    today.algo.kl_estimator = "k2"
+    with pytest.raises(ConfigError, match="other algo settings"):
+        find_resume_checkpoint(tmp_path, today, "rl")
+    rloo = OmegaConf.create({"stage": {"name": "rl"}, "algo": {**old_algo, "_target_": "plugins.algorithms.group.RLOO"}})
+    with pytest.raises(ConfigError, match="other algo settings"):
+        find_resume_checkpoint(tmp_path, rloo, "rl")
+
+
 def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_home, tokenizer_cache, tmp_path):
     from framework.reward import load_reward_model
 

@@ -140,6 +140,22 @@ def test_kl_controllers():
     from_config = kl_controller_from({"controller": "adaptive", "coef": 0.1, "target": 6, "horizon": None,
                                       "estimator": "k3"})
     assert isinstance(from_config, AdaptiveKL) and from_config.target == 6.0 and from_config.horizon == 10000
+    with pytest.raises(ConfigError, match="kl.horizon=0"):
+        kl_controller_from({"controller": "adaptive", "target": 6, "horizon": 0})
+
+
+@pytest.mark.parametrize("overrides, kind, coef, target", [
+    (["kl=adaptive"], AdaptiveKL, 0.15, 6.0),                                         # the preset, its own defaults
+    (["kl.controller=adaptive", "kl.target=6"], AdaptiveKL, 0.05, 6.0),                # kl=fixed's coef kept
+    (["kl=fixed", "kl.coef=0.1"], FixedKL, 0.1, None),
+])
+def test_the_kl_group_as_the_command_line_composes_it(overrides, kind, coef, target):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["stage=rl", *overrides])
+    controller = kl_controller_from(cfg.stage.kl)
+    assert type(controller) is kind and controller.value == coef and getattr(controller, "target", None) == target
 
 
 def test_explained_variance():

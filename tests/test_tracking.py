@@ -43,6 +43,22 @@ def test_fallback_to_local_store_only_when_asked(tmp_path):
     run.end()
 
 
+def test_a_table_is_written_once_per_file(tmp_path):
+    """MLflow appends rows to an existing table file; a step evaluated again after a resume must not double it."""
+    import json
+
+    cfg = OmegaConf.create({"tracking_uri": None, "experiment_name": "x"})
+    run = open_run(cfg, tmp_path, "r", {"stage": "t"})
+    for _ in range(2):
+        run.log_table({"prompt": ["a", "b"], "proxy": [1.0, 2.0]}, "samples/iter_00003.json")
+    run.log_table({"prompt": ["c"], "proxy": [3.0]}, "samples/iter_00006.json")
+    path = run.client.download_artifacts(run.run_id, "samples/iter_00003.json", str(tmp_path / "dl"))
+    assert json.loads(open(path).read())["data"] == [["a", 1.0], ["b", 2.0]]
+    assert {a.path for a in run.client.list_artifacts(run.run_id, "samples")} == {
+        "samples/iter_00003.json", "samples/iter_00006.json"}
+    run.end()
+
+
 def test_cli_refuses_to_train_when_the_server_is_down(run_cli, rlhf_home):
     uri = f"http://127.0.0.1:{free_port()}"
     proc = run_cli("experiment=smoke", f"logger.tracking_uri={uri}", *QUIET, check=False)

@@ -42,7 +42,7 @@ from framework.models import (context_length, count_parameters, disable_dropout,
                               no_cache)
 from framework.records import Prompt
 from framework.reward import TaskGold, critic_from_reward_model
-from framework.rl import kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
+from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
 from framework.tokenization import load_tokenizer
@@ -198,8 +198,7 @@ class RLModule(pl.LightningModule):
         self.seed = seed
         self.logprobs_from_sampling = logprobs_from_sampling
         # no reference forward when nothing uses it (e.g. a fixed zero KL coefficient)
-        self.use_reference = algorithm.needs_reference(float(kl.get("coef", 0.05)),
-                                                       str(kl.get("controller", "fixed")) == "adaptive")
+        self.use_reference = algorithm.needs_reference(self.kl_ctl.value, isinstance(self.kl_ctl, AdaptiveKL))
         # one update per rollout and no critic: the update's forward also gives the rollout's log-probs
         self.single_update = (int(algorithm.epochs) == 1 and int(algorithm.minibatches) == 1
                               and not algorithm.needs_value)
@@ -393,7 +392,8 @@ class RLModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_state"] = {"kl": self.kl_ctl.state_dict(), "algorithm": self.algorithm.state_dict(),
-                                  "iteration": self.iteration, "episodes": self.episodes}
+                                  "iteration": self.iteration, "episodes": self.episodes,
+                                  "last_eval": None if self.last_eval is None else list(self.last_eval)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rl_state") or {}
@@ -401,6 +401,8 @@ class RLModule(pl.LightningModule):
             self.kl_ctl.load_state_dict(state["kl"])
             self.algorithm.load_state_dict(state.get("algorithm") or {})
             self.iteration, self.episodes = int(state["iteration"]), int(state["episodes"])
+            last = state.get("last_eval")
+            self.last_eval = None if last is None else (int(last[0]), dict(last[1]))
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.policy, self.total_updates, self.optimizer_cfg, self.scheduler_cfg)
