@@ -235,14 +235,17 @@ def rollout(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, 
 def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: str, max_new_tokens: int,
                   expert: Expert | None = None, encode: Callable[[str], list[int]] | None = None,
                   ) -> tuple[dict[str, float], list[str]]:
-    """Greedy decoding on `prompts`: mean gold score, exact-match rate and (with an expert) mistakes per sequence,
-    i.e. the states along the learner's own trajectory where its token differs from the expert's."""
+    """Greedy decoding on `prompts`: mean gold score, exact-match rate (for a task whose gold has an exactly-right
+    level, `task.exact_score`) and (with an expert) mistakes per sequence, i.e. the states along the learner's own
+    trajectory where its token differs from the expert's."""
     stop_id = stop_token_id(tokenizer, fmt)
     prompt_ids = [encode(p.text) if encode else encode_prompt(tokenizer, p.text, fmt) for p in prompts]
     responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id, prompts=prompts, task=task)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     gold = task.golds(prompts, texts)
-    metrics = {"eval/gold": sum(gold) / len(gold), "eval/exact_match": sum(g >= 1.0 for g in gold) / len(gold)}
+    metrics = {"eval/gold": sum(gold) / len(gold)}
+    if task.exact_score is not None:
+        metrics["eval/exact_match"] = sum(g >= task.exact_score for g in gold) / len(gold)
     if expert is not None:
         mistakes = []
         for p, ids, resp in zip(prompts, prompt_ids, responses):

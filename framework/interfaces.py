@@ -58,6 +58,9 @@ class Task(ABC):
     """
 
     name: str = "task"
+    # the gold of an exactly right completion (`eval/exact_match` counts completions at or above it); None for a
+    # gold without such a level (a learned gold scores any real number)
+    exact_score: float | None = 1.0
 
     @abstractmethod
     def prompts(self, n: int, seed: int) -> list[Prompt]:

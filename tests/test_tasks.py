@@ -181,6 +181,14 @@ def test_environment_observations_are_forced_into_rollouts():
     assert "".join(chr(t) for t in labels[:8]) == "L5L5S4S4"
     assert metrics["eval/mistakes_per_seq"] == pytest.approx(2 / 2)
     assert metrics["eval/gold"] == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["eval/exact_match"] == pytest.approx(1 / 2)
+
+    class Learned(DriveLane):  # a gold without an exactly-right level (as a reward model's): no exact-match rate
+        exact_score = None
+
+    learned, _ = evaluate_task(model, ByteTok(), Learned(length=4), prompts, "plain", 8,
+                               encode=lambda t: [ord(c) for c in t])
+    assert learned["eval/gold"] == metrics["eval/gold"] and "eval/exact_match" not in learned
     with pytest.raises(ValueError, match="needs the prompts"):
         rollout(model, ByteTok(), ids, 8, stop_id=0, task=task)
 

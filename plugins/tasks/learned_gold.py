@@ -19,7 +19,10 @@ from plugins.rewards.learned import LearnedReward
 
 class RewardModelGold(Task):
     """`base`'s prompts (and expert), judged by the reward model in `path` (our export or any
-    `...ForSequenceClassification` dir, with its normalisation)."""
+    `...ForSequenceClassification` dir, with its normalisation). Its gold has no exactly-right level, so task
+    evaluation reports no `eval/exact_match`."""
+
+    exact_score = None
 
     def __init__(self, base: Task, path: str, batch_size: int = 64):
         if not isinstance(base, Task):
