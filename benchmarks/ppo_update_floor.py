@@ -8,7 +8,7 @@ left-padded, with 32 response tokens (as in a rollout). It prints:
 - the matrix products' share of it (torch.profiler: aten::mm, addmm, bmm, their FLOPs), and the time those FLOPs
   take at the rate an sgemm of the update's own shapes reaches here, measured in the same process;
 - the bound on running policy and critic trunks as one computation: the two trunks' forward and backward at
-  batch 4 beside one trunk at batch 8 (the same FLOPs, half the operator calls).
+  batch 4 beside one trunk at batch 8 (the same FLOPs, half the operator calls), timed in alternating blocks.
 
     TRL_BENCH_ROOT=/tmp/trl-bench python benchmarks/ppo_update_floor.py
 """
@@ -28,17 +28,24 @@ from peer import bench_root, repeats  # noqa: E402
 PROMPTS, NEW = 4, 32
 
 
+def interleaved(fns, n: int, repeats: int) -> list[float]:
+    """`timed` of several functions, their blocks taken in turn: the median ms per call of each."""
+    for fn in fns:
+        for _ in range(max(3, n // 5)):
+            fn()
+    blocks: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, blocks):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - start) / n * 1e3)
+    return [statistics.median(b) for b in blocks]
+
+
 def timed(fn, n: int, repeats: int) -> float:
     """Median ms per call over `repeats` blocks of `n` calls, after a warm-up block."""
-    for _ in range(max(3, n // 5)):
-        fn()
-    blocks = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        blocks.append((time.perf_counter() - start) / n * 1e3)
-    return statistics.median(blocks)
+    return interleaved([fn], n, repeats)[0]
 
 
 def main() -> None:
@@ -104,19 +111,16 @@ def main() -> None:
     rate = 2 * rows * hidden * 3 * hidden / (sgemm_ms / 1e3)
     floor_ms = gemm_flops / rate * 1e3
 
-    trunks = {}
-    for batch in (PROMPTS, 2 * PROMPTS):
-        reps = batch // PROMPTS
-        bids, bmask = ids.repeat(reps, 1), mask.repeat(reps, 1)
+    def trunk_step(model, times: int):
+        """Forward and backward of a trunk over the minibatch repeated `times` times."""
+        tids, tmask = ids.repeat(times, 1), mask.repeat(times, 1)
+        return lambda: model(input_ids=tids, attention_mask=tmask, position_ids=positions(tmask),
+                             use_cache=False).last_hidden_state.sum().backward()
 
-        def trunk_step(model=lm.transformer, bids=bids, bmask=bmask):
-            out = model(input_ids=bids, attention_mask=bmask, position_ids=positions(bmask), use_cache=False)
-            out.last_hidden_state.sum().backward()
-
-        trunks[batch] = timed(trunk_step, 30, args.repeats)
-    critic_ms = timed(lambda: critic[0](input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                        use_cache=False).last_hidden_state.sum().backward(), 30, args.repeats)
-    pair_ms = trunks[PROMPTS] + critic_ms
+    # the three in turn, block by block, so that drift in the machine's speed hits them alike
+    policy_ms, critic_ms, double_ms = interleaved([trunk_step(lm.transformer, 1), trunk_step(critic[0], 1),
+                                                   trunk_step(lm.transformer, 2)], 30, 3 * args.repeats)
+    pair_ms = policy_ms + critic_ms
     print(f"one PPO update, policy + separate critic, minibatch {PROMPTS} x {ids.size(1)} tokens, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats}:")
     print(f"  update                                  {update_ms:7.2f} ms")
@@ -126,9 +130,8 @@ def main() -> None:
           f"{rows}x{hidden}x{3 * hidden}); products run at {floor_ms / gemm_ms:.0%} of it")
     print(f"  everything else                         {update_ms - gemm_ms:7.2f} ms")
     print(f"  policy trunk + critic trunk, fwd+bwd    {pair_ms:7.2f} ms  (batch {PROMPTS} each)")
-    print(f"  one trunk at batch {2 * PROMPTS}, fwd+bwd            {trunks[2 * PROMPTS]:7.2f} ms  "
-          f"bound on fusing the two: {pair_ms - trunks[2 * PROMPTS]:.2f} ms an update "
-          f"({(pair_ms - trunks[2 * PROMPTS]) / update_ms:.0%})")
+    print(f"  one trunk at batch {2 * PROMPTS}, fwd+bwd            {double_ms:7.2f} ms  "
+          f"bound on fusing the two: {pair_ms - double_ms:.2f} ms an update ({(pair_ms - double_ms) / update_ms:.0%})")
 
 
 if __name__ == "__main__":

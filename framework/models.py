@@ -62,12 +62,12 @@ def no_cache(model: "torch.nn.Module") -> dict[str, bool]:
 
 def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
     """Dropout off for good, whatever mode the model is put in later (Lightning calls `.train()`), in place: p = 0 in
-    every dropout module (`nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, ...), and 0.0 in every float attribute of a
-    layer whose name says it is a drop rate. That second
-    part is how most transformers attention layers keep their rate (Llama, Mistral, Qwen, Gemma: `attention_dropout`,
-    passed to the attention function whenever the layer is in train mode). The config is left as it was, so an
-    export saves the rates it was loaded with; a layer that reads its rate from the config at every forward
-    (GPT-Neo's and Falcon's flash-attention paths, Persimmon) needs a config with dropout 0."""
+    every dropout module (`nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, ...), and 0.0 in every float attribute of
+    a layer whose name says it is a drop rate. That second part is how most transformers attention layers keep their
+    rate (Llama, Mistral, Qwen, Gemma: `attention_dropout`, passed to the attention function whenever the layer is
+    in train mode). The config is left as it was, so an export saves the rates it was loaded with; a layer that
+    reads its rate from the config at every forward (GPT-Neo's and Falcon's flash-attention paths, Persimmon) needs
+    a config with dropout 0."""
     import torch
 
     for module in model.modules():

@@ -194,10 +194,9 @@ def kl_controller(controller: str, coef: float, target: float | None = None, hor
 
 def kl_controller_from(kl) -> FixedKL:
     """`kl_controller` from the `kl` config group (a mapping: controller, coef, target, horizon, estimator)."""
-    target = kl.get("target")
+    target, horizon = kl.get("target"), kl.get("horizon")
     return kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
-                         None if target is None else float(target),
-                         10000 if kl.get("horizon") is None else int(kl.get("horizon")),
+                         None if target is None else float(target), 10000 if horizon is None else int(horizon),
                          str(kl.get("estimator", "k1")))
 
 
