@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import ListDataset
+from framework.errors import ConfigError, RLHFError
 from framework.imitation import encode_prompt
 from framework.interfaces import RewardFunction
 from framework.models import CausalLMFactory
@@ -202,13 +203,53 @@ def test_rollout_masks_after_the_stop_and_scores_with_left_padded_prompts(tokeni
     assert torch.allclose(roll.logprobs[i, :n], roll.ref_logprobs[i, :n], atol=1e-6)  # policy == reference at start
 
 
-def test_reward_clipping_applies_after_the_no_eos_penalty_and_keeps_the_raw_scores(tokenizer, tmp_path):
+def test_reward_clipping_applies_before_the_no_eos_penalty_and_keeps_the_raw_scores(tokenizer, tmp_path):
+    """The source's score is clipped, then a response that never stopped pays the penalty: clipping after it would
+    hand a long unfinished response the same score as a finished one."""
     mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path, reward_clip=0.3)
     torch.manual_seed(1)
     roll = mod.rollout(PROMPTS)
-    penalised = roll.raw_scores - 1.0 * (~roll.ended).float()
-    assert (penalised.abs() > 0.3).any()  # there is something to clip
-    assert torch.equal(roll.scores, penalised.clamp(-0.3, 0.3))
+    unfinished = (~roll.ended).float()
+    expected = roll.raw_scores.clamp(-0.3, 0.3) - 1.0 * unfinished
+    assert (roll.raw_scores.abs() > 0.3).any()  # there is something to clip
+    assert not torch.equal(expected, (roll.raw_scores - unfinished).clamp(-0.3, 0.3))  # the order shows here
+    assert torch.equal(roll.scores, expected)
+
+
+@pytest.mark.parametrize("key, value", [("reward_clip", 0.0), ("reward_clip", -2.0), ("no_eos_penalty", -1.0)])
+def test_a_reward_clip_or_no_eos_penalty_that_would_invert_its_meaning_is_refused(key, value):
+    with pytest.raises(ConfigError, match=f"stage.{key}={value}"):
+        RLStage(**{key: value})
+
+
+class Returns(RewardFunction):
+    def __init__(self, value):
+        self.value = value
+
+    def score(self, prompts, completions):
+        return self.value(completions) if callable(self.value) else self.value
+
+
+@pytest.mark.parametrize("returned, problem", [
+    (0.5, "returned a float"),
+    (lambda c: [0.0] * (len(c) - 1), "returned 3 scores"),
+    (lambda c: [None] * len(c), "returned None"),
+    (lambda c: ["0.5"] * len(c), "returned '0.5'"),
+    (lambda c: torch.zeros(len(c), 2), "returned a tensor of shape"),
+])
+def test_a_reward_source_that_breaks_its_contract_is_named(tokenizer, tmp_path, returned, problem):
+    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Returns(returned), tmp_path)
+    with pytest.raises(RLHFError, match=f"reward source Returns {problem}.*one real number per completion"):
+        mod.rollout(PROMPTS)
+
+
+def test_scores_as_a_tensor_array_or_numbers_are_accepted(tokenizer, tmp_path):
+    import numpy as np
+
+    from framework.stages.rl import reward_scores
+
+    for returned in (torch.arange(4.0), np.arange(4.0), [0, 1, 2.0, np.float32(3)], [torch.tensor(float(i)) for i in range(4)]):
+        assert reward_scores(Length(), returned, 4).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_prompts_longer_than_the_context_allows_are_cut_from_the_left(tokenizer, tmp_path):
@@ -346,3 +387,74 @@ def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_p
     metrics = fit(mod).callback_metrics
     assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-5)
     assert metrics["first_minibatch/policy/clipfrac"].item() == 0.0
+
+
+def test_an_iteration_makes_exactly_the_minibatches_asked_for(tokenizer, tmp_path):
+    """6 samples in 4 minibatches are 4 updates (2, 2, 1, 1), not the 3 chunks of 2 that `chunk` would make: the
+    stage counts on epochs x minibatches updates for its schedule and checkpoint steps."""
+    mod = module(tokenizer, PPO(epochs=1, minibatches=4), Length(), tmp_path, updates=4)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    six = PROMPTS + PROMPTS[:2]
+    trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(six), batch_size=6, collate_fn=list))
+    assert trainer.global_step == 4
+    assert mod.lr_schedulers().get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine reached its end
+
+
+def test_the_logged_kl_coefficient_is_the_one_the_iteration_used(tokenizer, tmp_path):
+    kl = {"controller": "adaptive", "coef": 0.15, "target": 0.01, "horizon": 10, "estimator": "k1"}
+    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Length(), tmp_path, kl=kl)
+    metrics = fit(mod, iterations=1).callback_metrics
+    assert metrics["objective/kl_coef"].item() == pytest.approx(0.15)
+    assert mod.kl_ctl.value != pytest.approx(0.15)  # the controller moved it for the next iteration
+    rlhf = metrics["objective/scores"].item() - 0.15 * metrics["objective/kl"].item()
+    assert metrics["objective/rlhf_reward"].item() == pytest.approx(rlhf, abs=1e-6)
+
+
+class FailsMidIteration(PPO):
+    def __init__(self):
+        super().__init__(epochs=1, minibatches=2)
+        self.calls = 0
+
+    def loss(self, logprobs, values, mb):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("boom in the second update")
+        return super().loss(logprobs, values, mb)
+
+
+def test_a_checkpoint_written_in_the_middle_of_an_iteration_is_marked_and_never_continued(tokenizer, tmp_path):
+    from pytorch_lightning.callbacks import OnExceptionCheckpoint
+
+    from framework.pipeline import _mid_iteration
+
+    mod = module(tokenizer, FailsMidIteration(), Length(), tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[OnExceptionCheckpoint(dirpath=tmp_path)])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
+    ckpt = tmp_path / "on_exception.ckpt"
+    assert torch.load(ckpt, weights_only=False)["rl_state"]["mid_iteration"] and _mid_iteration(ckpt)
+    fresh = module(tokenizer, PPO(epochs=1, minibatches=2), Length(), tmp_path)
+    with pytest.raises(ConfigError, match="middle of iteration 0.*last.ckpt"):
+        fresh.on_load_checkpoint(torch.load(ckpt, weights_only=False))
+    done = module(tokenizer, PPO(epochs=1, minibatches=2), Length(), tmp_path)
+    fit(done, iterations=1)
+    state = {}
+    done.on_save_checkpoint(state)
+    assert state["rl_state"]["mid_iteration"] is False  # an iteration boundary: whole
+
+
+def test_a_non_finite_or_malformed_evaluation_reward_stops_naming_which_one(tokenizer, tmp_path):
+    from framework.stages.rl import Evaluator
+
+    lm = tiny_lm(tokenizer)
+    sampling = SamplingSettings(max_new_tokens=4)
+    evaluator = Evaluator(tokenizer, "chat", PROMPTS, Length(), Broken(), sampling, 1, sample_dir=tmp_path)
+    with pytest.raises(NonFiniteReward, match=r"Broken returned NaN/inf for 1 of 4 samples \(gold reward\) on the "
+                                              r"evaluation prompts at iteration 3"):
+        evaluator(lm, 3)
+    assert '"reward": "nan"' in (tmp_path / "nonfinite_gold_eval_iter3.jsonl").read_text()
+    evaluator = Evaluator(tokenizer, "chat", PROMPTS, Returns(1.0), None, sampling, 1, sample_dir=tmp_path)
+    with pytest.raises(RLHFError, match="reward source Returns returned a float"):
+        evaluator(lm, 0)

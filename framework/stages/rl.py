@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import signal
 import threading
 import time
@@ -50,6 +51,46 @@ from framework.tokenization import load_tokenizer
 
 class NonFiniteReward(RLHFError):
     """A reward source returned NaN or inf."""
+
+
+def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> torch.Tensor:
+    """What a reward source's `score` returned, checked against its contract (one real number per completion, in
+    order) -> a float tensor [n]. NaN and inf pass here: `stop_on_nonfinite` saves those samples and stops."""
+    def refuse(what: str) -> RLHFError:
+        return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
+                         f"must return one real number per completion, in order ({n} here)")
+
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() > 1 and scores.numel() != n:
+            raise refuse(f"a tensor of shape {tuple(scores.shape)}")
+        scores = scores.detach().reshape(-1).tolist()
+    if isinstance(scores, (str, bytes, Mapping)) or not hasattr(scores, "__len__"):
+        raise refuse(f"a {type(scores).__name__} ({str(scores)[:40]})")
+    if len(scores) != n:
+        raise refuse(f"{len(scores)} scores")
+    values = []
+    for i, value in enumerate(scores):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise refuse(f"{value!r} ({type(value).__name__}) for completion {i}")
+        values.append(float(value))
+    return torch.tensor(values, dtype=torch.float, device=device)
+
+
+def stop_on_nonfinite(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], scores: torch.Tensor,
+                      path: Path, when: str) -> None:
+    """Raise NonFiniteReward when `scores` holds NaN or inf, the offending samples saved to `path` (jsonl)."""
+    bad = [i for i, v in enumerate(scores.tolist()) if not math.isfinite(v)]
+    if not bad:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in bad:
+            f.write(json.dumps({"prompt": prompts[i].text, "completion": texts[i], "reward": str(scores[i].item())}) + "\n")
+    raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {len(bad)} of "
+                          f"{len(texts)} samples {when}; they are saved in {path}. The policy was not updated with "
+                          "them; the last checkpoint is intact")
 
 
 class PolicyWithValue(nn.Module):
@@ -204,6 +245,7 @@ class RLModule(pl.LightningModule):
                               and not algorithm.needs_value)
         self.iteration = 0
         self.episodes = 0
+        self.mid_iteration = False  # True between an iteration's first update and its end
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (iteration, metrics) of the latest evaluation
         self._stop_requested, self._previous_sigint = False, None  # see on_fit_start
 
@@ -275,15 +317,17 @@ class RLModule(pl.LightningModule):
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
                  for r, m in zip(response, response_mask)]
         score_started = time.perf_counter()
-        raw = torch.tensor(self.reward.score(prompts, texts), dtype=torch.float, device=ids.device)
+        raw = reward_scores(self.reward, self.reward.score(prompts, texts), len(texts), ids.device)
         score_s = time.perf_counter() - score_started
-        if not torch.isfinite(raw).all():
-            self._save_bad_samples(prompts, texts, raw)
+        stop_on_nonfinite(self.reward, prompts, texts, raw,
+                          (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl",
+                          f"at iteration {self.iteration}")
         scores = raw.clone()
-        if self.no_eos_penalty is not None:
-            scores = torch.where(ended, scores, scores - float(self.no_eos_penalty))
+        # clip the source's score, then charge the penalty: a clipped score still pays for never stopping
         if self.reward_clip is not None:
             scores = scores.clamp(-float(self.reward_clip), float(self.reward_clip))
+        if self.no_eos_penalty is not None:
+            scores = torch.where(ended, scores, scores - float(self.no_eos_penalty))
         roll = Rollout(prompts=list(prompts), texts=texts, query_ids=gen.prompt_ids, query_mask=gen.prompt_mask,
                        response_ids=response, response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                        values=values, scores=scores, raw_scores=raw, ended=ended, group_size=k,
@@ -291,17 +335,6 @@ class RLModule(pl.LightningModule):
         if logprobs is not None and ref_logprobs is None:  # no KL term anywhere: the reference is the policy itself
             roll.ref_logprobs = logprobs
         return roll
-
-    def _save_bad_samples(self, prompts, texts, raw) -> None:
-        bad = [i for i, v in enumerate(raw.tolist()) if not math.isfinite(v)]
-        path = (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for i in bad:
-                f.write(json.dumps({"prompt": prompts[i].text, "completion": texts[i], "reward": str(raw[i].item())}) + "\n")
-        raise NonFiniteReward(f"the reward source {type(self.reward).__name__} returned NaN/inf for {len(bad)} of "
-                              f"{len(texts)} samples at iteration {self.iteration}; they are saved in {path}. The "
-                              "policy was not updated with them; the last checkpoint is intact")
 
     # ----- one iteration -----------------------------------------------------------------------------------------
     def training_step(self, batch: list[Prompt], batch_idx: int) -> None:
@@ -332,9 +365,10 @@ class RLModule(pl.LightningModule):
         minibatches = max(1, min(int(self.algorithm.minibatches), n))
         stats: dict[str, list[float]] = {}
         first: dict[str, float] | None = None
+        self.mid_iteration = True  # until the iteration is whole again: see on_save_checkpoint
         for epoch in range(int(self.algorithm.epochs)):
             order = torch.randperm(n, device=roll.response_ids.device)
-            for chunk in order.chunk(minibatches):
+            for chunk in torch.tensor_split(order, minibatches):  # exactly `minibatches` (chunk() may make fewer)
                 mb = {k: (v[chunk] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == n else v)
                       for k, v in experience.items()}
                 if single:
@@ -359,16 +393,18 @@ class RLModule(pl.LightningModule):
         train_s = time.perf_counter() - train_started
 
         seq_kl = float(experience["seq_kl"].mean())
+        kl_coef = self.kl_ctl.value  # the coefficient this iteration's rewards were shaped with
         self.kl_ctl.update(seq_kl, n)
         self.iteration += 1
         self.episodes += n
+        self.mid_iteration = False
         total_s = time.perf_counter() - started
         lengths = roll.response_mask.sum(-1).float()
         log = {
             "objective/scores": float(roll.scores.mean()), "objective/raw_scores": float(roll.raw_scores.mean()),
-            "objective/kl": seq_kl, "objective/kl_coef": self.kl_ctl.value,
+            "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
             "objective/non_score_reward": float(experience.get("non_score_reward", torch.tensor(0.0)).mean()),
-            "objective/rlhf_reward": float(roll.scores.mean()) - self.kl_ctl.value * seq_kl,
+            "objective/rlhf_reward": float(roll.scores.mean()) - kl_coef * seq_kl,
             "response/length": float(lengths.mean()), "response/eos_fraction": float(roll.ended.float().mean()),
             "time/training_s": train_s, "time/iteration_s": total_s, "episodes_per_s": n / total_s,
             "episodes": float(self.episodes), "iteration": float(self.iteration),
@@ -391,12 +427,19 @@ class RLModule(pl.LightningModule):
             self.logger.log_metrics(self.last_eval[1], step=self.iteration)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # an error in the middle of an iteration (Lightning's on_exception.ckpt) leaves some of its updates done:
+        # such a checkpoint is marked, and neither resume=true nor ckpt_path= continues from it
         checkpoint["rl_state"] = {"kl": self.kl_ctl.state_dict(), "algorithm": self.algorithm.state_dict(),
                                   "iteration": self.iteration, "episodes": self.episodes,
-                                  "last_eval": None if self.last_eval is None else list(self.last_eval)}
+                                  "last_eval": None if self.last_eval is None else list(self.last_eval),
+                                  "mid_iteration": self.mid_iteration}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rl_state") or {}
+        if state.get("mid_iteration"):
+            raise ConfigError(f"this checkpoint was written by an error in the middle of iteration "
+                              f"{state['iteration']}, after some of its updates: continuing from it would not be the "
+                              "uninterrupted run. Resume from the run's last.ckpt (resume=true picks it) instead")
         if state:
             self.kl_ctl.load_state_dict(state["kl"])
             self.algorithm.load_state_dict(state.get("algorithm") or {})
@@ -416,9 +459,9 @@ class Evaluator:
 
     def __init__(self, tokenizer, fmt: str, prompts: Sequence[Prompt], proxy: RewardFunction,
                  gold: RewardFunction | None, sampling: SamplingSettings, every: int, run=None, seed: int = 0,
-                 context: int | None = None, reference: nn.Module | None = None):
+                 context: int | None = None, reference: nn.Module | None = None, sample_dir: Path | None = None):
         self.tokenizer, self.fmt, self.prompts, self.proxy, self.gold = tokenizer, fmt, list(prompts), proxy, gold
-        self.reference = reference
+        self.reference, self.sample_dir = reference, sample_dir
         self.encode = PromptEncoder(tokenizer, fmt, context, sampling.max_new_tokens)
         self.sampling, self.every, self.run, self.seed = sampling, max(1, every), run, seed
         self.stop_id = stop_token_id(tokenizer, fmt)
@@ -436,18 +479,26 @@ class Evaluator:
         finally:
             torch.set_rng_state(state)
         texts = [t.strip() for t in self.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)]
-        proxy = self.proxy.score(self.prompts, texts)
+        proxy = self.scores("proxy", self.proxy, texts, iteration)
         metrics = {"eval/proxy_reward": sum(proxy) / len(proxy)}
         if self.reference is not None:
             metrics["eval/kl"] = self.kl(lm, out)
         table = {"prompt": [p.text for p in self.prompts[:16]], "completion": texts[:16], "proxy": proxy[:16]}
         if self.gold is not None:
-            gold = self.gold.score(self.prompts, texts)
+            gold = self.scores("gold", self.gold, texts, iteration)
             metrics["eval/gold_reward"] = sum(gold) / len(gold)
             table["gold"] = gold[:16]
         if self.run is not None:
             self.run.log_table(table, f"samples/iter_{iteration:05d}.json")
         return metrics
+
+    def scores(self, role: str, source: RewardFunction, texts: list[str], iteration: int) -> list[float]:
+        """A reward's scores of the evaluation samples, checked (the contract; NaN/inf stop the run, saved)."""
+        scores = reward_scores(source, source.score(self.prompts, texts), len(texts))
+        stop_on_nonfinite(source, self.prompts, texts, scores,
+                          (self.sample_dir or Path(".")) / f"nonfinite_{role}_eval_iter{iteration}.jsonl",
+                          f"({role} reward) on the evaluation prompts at iteration {iteration}")
+        return scores.tolist()
 
     def kl(self, lm: nn.Module, out) -> float:
         response = out.response_ids
@@ -479,6 +530,12 @@ class RLStage(Stage):
         self.scheduler = dict(scheduler or {"warmup_steps": 0, "min_lr_ratio": 0.0})
         self.kl = dict(kl or {"controller": "fixed", "coef": 0.05, "estimator": "k1"})
         kl_controller_from(self.kl)  # a wrong kl.* setting stops the run here, before any model is loaded
+        if reward_clip is not None and reward_clip <= 0:
+            raise ConfigError(f"stage.reward_clip={reward_clip}: scores are clipped to [-c, c], so c must be > 0 "
+                              "(null: no clipping)")
+        if no_eos_penalty is not None and no_eos_penalty < 0:
+            raise ConfigError(f"stage.no_eos_penalty={no_eos_penalty}: it is subtracted from the score of a response "
+                              "that never stopped, so a negative one would reward that; give a positive number or null")
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})
@@ -526,7 +583,7 @@ class RLStage(Stage):
             held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
             evaluator = Evaluator(tokenizer, self.format, held_out, reward, TaskGold(task), self.sampling,
                                   int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx,
-                                  reference)
+                                  reference, ctx.output_dir)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
                           self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
                           self.gradient_clip, evaluator, ctx.output_dir, n_ctx, int(cfg.seed),
