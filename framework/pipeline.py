@@ -17,10 +17,14 @@ from framework.tracking import flatten_config, follow_run, git_commit, is_rank_z
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
 # config sections (or dotted keys) that must be the same for a checkpoint to fit the run that resumes it: what the
-# stage learns from and with (the RL stage's policy, reward and algorithm; the reward stage's labeller and the
-# policy whose replies it compares)
-RESUME_MUST_MATCH = ("model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "labeller",
-                     "stage.policy_path")
+# stage learns from and with (the RL stage's policy, reward, algorithm and KL penalty; the reward stage's labeller
+# and the policy whose replies it compares), the seed, and the stage's own settings but for RESUME_MAY_CHANGE
+RESUME_MUST_MATCH = ("seed", "model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "kl",
+                     "labeller", "stage")
+# stage keys a resumed run may change: how long it runs, how often it checkpoints and evaluates, what it samples for
+# show; none of them changes what an update does
+RESUME_MAY_CHANGE = ("iterations", "checkpoint_every_n_iterations", "checkpoint_every_n_steps", "eval", "samples",
+                     "num_workers", "val_batches")
 
 # Lightning notices that are expected in how we run (fresh checkpoint dir per run, validate() before fit())
 QUIET_WARNINGS = (
@@ -60,7 +64,12 @@ def _saved_config(run_dir: Path) -> DictConfig | None:
 
 def _section(cfg: DictConfig, key: str):
     node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    section = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    if key == "stage" and isinstance(section, dict):
+        section = {k: v for k, v in section.items() if k not in RESUME_MAY_CHANGE}
+        if isinstance(section.get("offline"), dict):
+            section["offline"] = {k: v for k, v in section["offline"].items() if k not in RESUME_MAY_CHANGE}
+    return section
 
 
 def _with_new_defaults(saved, current):
@@ -87,6 +96,17 @@ def _with_new_defaults(saved, current):
     return filled
 
 
+def _mid_iteration(ckpt: Path) -> bool:
+    """Whether an RL checkpoint was written in the middle of an iteration (RLModule.on_save_checkpoint)."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # not ours to judge: the stage's own loading reports what is wrong with it
+        return False
+    return bool((state.get("rl_state") or {}).get("mid_iteration")) if isinstance(state, dict) else False
+
+
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
     """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same config as `cfg`
     in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
@@ -100,8 +120,17 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 diff = [k for k in RESUME_MUST_MATCH
                         if _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
                 (mismatched if diff else candidates).append((ckpt, diff))
-    if candidates:
-        return max((c for c, _ in candidates), key=lambda p: p.stat().st_mtime)
+    skipped = []
+    for ckpt, _ in sorted(candidates, key=lambda c: c[0].stat().st_mtime, reverse=True):
+        if ckpt.name == "on_exception.ckpt" and _mid_iteration(ckpt):
+            print(f"[rlhf] resume: skipping {ckpt}: an error wrote it in the middle of an RL iteration")
+            skipped.append(ckpt)
+            continue
+        return ckpt
+    if skipped:
+        raise ConfigError(f"resume=true: the only matching {stage_name!r} checkpoint ({skipped[0]}) was written by an "
+                          "error in the middle of an RL iteration and cannot continue the run exactly; start the run "
+                          "again without resume")
     if mismatched:
         ckpt, diff = max(mismatched, key=lambda c: c[0].stat().st_mtime)
         raise ConfigError(f"resume=true: the newest {stage_name!r} checkpoint ({ckpt}) was made with other "

@@ -2,6 +2,7 @@
 swapped from the command line; resuming from a middle stage from MLflow; a failed stage; `rlhf compare` on the runs."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -76,8 +77,71 @@ def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp
     saved("b", **rm)
     moved = OmegaConf.create(rm)
     moved.stage.policy_path = "/another"
-    with pytest.raises(ConfigError, match="other stage.policy_path settings"):
+    with pytest.raises(ConfigError, match="other stage settings"):
         find_resume_checkpoint(tmp_path, moved, "reward_model")
+
+
+def test_resume_matches_seed_kl_and_stage_settings_but_lets_the_run_grow(tmp_path):
+    """A seed sweep resumes each seed's own run; another KL or optimizer setting is refused; a longer run, other
+    checkpoint and evaluation intervals are the same run continued."""
+    from omegaconf import OmegaConf
+
+    from framework.errors import ConfigError
+    from framework.pipeline import find_resume_checkpoint
+
+    def saved(name, cfg):
+        run = tmp_path / "runs" / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
+        return run / "checkpoints" / "last.ckpt"
+
+    def rl(seed, **stage):
+        return {"seed": seed, "stage": {"name": "rl", "iterations": 6, "checkpoint_every_n_iterations": 2,
+                                        "eval": {"prompts": 8, "every_n_iterations": 2}, "kl": "${kl}",
+                                        "optimizer": {"lr": 1e-5}, **stage},
+                "kl": {"controller": "fixed", "coef": 0.05}, "policy": {"path": "/sft"}}
+
+    seed0, seed1 = saved("s0", rl(0)), saved("s1", rl(1))
+    os.utime(seed0, (2e9, 2e9))  # seed 0's checkpoint is the newest: seed 1 must still get its own
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl(1)), "rl") == seed1
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl(0)), "rl") == seed0
+    longer = rl(0, iterations=12, checkpoint_every_n_iterations=4, eval={"prompts": 16, "every_n_iterations": 3})
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(longer), "rl") == seed0
+    with pytest.raises(ConfigError, match="other seed settings"):
+        find_resume_checkpoint(tmp_path, OmegaConf.create(rl(2)), "rl")
+    other_kl = OmegaConf.create(rl(0))
+    other_kl.kl.coef = 0.5
+    with pytest.raises(ConfigError, match="other kl settings"):
+        find_resume_checkpoint(tmp_path, other_kl, "rl")
+    with pytest.raises(ConfigError, match="other stage settings"):
+        find_resume_checkpoint(tmp_path, OmegaConf.create(rl(0, optimizer={"lr": 1e-3})), "rl")
+
+
+def test_resume_skips_an_rl_checkpoint_written_in_the_middle_of_an_iteration(tmp_path, capsys):
+    import torch
+    from omegaconf import OmegaConf
+
+    from framework.errors import ConfigError
+    from framework.pipeline import find_resume_checkpoint
+
+    cfg = {"seed": 0, "stage": {"name": "rl"}}
+    run = tmp_path / "runs" / "a"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
+    partial = run / "checkpoints" / "on_exception.ckpt"
+    torch.save({"rl_state": {"iteration": 3, "mid_iteration": True}}, partial)
+    with pytest.raises(ConfigError, match="middle of an RL iteration.*without resume"):
+        find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl")
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save({"rl_state": {"iteration": 2, "mid_iteration": False}}, last)
+    os.utime(last, (1e9, 1e9))  # older than the partial one
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl") == last
+    assert "skipping" in capsys.readouterr().out
+    torch.save({"rl_state": {"iteration": 3, "mid_iteration": False}}, partial)  # an error at a boundary: whole
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl") == partial
 
 
 def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_default(tmp_path):
