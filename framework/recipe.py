@@ -82,10 +82,33 @@ def resolve_input(spec: str, stage: str, cfg: DictConfig, dest: Path) -> Path:
     return Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dest), tracking_uri=uri))
 
 
+def _is_stage_setting(override: str) -> bool:
+    """A `stage.<key>=value` override that sets a key (plain, or Hydra's add-or-set `++`; not `+`/`~`): it reaches
+    only the stages that have that key."""
+    return (override.startswith("++") or override[:1] not in "+~") and _key(override).startswith("stage.")
+
+
+def stage_settings(name: str, user: list[str], pipe: DictConfig) -> set[str]:
+    """The user's `stage.<key>=...` overrides that stage `name` has (its composed config holds the key)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    wanted = [o for o in user if _is_stage_setting(o)]
+    if not wanted:
+        return set()
+    probe = compose(config_name="config", overrides=merge_overrides([f"stage={name}"],
+                                                                    list(pipe.stage_overrides.get(name) or [])))
+    absent = object()
+    return {o for o in wanted if OmegaConf.select(probe, _key(o), default=absent) is not absent}
+
+
 def stage_config(name: str, user: list[str], pipe: DictConfig, artifacts: dict[str, Path], out: Path) -> tuple[DictConfig, dict[str, str]]:
-    """The composed config of one stage, and what it consumes (config key -> artifact dir)."""
+    """The composed config of one stage, and what it consumes (config key -> artifact dir). A `stage.<key>=...` on
+    the command line reaches the stages that have that key (stage.iterations: RL's), like `trainer.max_steps`."""
     from hydra import compose
 
+    has = stage_settings(name, user, pipe)
+    user = [o.removeprefix("++") if o in has else o for o in user if not _is_stage_setting(o) or o in has]
     consumed = {}
     for wire in pipe.wiring.get(name) or []:
         key, _, source = str(wire).partition("=")
@@ -131,6 +154,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if any(_key(o) == "stage" for o in user):
         raise ConfigError(f"pipeline={pipe.name} runs its own stages ({', '.join(stages)}): drop stage=... from the "
                           "command line; choose stages with pipeline.start_at / pipeline.stop_after")
+    settings = [o for o in user if _is_stage_setting(o)]
+    if settings:  # a stage.<key> that no stage of this run has is a typo (or a stage left out): say so before any work
+        taken = set().union(*(stage_settings(name, user, pipe) for name in todo))
+        if len(taken) < len(settings):
+            missing = [_key(o) for o in settings if o not in taken]
+            raise ConfigError(f"{', '.join(missing)}: no stage of this run ({', '.join(todo)}) has that key; check "
+                              "the spelling (rlhf --help lists each stage's keys), or add a new key with +stage.<key>=")
     user += searchpath
     root = Path(cfg.paths.root).expanduser()
     out_dir = Path(cfg.paths.output_dir)

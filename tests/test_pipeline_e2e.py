@@ -242,7 +242,29 @@ def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_ho
     (["pipeline.start_at=ppo"], "unknown stage name(s) ['ppo']"),
     (["stage=rl"], "drop stage=... from the command line"),
     (["pipeline.start_at=rl", "pipeline.inputs.sft=/no/such/dir"], "pipeline.inputs.sft=/no/such/dir: no such directory"),
+    (["++stage.iteration=3"], "stage.iteration: no stage of this run (pretrain, sft, reward_model, rl, eval) has that key"),
 ])
 def test_pipeline_input_errors(run_cli, args, message):
     proc = run_cli(*TINY, *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_stage_setting_on_the_command_line_reaches_the_stages_that_have_it():
+    """`rlhf pipeline=chatgpt ++stage.iterations=5` shortens RL and leaves the stages without that key alone (they
+    would refuse it); `stage.eval.prompts` reaches SFT and RL, which both have it, `stage.batch_size` not RL."""
+    from hydra import compose, initialize_config_dir
+
+    from framework.recipe import stage_settings
+
+    from framework.recipe import stage_config
+
+    user = ["++stage.iterations=5", "stage.eval.prompts=8", "stage.batch_size=8", "trainer.max_steps=50"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        pipe = compose(config_name="config", overrides=["pipeline=chatgpt"]).pipeline
+        assert stage_settings("pretrain", user, pipe) == {"stage.batch_size=8"}
+        assert stage_settings("sft", user, pipe) == {"stage.eval.prompts=8", "stage.batch_size=8"}
+        assert stage_settings("rl", user, pipe) == {"++stage.iterations=5", "stage.eval.prompts=8"}
+        rl, _ = stage_config("rl", user, pipe, {"sft": Path("/sft"), "reward_model": Path("/rm")}, Path("/out"))
+        assert rl.stage.iterations == 5 and rl.stage.eval.prompts == 8 and rl.trainer.max_steps == 50
+        pretrain, _ = stage_config("pretrain", user, pipe, {}, Path("/out"))
+        assert pretrain.stage.batch_size == 8 and "iterations" not in pretrain.stage
