@@ -94,8 +94,9 @@ def fused_activations(model: "torch.nn.Module") -> "torch.nn.Module":
     return model
 
 
-def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "PreTrainedModel":
-    """Load a causal LM with clear errors (not a causal LM, unreadable weights)."""
+def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.path", **kwargs: Any) -> "PreTrainedModel":
+    """Load a causal LM with clear errors (not a causal LM, unreadable weights) that name `key`, the setting that
+    gave the path."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ref = resolve_model_path(path, allow_download)
@@ -104,18 +105,18 @@ def load_causal_lm(path: str, allow_download: bool = False, **kwargs: Any) -> "P
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
         raise ConfigError(
-            f"model.path={path!r} holds a {', '.join(architectures)}, not a causal LM; stages start from an "
+            f"{key}={path!r} holds a {', '.join(architectures)}, not a causal LM; stages start from an "
             "AutoModelForCausalLM directory (a pretraining or SFT `model/` export)"
         )
     try:
         return fused_activations(AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs))
     except ValueError as err:
         raise ConfigError(
-            f"model.path={path!r} holds a {type(config).__name__} that is not a causal LM ({err}); "
+            f"{key}={path!r} holds a {type(config).__name__} that is not a causal LM ({err}); "
             "stages that generate need an AutoModelForCausalLM directory"
         ) from err
     except OSError as err:
-        raise ConfigError(f"cannot load model weights from {path!r}: {err}") from err
+        raise ConfigError(f"{key}={path!r}: cannot load the model weights: {err}") from err
 
 
 class CausalLMFactory(ModelSource):

@@ -458,3 +458,16 @@ def test_a_non_finite_or_malformed_evaluation_reward_stops_naming_which_one(toke
     evaluator = Evaluator(tokenizer, "chat", PROMPTS, Returns(1.0), None, sampling, 1, sample_dir=tmp_path)
     with pytest.raises(RLHFError, match="reward source Returns returned a float"):
         evaluator(lm, 0)
+
+
+def test_a_policy_path_that_is_not_a_policy_is_refused_naming_policy_path(tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.raises(ConfigError, match="policy.path=/no/such/dir: no such directory"):
+        RLStage.load_policy("/no/such/dir")
+    rm_dir = tmp_path / "rm"
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tokenizer),
+                                             num_labels=1)).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    with pytest.raises(ConfigError, match=r"policy.path='.*/rm' holds a GPT2ForSequenceClassification, not a causal LM"):
+        RLStage.load_policy(str(rm_dir))

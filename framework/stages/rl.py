@@ -618,10 +618,13 @@ class RLStage(Stage):
         return StageResult(artifact_dir=artifact_dir, metrics=final)
 
     @staticmethod
-    def load_policy(path: str):
+    def load_policy(path: str, key: str = "policy.path"):
         """(tokenizer, the policy to train, its frozen copy: the KL reference), dropout off for good in both."""
+        if not Path(path).is_dir():
+            raise ConfigError(f"{key}={path}: no such directory; give the policy to start from, an SFT (or RL) "
+                              "export: outputs/runs/<date>/<time>_sft/model")
+        lm = disable_dropout(load_causal_lm(path, key=key))
         tokenizer = load_tokenizer(path)
-        lm = disable_dropout(load_causal_lm(path))
         reference = copy.deepcopy(lm).eval().requires_grad_(False)
         return tokenizer, lm, reference
 
