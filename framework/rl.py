@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, refuse_unknown_keys
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -192,8 +192,13 @@ def kl_controller(controller: str, coef: float, target: float | None = None, hor
     raise ConfigError(f"kl.controller={controller!r}: use fixed or adaptive")
 
 
+KL_KEYS = ("controller", "coef", "target", "horizon", "estimator")
+
+
 def kl_controller_from(kl) -> FixedKL:
-    """`kl_controller` from the `kl` config group (a mapping: controller, coef, target, horizon, estimator)."""
+    """`kl_controller` from the `kl` config group (a mapping of `KL_KEYS`; any other key, e.g. a misspelt
+    `+kl.coeff=`, is refused)."""
+    refuse_unknown_keys("kl", kl, KL_KEYS)
     target, horizon = kl.get("target"), kl.get("horizon")
     return kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
                          None if target is None else float(target), 10000 if horizon is None else int(horizon),

@@ -1,4 +1,5 @@
-"""Model plugin: build from config (GPT-2, Llama), load a local dir, clear errors for bad paths and keys."""
+"""Model plugin: build from config (GPT-2, Llama), load a local dir, clear errors for bad paths and keys; the AdamW
+and schedule every training stage shares (its kernel, its keys)."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from framework.errors import ConfigError
 from framework.models import CausalLMFactory, context_length, count_parameters, load_causal_lm
-from framework.stages.common import warmup_cosine
+from framework.stages.common import adamw_warmup_cosine, use_fused_adamw, warmup_cosine
 
 
 class FakeTok:
@@ -72,6 +73,86 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def fit_tiny_regression(optimizer=None, **trainer_kwargs):
+    """Two steps of a TrainingModule (the stages' module) on a linear model: the cheapest stage-like fit."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from framework.stages.lm_module import TrainingModule
+
+    class Regression(TrainingModule):
+        def __init__(self):
+            super().__init__(optimizer or {"lr": 1e-2}, {"warmup_steps": 1})
+            self.net = torch.nn.Linear(4, 1)
+
+        def train_loss(self, batch):
+            x, y = batch
+            return ((self.net(x) - y) ** 2).mean(), {}
+
+        def throughput(self, batch):
+            return "rows", len(batch[0])
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(Regression(), DataLoader(data, batch_size=4))
+    return trainer
+
+
+def test_mixed_precision_with_gradient_clipping_trains():
+    """trainer.precision=bf16-mixed with clipping crashed every clipping stage: the automatic fused AdamW unscales its
+    own gradients, and Lightning refuses to clip those. It trains, with the foreach kernel."""
+    trainer = fit_tiny_regression(precision="bf16-mixed", gradient_clip_val=1.0)
+    assert trainer.global_step == 2
+    group = trainer.optimizers[0].param_groups[0]
+    assert not group["fused"] and group["foreach"]
+    with pytest.raises(ConfigError, match=r"stage.optimizer.fused=true with trainer.precision=bf16-mixed and "
+                                          r"trainer.gradient_clip_val=1.0: .*set stage.optimizer.fused=auto"):
+        fit_tiny_regression({"lr": 1e-2, "fused": True}, precision="bf16-mixed", gradient_clip_val=1.0)
+    trainer = fit_tiny_regression(precision="32-true", gradient_clip_val=1.0)
+    assert trainer.optimizers[0].param_groups[0]["fused"]  # full precision keeps the fused kernel
+
+
+def test_which_adamw_kernel():
+    """`stage.optimizer.fused`: auto is fused at full precision or without clipping; under mixed precision with
+    clipping auto is not fused and an explicit true is refused, naming the setting that clips."""
+    lin = torch.nn.Linear(2, 2)
+    assert use_fused_adamw(lin, "auto", "32-true", 1.0)  # torch >= 2.4 on CPU
+    assert use_fused_adamw(lin, "auto", "bf16-mixed", None)  # nothing to clip
+    assert not use_fused_adamw(lin, "auto", "bf16-mixed", 1.0)
+    assert not use_fused_adamw(lin, "auto", "16-mixed", 0.5)
+    assert use_fused_adamw(lin, True, "bf16-true", 1.0) is True and use_fused_adamw(lin, False) is False
+    with pytest.raises(ConfigError, match=r"fused=true with trainer.precision=16-mixed and stage.gradient_clip=1.0: .*"
+                                          r"or stage.gradient_clip=null"):
+        use_fused_adamw(lin, True, "16-mixed", 1.0, "stage.gradient_clip")
+    with pytest.raises(ConfigError, match="stage.optimizer.fused='yes': use true, false or auto"):
+        use_fused_adamw(lin, "yes")
+
+
+def test_misspelt_optimizer_and_scheduler_keys_are_refused():
+    """`+stage.optimizer.weight_decayy=0.1` was silently ignored; it is refused with the closest key, when the stage is
+    built (before any work) and in `adamw_warmup_cosine` itself."""
+    from hydra import compose, initialize_config_module
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import Stage
+
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match=r"unknown key stage.optimizer.weight_decayy \(did you mean "
+                                          r"stage.optimizer.weight_decay\?\): stage.optimizer takes betas, eps, "
+                                          r"fused, lr, weight_decay"):
+        adamw_warmup_cosine(lin, 10, {"lr": 1e-3, "weight_decayy": 0.1}, {})
+    with pytest.raises(ConfigError, match=r"unknown key stage.scheduler.warmup \(did you mean "
+                                          r"stage.scheduler.warmup_steps\?\)"):
+        adamw_warmup_cosine(lin, 10, {"lr": 1e-3}, {"warmup": 5})
+    for stage in ("pretrain", "sft", "reward_model"):
+        with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"stage={stage}", "+stage.optimizer.weight_decayy=0.1"])
+        with pytest.raises(ConfigError, match="unknown key stage.optimizer.weight_decayy"):
+            instantiate_plugin(cfg.stage, "stage", Stage)
 
 
 def test_gelu_new_is_swapped_for_the_fused_kernel(tmp_path):

@@ -158,6 +158,19 @@ def test_the_kl_group_as_the_command_line_composes_it(overrides, kind, coef, tar
     assert type(controller) is kind and controller.value == coef and getattr(controller, "target", None) == target
 
 
+def test_a_misspelt_kl_key_is_refused_not_ignored():
+    """`+kl.coeff=0.1` used to leave the coefficient at kl=fixed's 0.05; it is refused with the closest key."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["stage=rl", "+kl.coeff=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key kl\.coeff \(did you mean kl\.coef\?\): kl takes coef, "
+                                          r"controller, estimator, horizon, target"):
+        kl_controller_from(cfg.stage.kl)
+    with pytest.raises(ConfigError, match=r"unknown keys kl\.location, kl\.horizn \(did you mean kl\.horizon\?\)"):
+        kl_controller_from({"controller": "fixed", "coef": 0.1, "location": "reward", "horizn": 10})
+
+
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]])

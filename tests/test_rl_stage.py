@@ -471,3 +471,39 @@ def test_a_policy_path_that_is_not_a_policy_is_refused_naming_policy_path(tokeni
     tokenizer.save_pretrained(rm_dir)
     with pytest.raises(ConfigError, match=r"policy.path='.*/rm' holds a GPT2ForSequenceClassification, not a causal LM"):
         RLStage.load_policy(str(rm_dir))
+
+
+def test_bf16_mixed_precision_trains_with_gradient_clipping(tokenizer, tmp_path):
+    """Fused AdamW handles gradient unscaling itself, and Lightning refuses to clip for it under mixed precision:
+    the stage takes the foreach kernel there, and clips after the precision plugin's unscaling."""
+    mod = module(tokenizer, PPO(epochs=1, minibatches=1), Length(), tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed")
+    trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
+    assert mod.iteration == 1 and not trainer.optimizers[0].param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("section, key", [("eval", "every_n_iteration"), ("offline", "epoch")])
+def test_a_misspelt_eval_or_offline_key_is_refused(section, key):
+    with pytest.raises(ConfigError, match=f"unknown key stage.{section}.{key} \\(did you mean"):
+        RLStage(**{section: {key: 1}})
+
+
+def test_the_gradient_reaching_the_optimizer_is_clipped(tokenizer, tmp_path):
+    """Clipping happens in on_before_optimizer_step, inside the optimizer step's closure (after a precision plugin's
+    unscaling): the norm there, right before the update, is at most stage.gradient_clip."""
+    mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
+    mod.gradient_clip = 1e-3
+    norms = []
+    clip = type(mod).on_before_optimizer_step
+
+    def on_before_optimizer_step(self, optimizer):
+        clip(self, optimizer)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    mod.on_before_optimizer_step = on_before_optimizer_step.__get__(mod)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-4)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, refuse_unknown_keys
 from framework.instantiate import instantiate_plugin
 from framework.interrupts import stop_callback
 from framework.interfaces import ModelSource, StageContext, TokenizerSource
@@ -88,13 +88,41 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def use_fused_adamw(model: torch.nn.Module, fused: bool | str) -> bool | None:
+OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps", "fused")
+SCHEDULER_KEYS = ("warmup_steps", "min_lr_ratio")
+MIXED_PRECISION = ("16-mixed", "bf16-mixed")
+
+
+def check_optimizer_keys(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
+    """Refuse a key of `stage.optimizer` / `stage.scheduler` that `adamw_warmup_cosine` does not read (e.g. a misspelt
+    `+stage.optimizer.weight_decayy=`); stages call it when built, before any work."""
+    refuse_unknown_keys("stage.optimizer", optimizer, OPTIMIZER_KEYS)
+    refuse_unknown_keys("stage.scheduler", scheduler, SCHEDULER_KEYS)
+
+
+def use_fused_adamw(model: torch.nn.Module, fused: bool | str, precision: str = "32-true",
+                    gradient_clip: float | None = None, clip_key: str = "trainer.gradient_clip_val") -> bool | None:
     """`optimizer.fused`: true/false, or "auto": the fused kernel (one pass over all parameters, ~4x faster steps
-    on CPU here) where torch has it for this device: CPU needs torch >= 2.4; floating-point parameters only."""
+    on CPU here) where torch has it for this device: CPU needs torch >= 2.4; floating-point parameters only.
+    Not fused, `adamw_warmup_cosine` takes the foreach kernel (one call per operation over all parameters).
+
+    Lightning cannot clip the gradients of a fused AdamW under mixed precision (its step unscales them itself), so
+    with `precision` 16-mixed/bf16-mixed and `gradient_clip` on, "auto" is not fused and `true` is refused.
+    clip_key: the setting `gradient_clip` came from, named in that message.
+    """
+    if fused not in (True, False, "auto"):
+        raise ConfigError(f"stage.optimizer.fused={fused!r}: use true, false or auto")
+    clips_mixed = str(precision) in MIXED_PRECISION and bool(gradient_clip)
     if fused != "auto":
+        if fused and clips_mixed:
+            raise ConfigError(
+                f"stage.optimizer.fused=true with trainer.precision={precision} and {clip_key}={gradient_clip}: "
+                "Lightning cannot clip the gradients of a fused AdamW under mixed precision (its step unscales them "
+                f"itself); set stage.optimizer.fused=auto (or false), trainer.precision=32-true, or {clip_key}=null"
+            )
         return bool(fused)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params or not all(p.is_floating_point() for p in params):
+    if clips_mixed or not params or not all(p.is_floating_point() for p in params):
         return None
     device = params[0].device.type
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
@@ -102,17 +130,26 @@ def use_fused_adamw(model: torch.nn.Module, fused: bool | str) -> bool | None:
 
 
 def adamw_warmup_cosine(model: torch.nn.Module, total_steps: int, optimizer: Mapping[str, Any],
-                        scheduler: Mapping[str, Any]) -> dict:
+                        scheduler: Mapping[str, Any], precision: str = "32-true", gradient_clip: float | None = None,
+                        clip_key: str = "trainer.gradient_clip_val") -> dict:
     """What `configure_optimizers` returns in every training stage: AdamW (`adamw_param_groups`) with a linear warmup
-    then cosine decay over `total_steps`, stepped per optimizer step."""
+    then cosine decay over `total_steps`, stepped per optimizer step.
+
+    optimizer / scheduler: `stage.optimizer` (`OPTIMIZER_KEYS`) and `stage.scheduler` (`SCHEDULER_KEYS`); another key
+    is refused. precision, gradient_clip, clip_key: the trainer's precision and the stage's gradient clipping, which
+    decide the AdamW kernel (`use_fused_adamw`).
+    """
     from functools import partial
 
+    check_optimizer_keys(optimizer, scheduler)
+    fused = use_fused_adamw(model, optimizer.get("fused", "auto"), precision, gradient_clip, clip_key)
     opt = torch.optim.AdamW(
         adamw_param_groups(model, optimizer.get("weight_decay", 0.0)),
         lr=optimizer["lr"],
         betas=tuple(optimizer.get("betas", (0.9, 0.95))),
         eps=optimizer.get("eps", 1e-8),
-        fused=use_fused_adamw(model, optimizer.get("fused", "auto")),
+        fused=fused,
+        foreach=None if fused else True,
     )
     schedule = partial(warmup_cosine, warmup_steps=int(scheduler.get("warmup_steps", 0)), total_steps=total_steps,
                        min_ratio=float(scheduler.get("min_lr_ratio", 0.1)))

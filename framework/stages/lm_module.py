@@ -54,8 +54,9 @@ class TrainingModule(pl.LightningModule):
         self._last_step_end = None  # validation time is not a training step
 
     def configure_optimizers(self):
+        # the Trainer clips (automatic optimisation): its precision and clip value decide the AdamW kernel
         return adamw_warmup_cosine(self, int(self.trainer.estimated_stepping_batches), self.optimizer_cfg,
-                                   self.scheduler_cfg)
+                                   self.scheduler_cfg, str(self.trainer.precision), self.trainer.gradient_clip_val)
 
 
 class CausalLMModule(TrainingModule):

@@ -16,6 +16,7 @@ from framework.models import context_length, count_parameters
 from framework.stages.common import (
     build_tokenizer_and_model,
     build_trainer,
+    check_optimizer_keys,
     check_stage_values,
     export_causal_lm,
     log_samples,
@@ -85,6 +86,7 @@ class PretrainStage(Stage):
         self.val_batches, self.num_workers = val_batches, num_workers
         self.optimizer = dict(optimizer or {"lr": 3e-3})
         self.scheduler = dict(scheduler or {})
+        check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.samples = dict(samples or {})
 

@@ -39,7 +39,8 @@ from framework.interfaces import (
 from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import build_tokenizer_and_model, build_trainer, check_stage_values
+from framework.stages.common import (build_tokenizer_and_model, build_trainer, check_optimizer_keys,
+                                     check_stage_values)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -296,6 +297,7 @@ class RewardModelStage(Stage):
         self.batch_size, self.epochs, self.val_fraction, self.num_workers = batch_size, epochs, val_fraction, num_workers
         self.optimizer = dict(optimizer or {"lr": 5e-5})
         self.scheduler = dict(scheduler or {})
+        check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.normalize = dict(normalize or {})
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
-from framework.errors import ConfigError, RLHFError
+from framework.errors import ConfigError, RLHFError, refuse_unknown_keys
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import (
@@ -45,7 +45,7 @@ from framework.records import Prompt
 from framework.reward import TaskGold, critic_from_reward_model
 from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import adamw_warmup_cosine, build_trainer, export_causal_lm
+from framework.stages.common import adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm
 from framework.tokenization import load_tokenizer
 
 
@@ -381,9 +381,7 @@ class RLModule(pl.LightningModule):
                 loss, metrics = self.algorithm.loss(new_logprobs, new_values, mb)
                 opt.zero_grad()
                 self.manual_backward(loss)
-                if self.gradient_clip:
-                    self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-                opt.step()
+                opt.step()  # clips in on_before_optimizer_step
                 sched.step()
                 values_f = {k: float(v) for k, v in metrics.items()}
                 if first is None:
@@ -447,8 +445,16 @@ class RLModule(pl.LightningModule):
             last = state.get("last_eval")
             self.last_eval = None if last is None else (int(last[0]), dict(last[1]))
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # here, not before opt.step(): under 16-mixed the precision plugin unscales the gradients just before this
+        # hook, so the norm is the true one
+        if self.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self.policy, self.total_updates, self.optimizer_cfg, self.scheduler_cfg)
+        # this module clips itself (stage.gradient_clip): with the trainer's precision that decides the AdamW kernel
+        return adamw_warmup_cosine(self.policy, self.total_updates, self.optimizer_cfg, self.scheduler_cfg,
+                                   str(self.trainer.precision), self.gradient_clip, "stage.gradient_clip")
 
 
 class Evaluator:
@@ -530,6 +536,7 @@ class RLStage(Stage):
         self.scheduler = dict(scheduler or {"warmup_steps": 0, "min_lr_ratio": 0.0})
         self.kl = dict(kl or {"controller": "fixed", "coef": 0.05, "estimator": "k1"})
         kl_controller_from(self.kl)  # a wrong kl.* setting stops the run here, before any model is loaded
+        check_optimizer_keys(self.optimizer, self.scheduler)
         if reward_clip is not None and reward_clip <= 0:
             raise ConfigError(f"stage.reward_clip={reward_clip}: scores are clipped to [-c, c], so c must be > 0 "
                               "(null: no clipping)")
@@ -540,6 +547,9 @@ class RLStage(Stage):
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})
         self.offline = dict(offline or {})
+        refuse_unknown_keys("stage.eval", self.eval, ("prompts", "every_n_iterations"))
+        refuse_unknown_keys("stage.offline", self.offline,
+                            ("batch_size", "epochs", "max_length", "val_fraction", "checkpoint_every_n_steps"))
         self.logprobs_from_sampling = bool(logprobs_from_sampling)
 
     def run(self, ctx: StageContext) -> StageResult:

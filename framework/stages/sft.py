@@ -39,6 +39,7 @@ from framework.models import context_length, count_parameters
 from framework.stages.common import (
     build_tokenizer_and_model,
     build_trainer,
+    check_optimizer_keys,
     check_stage_values,
     export_causal_lm,
     log_samples,
@@ -122,6 +123,7 @@ class SFTStage(Stage):
         self.num_workers = num_workers
         self.optimizer = dict(optimizer or {"lr": 1e-3})
         self.scheduler = dict(scheduler or {})
+        check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps, self.rollout_prompts = checkpoint_every_n_steps, rollout_prompts
         self.eval = dict(eval or {})
         self.samples = dict(samples or {})
