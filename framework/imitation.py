@@ -77,12 +77,17 @@ def _encode_full(tokenizer, demo: Demonstration, fmt: str) -> tuple[list[int], l
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
-def encode_demonstration(tokenizer, demo: Demonstration, fmt: str, max_length: int) -> tuple[Example | None, str]:
+def encode_demonstration(tokenizer, demo: Demonstration, fmt: str, max_length: int,
+                         cut_response: bool = False) -> tuple[Example | None, str]:
     """One demonstration -> Example whose labels are the response tokens (and their end token) only.
 
     Too long: prompt tokens are cut from the left ("truncated"); if the last response alone does not fit, the
     demonstration is dropped ("dropped"), never cut at the end (a response without its end token teaches the
-    model not to stop). Returns (example or None, "ok" | "truncated" | "dropped").
+    model not to stop). Returns (example or None, "ok" | "truncated" | "dropped" | "cut").
+
+    cut_response=True is for scoring, never for training: a reward model reads its score at the last token, so
+    instead of being dropped, a demonstration whose last response does not fit with at least one prompt token keeps
+    its last max_length tokens ("cut": the prompt is gone and, past it, the start of the response).
     """
     ids, labels = _encode_full(tokenizer, demo, fmt)
     if len(ids) <= max_length:
@@ -92,7 +97,7 @@ def encode_demonstration(tokenizer, demo: Demonstration, fmt: str, max_length: i
     while last_run > 0 and labels[last_run - 1] != IGNORE_INDEX:
         last_run -= 1  # start of the final response
     if cut >= last_run:  # at least one prompt token must stay: the first response token is predicted from it
-        return None, "dropped"
+        return (Example(ids[cut:], labels[cut:]), "cut") if cut_response else (None, "dropped")
     return Example(ids[cut:], labels[cut:]), "truncated"
 
 

@@ -12,13 +12,15 @@ max_length, head):
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
 from framework.models import fused_activations, no_cache
 from framework.records import Demonstration, Prompt
@@ -200,13 +202,23 @@ def critic_from_reward_model(path: str | Path) -> tuple[nn.Module, nn.Linear, "P
     return trunk, value, tokenizer
 
 
-def encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int) -> list[int] | None:
+def encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int,
+                  cut_response: bool = False) -> list[int] | None:
     """prompt + response tokens as the reward model reads them (the SFT formatting: chat template or plain + EOS);
-    too long: prompt cut from the left; None when the response alone does not fit."""
+    too long: cut from the left, the prompt first. A response that does not fit with at least one prompt token gives
+    None (reward-model training drops it), or with cut_response=True (scoring) the last max_length tokens: the score
+    is read at the last token, so the end of the sequence is what must stay."""
+    return _encode_scored(tokenizer, prompt, response, fmt, max_length, cut_response)[0]
+
+
+def _encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int,
+                   cut_response: bool) -> tuple[list[int] | None, str]:
+    """(ids or None, status of `encode_demonstration`: "ok" | "truncated" | "dropped" | "cut")."""
     from framework.imitation import encode_demonstration
 
-    example, _ = encode_demonstration(tokenizer, Demonstration(prompt=prompt, response=response), fmt, max_length)
-    return None if example is None else list(example.input_ids)
+    example, status = encode_demonstration(tokenizer, Demonstration(prompt=prompt, response=response), fmt,
+                                           max_length, cut_response=cut_response)
+    return (None if example is None else list(example.input_ids)), status
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,13 +233,21 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def score_texts(rm: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str], fmt: str,
-                max_length: int, batch_size: int = 64, raw: bool = False) -> torch.Tensor:
-    """Rewards of (prompt, response) pairs: normalised (default) or the raw member mean. A response that does not
-    fit in max_length even without its prompt gets NaN."""
+                max_length: int, batch_size: int = 64, raw: bool = False,
+                counts: dict[str, int] | None = None) -> torch.Tensor:
+    """Rewards of (prompt, response) pairs: normalised (default) or the raw member mean. Too long for max_length: cut
+    from the left, the prompt first, then the start of the response (`encode_scored(..., cut_response=True)`), so
+    every pair gets a score, read at its last token. `counts`, when given, gains the number of pairs per encoding
+    status: "ok", "truncated" (prompt cut), "cut" (scored on the last max_length tokens only)."""
     device = next(rm.parameters()).device
-    encoded = [encode_scored(tokenizer, p, r, fmt, max_length) for p, r in zip(prompts, responses)]
+    encoded = []
+    for p, r in zip(prompts, responses):
+        ids, status = _encode_scored(tokenizer, p, r, fmt, max_length, cut_response=True)
+        encoded.append(ids)
+        if counts is not None:
+            counts[status] = counts.get(status, 0) + 1
     out = torch.full((len(encoded),), float("nan"))
-    keep = [i for i, e in enumerate(encoded) if e is not None]
+    keep = [i for i, e in enumerate(encoded) if e]  # an empty encoding (max_length 0) cannot be read
     was_training = rm.training
     rm.eval()  # no dropout when scoring
     try:
@@ -242,5 +262,63 @@ def score_texts(rm: nn.Module, tokenizer, prompts: Sequence[str], responses: Seq
     return out
 
 
+class NonFiniteReward(RLHFError):
+    """A reward source returned NaN or inf."""
+
+
+def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> torch.Tensor:
+    """What a reward source's `score` returned, checked against its contract (one real number per completion, in
+    order) -> a float tensor [n]. NaN and inf pass here: `stop_on_nonfinite` saves those samples and stops."""
+    def refuse(what: str) -> RLHFError:
+        return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
+                         f"must return one real number per completion, in order ({n} here)")
+
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() > 1 and scores.numel() != n:
+            raise refuse(f"a tensor of shape {tuple(scores.shape)}")
+        scores = scores.detach().reshape(-1).tolist()
+    if isinstance(scores, (str, bytes, Mapping)) or not hasattr(scores, "__len__"):
+        raise refuse(f"a {type(scores).__name__} ({str(scores)[:40]})")
+    if len(scores) != n:
+        raise refuse(f"{len(scores)} scores")
+    values = []
+    for i, value in enumerate(scores):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise refuse(f"{value!r} ({type(value).__name__}) for completion {i}")
+        values.append(float(value))
+    return torch.tensor(values, dtype=torch.float, device=device)
+
+
+def stop_on_nonfinite(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], scores: torch.Tensor,
+                      path: Path, when: str) -> None:
+    """Raise NonFiniteReward when `scores` holds NaN or inf, the offending samples saved to `path` (jsonl)."""
+    bad = save_nonfinite_samples(path, prompts, texts, scores.tolist())
+    if bad:
+        raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {bad} of "
+                              f"{len(texts)} samples {when}; they are saved in {path}. The policy was not updated "
+                              "with them; the last checkpoint is intact")
+
+
+def save_nonfinite_samples(path: Path, prompts: Sequence[Prompt | str], completions: Sequence[str],
+                           rewards: Sequence[float]) -> int:
+    """Write the samples whose reward is NaN or inf to `path`, one jsonl row each: {"prompt", "completion",
+    "reward"} (the reward as a string: JSON has no NaN/inf), as the RL stage's `nonfinite_rewards_iter<N>.jsonl`.
+    Returns how many; writes nothing when there are none."""
+    bad = [i for i, v in enumerate(rewards) if not math.isfinite(float(v))]
+    if not bad:
+        return 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in bad:
+            prompt = prompts[i].text if isinstance(prompts[i], Prompt) else str(prompts[i])
+            row = {"prompt": prompt, "completion": completions[i], "reward": str(float(rewards[i]))}
+            f.write(json.dumps(row) + "\n")
+    return len(bad)
+
+
 __all__ = ["TaskGold", "RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
-           "score_texts", "encode_scored", "pad_right"]
+           "score_texts", "encode_scored", "pad_right", "save_nonfinite_samples", "NonFiniteReward", "reward_scores",
+           "stop_on_nonfinite"]

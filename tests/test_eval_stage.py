@@ -1,13 +1,20 @@
 """Best-of-n: the unbiased estimator against brute force over all n-subsets, the KL formula, and the stage."""
 
 import itertools
+import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from conftest import QUIET, mlflow_runs
-from framework.stages.eval import best_of_n, bon_kl, bon_weights
+from framework.errors import ConfigError, RLHFError
+from framework.interfaces import RewardFunction
+from framework.stages.eval import EvalStage, best_of_n, bon_kl, bon_weights
+from plugins.tasks.chitchat_reply import FriendlyReply
 
 
 def brute(proxy, gold, n):
@@ -46,3 +53,103 @@ def test_eval_stage_reports_best_of_n(chat_model, run_cli, rlhf_home):
     bad = run_cli("stage=eval", f"policy.path={sft_dir}", "reward=sentiment", "stage.samples_per_prompt=4",
                   "bon.n=[1,8]", check=False)
     assert bad.returncode != 0 and "bon.n" in bad.stderr
+
+
+def test_bon_sizes_are_sorted_without_repeats_and_start_at_one():
+    assert EvalStage(samples_per_prompt=8, bon={"n": [4, 1, 2, 4]}).ns == [1, 2, 4]
+    assert EvalStage(samples_per_prompt=8, bon={"n": [8, 2]}).ns == [1, 2, 8]  # n = 1: the base of the gains
+    assert EvalStage(samples_per_prompt=8, bon={"n": 4}).ns == [1, 4]
+    for bad, message in [([0, 2], r"every n must be in \[1, stage.samples_per_prompt=8\] \(0 is not\)"),
+                         ([16], r"\(16 is not\); lower it or raise stage.samples_per_prompt"),
+                         ([1, 2.5], r"whole numbers \(2.5 is not\)"), (["4"], "whole numbers"),
+                         ([True], "whole numbers"), ([], "at least one")]:
+        with pytest.raises(ConfigError, match=message):
+            EvalStage(samples_per_prompt=8, bon={"n": bad})
+
+
+# ----- the stage on a tiny policy, in process -------------------------------------------------------------------
+class ReplyLength(RewardFunction):  # `reward._target_: test_eval_stage.ReplyLength`
+    def score(self, prompts, completions):
+        return [len(c) / 10 for c in completions]
+
+
+class NaNOnFirst(RewardFunction):
+    def score(self, prompts, completions):
+        return [float("nan")] + [0.0] * (len(completions) - 1)
+
+
+class InfGold(FriendlyReply):  # a task whose gold returns inf for the last two samples
+    def golds(self, prompts, completions):
+        return [0.0] * (len(completions) - 2) + [float("inf")] * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    from framework.models import CausalLMFactory
+    from framework.stages.common import export_causal_lm
+    from plugins.datasets.chitchat import ChitchatCorpus
+    from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
+    tok = ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=128).build(tok)
+    return str(export_causal_lm(lm, tok, tmp_path_factory.mktemp("policy")))
+
+
+def run_eval(policy, tmp_path, reward="test_eval_stage.ReplyLength",
+             task="plugins.tasks.chitchat_reply.FriendlyReply", n=(4, 1, 2)):
+    logged = []
+    client = SimpleNamespace(log_metric=lambda run_id, key, value, step: logged.append((key, step, value)),
+                             log_artifact=lambda run_id, path: None)
+    ctx = SimpleNamespace(cfg=OmegaConf.create({"seed": 0, "policy": {"path": policy}, "model": {},
+                                                "task": {"_target_": task}, "reward": {"_target_": reward}}),
+                          output_dir=tmp_path, run=SimpleNamespace(run_id="r", client=client,
+                                                                   log_table=lambda data, name: None))
+    stage = EvalStage(prompts=3, samples_per_prompt=4, max_new_tokens=6, batch_size=16, bon={"n": list(n)})
+    return stage.run(ctx), logged
+
+
+def test_unsorted_bon_sizes_report_the_largest_n_and_gains_over_n_1(tiny_policy, tmp_path, monkeypatch):
+    """bon.n=[4,1,2] made n=4 the plot's base and n=2 the final metrics."""
+    import framework.stages.eval as eval_stage
+
+    plotted = []
+    monkeypatch.setattr(eval_stage, "plot_bon", lambda rows, path: plotted.append(rows))
+    result, logged = run_eval(tiny_policy, tmp_path)
+    rows = json.loads((tmp_path / "eval" / "best_of_n.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 4] and [r["n"] for r in plotted[0]] == [1, 2, 4]
+    assert result.metrics == {"bon/proxy": rows[-1]["proxy"], "bon/gold": rows[-1]["gold"]}
+    assert sorted(step for key, step, _ in logged if key == "bon/proxy") == [1, 2, 4]
+    assert rows[0]["proxy"] <= rows[1]["proxy"] <= rows[2]["proxy"]
+    monkeypatch.undo()  # the real plot takes rows in any order too (its base: the smallest n)
+    eval_stage.plot_bon(list(reversed(rows)), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("role, reward, task, count", [
+    ("proxy", "test_eval_stage.NaNOnFirst", "plugins.tasks.chitchat_reply.FriendlyReply", 1),
+    ("gold", "test_eval_stage.ReplyLength", "test_eval_stage.InfGold", 2)])
+def test_a_non_finite_reward_names_the_reward_and_saves_the_samples(tiny_policy, tmp_path, role, reward, task, count):
+    """It stopped with only "a reward returned NaN/inf on the evaluation samples"."""
+    cls = {"proxy": "NaNOnFirst", "gold": r"TaskGold \(task InfGold\)"}[role]
+    with pytest.raises(RLHFError, match=rf"the {role} reward {cls} returned NaN/inf for {count} of 12 samples "
+                                        rf"\(saved in \S*nonfinite_rewards_eval_{role}.jsonl\)") as err:
+        run_eval(tiny_policy, tmp_path, reward=reward, task=task)
+    saved = tmp_path / f"nonfinite_rewards_eval_{role}.jsonl"
+    assert str(saved) in str(err.value)
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(rows) == count and {"prompt", "completion", "reward"} == set(rows[0])
+    assert rows[0]["reward"] == ("nan" if role == "proxy" else "inf") and rows[0]["prompt"]
+    assert not (tmp_path / f"nonfinite_rewards_eval_{'gold' if role == 'proxy' else 'proxy'}.jsonl").exists()
+    assert not (tmp_path / "eval" / "best_of_n.json").exists()
+
+
+class OneNumber(RewardFunction):
+    def score(self, prompts, completions):
+        return 0.5
+
+
+def test_a_reward_that_breaks_its_contract_is_named(tiny_policy, tmp_path):
+    with pytest.raises(RLHFError, match="reward source OneNumber returned a float .*one real number per completion"):
+        run_eval(tiny_policy, tmp_path, reward="test_eval_stage.OneNumber")

@@ -357,6 +357,9 @@ def test_a_weighted_sum_of_reward_sources_as_the_command_line_writes_it():
         cfg = compose(config_name="config", overrides=overrides)
         empty = compose(config_name="config", overrides=["reward=sum"]).reward
         no_target = compose(config_name="config", overrides=["reward=sum", "+reward.components.x={weight: 1.0}"]).reward
+        misspelt = compose(config_name="config", overrides=[
+            "reward=sum", "+reward.components.a={wieght: 100.0, reward: {_target_: plugins.rewards.length.Length}}",
+        ]).reward
     reward = instantiate_plugin(cfg.reward, "reward", RewardFunction)
     completions = ["hi", "  a reply of about thirty chars ", ""]
     expected = [0.5 * 0.01 * len(c.strip()) - 2.0 * -0.1 * abs(len(c.strip()) - 20) for c in completions]
@@ -365,6 +368,10 @@ def test_a_weighted_sum_of_reward_sources_as_the_command_line_writes_it():
         instantiate_plugin(empty, "reward", RewardFunction)
     with pytest.raises(ConfigError, match="reward.components.x.reward must be a reward source"):
         instantiate_plugin(no_target, "reward", RewardFunction)
+    with pytest.raises(ConfigError, match=r"unknown key reward\.components\.a\.wieght \(did you mean "
+                                          r"reward\.components\.a\.weight\?\): "
+                                          r"reward\.components\.a takes reward, weight"):
+        instantiate_plugin(misspelt, "reward", RewardFunction)  # it used to weigh the component 1.0
 
 
 def test_ensemble_aggregates_by_hand(tiny_lm_and_tokenizer, tmp_path):
@@ -390,6 +397,74 @@ def test_ensemble_aggregates_by_hand(tiny_lm_and_tokenizer, tmp_path):
     members = torch.tensor([m.score(prompts, RESPONSES) for m in ens.members])
     assert not torch.allclose(members[0], members[1])  # each member has its own random head (and a bias)
     assert ens.score(prompts, RESPONSES) == pytest.approx((members.mean(0) - 0.1 * members.var(0)).tolist(), abs=1e-6)
+
+
+def test_ensemble_paths_given_as_one_string_are_refused_with_the_bracket_syntax(tmp_path):
+    """`reward.paths=<dir>` without brackets is a string: it was read character by character ("/: not a reward
+    model directory"); it is refused with the list syntax, as is a list of one."""
+    from hydra import compose, initialize_config_module
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import RewardFunction
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        one = compose(config_name="config", overrides=["reward=ensemble", f"reward.paths={tmp_path}"]).reward
+        listed = compose(config_name="config", overrides=["reward=ensemble", f"reward.paths=[{tmp_path}]"]).reward
+    assert isinstance(one.paths, str)
+    with pytest.raises(ConfigError, match=r"reward.paths='.*' is one string.*reward.paths='\[<rm1>,<rm2>\]'"):
+        instantiate_plugin(one, "reward", RewardFunction)
+    with pytest.raises(ConfigError, match=r"at least two reward model dirs, got 1: reward.paths='\[<rm1>,<rm2>\]'"):
+        instantiate_plugin(listed, "reward", RewardFunction)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_a_response_longer_than_max_length_is_scored_on_its_tail_with_one_warning(tiny_lm_and_tokenizer, tmp_path,
+                                                                                  fmt):
+    """A sample that does not fit in the reward model's max_length even without its prompt was scored NaN (and the
+    RL run stopped blaming the reward source); it is scored on its last max_length tokens, where the score is read,
+    and a LearnedReward says so once. Reward-model training (encode_scored's default) still drops such a response."""
+    from framework.reward import encode_scored
+    from plugins.rewards.learned import LearnedReward
+
+    lm, tok = tiny_lm_and_tokenizer
+    rm = RewardModel.from_causal_lm(lm, LastToken()).eval()
+    max_length = 16
+    out = export_reward_model(rm, LastToken(), {"_target_": "plugins.reward_heads.heads.LastToken"}, tok,
+                              tmp_path / "rm", {"format": fmt, "max_length": max_length})
+    prompt, long = "hello there", "it was a really lovely day and I love it, thanks so much for asking me " * 2
+    if fmt == "plain":
+        full = (tok(prompt, add_special_tokens=False)["input_ids"] + tok(long, add_special_tokens=False)["input_ids"]
+                + [tok.eos_token_id])
+        n_response = len(full) - len(tok(prompt, add_special_tokens=False)["input_ids"])
+    else:
+        full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": long}],
+                                       tokenize=True, return_dict=True)["input_ids"]
+        n_response = len(tok(long, add_special_tokens=False)["input_ids"])
+    assert n_response > max_length  # the response alone does not fit
+    tail = torch.tensor([list(full[-max_length:])])
+    with torch.no_grad():
+        expected = rm.reward(tail, torch.ones_like(tail)).item()
+    scores = score_texts(rm, tok, [prompt, prompt], [long, "nothing much"], fmt, max_length)
+    assert torch.isfinite(scores).all()
+    assert scores[0].item() == pytest.approx(expected, abs=1e-5)
+    counts = {}
+    score_texts(rm, tok, [prompt, prompt], [long, "nothing much"], fmt, max_length, counts=counts)
+    assert counts["cut"] == 1 and sum(counts.values()) == 2  # the short one: "ok", or its prompt "truncated" (chat)
+    assert encode_scored(tok, prompt, long, fmt, max_length) is None  # stage=reward_model keeps dropping it
+    assert encode_scored(tok, prompt, long, fmt, max_length, cut_response=True) == list(full[-max_length:])
+
+    reward = LearnedReward(str(out), allow_unnormalized=True)
+    prompts = [Prompt(prompt)] * 3
+    with pytest.warns(UserWarning) as record:
+        first = reward.score(prompts, [long, "nothing much", long])
+        second = reward.score(prompts, [long, long, "nothing much"])
+    about_length = [w for w in record if "max_length=16" in str(w.message)]
+    assert len(about_length) == 1  # once per reward object, not once per call
+    message = str(about_length[0].message)
+    assert "2 of 3 samples" in message and "stage.max_length" in message and "stage.max_new_tokens" in message
+    assert (reward.cut, reward.scored) == (4, 6)
+    assert all(math.isfinite(v) for v in first + second)
+    assert first[0] == pytest.approx(expected, abs=1e-5)
 
 
 def test_policy_samples_leave_the_run_random_stream_alone(tiny_lm_and_tokenizer, tmp_path):
@@ -435,7 +510,9 @@ def test_a_reward_model_as_the_gold_keeps_the_base_task_and_scores_in_batches(ti
     assert [p.text for p in task.prompts(3, seed=0)] == [p.text for p in prompts]
     assert task.expert_continuation(prompts[0], "") == base.expert_continuation(prompts[0], "")
     expected = LearnedReward(str(out)).score(prompts, RESPONSES)
-    assert expected == pytest.approx(score_texts(rm, tok, [p.text for p in prompts], RESPONSES, "chat", 64).tolist())
-    assert TaskGold(task).score(prompts, RESPONSES) == pytest.approx(expected)  # through golds(), batched
+    # abs: the exported classifier and the in-memory model round differently (~1e-7) under varying CPU threading
+    assert expected == pytest.approx(score_texts(rm, tok, [p.text for p in prompts], RESPONSES, "chat", 64).tolist(),
+                                     abs=1e-5)
+    assert TaskGold(task).score(prompts, RESPONSES) == pytest.approx(expected, abs=1e-5)  # through golds(), batched
     assert [task.gold(p, r) for p, r in zip(prompts, RESPONSES)] == pytest.approx(expected, abs=1e-5)
     assert task.golds(prompts, RESPONSES) != base.golds(prompts, RESPONSES)

@@ -161,3 +161,39 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_t
     if loss_type == "sigmoid":
         wrong = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
         assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr
+
+
+def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path):
+    """36 pairs: fewer steps than trainer.log_every_n_steps (10) logged no train/* metric at all, and
+    stage.offline.epochs=1 ran ceil(pairs / batch) steps over a loader that drops its last partial batch."""
+    import json
+    import re
+
+    import torch
+
+    from framework.models import CausalLMFactory
+    from framework.stages.common import export_causal_lm
+    from plugins.datasets.chitchat import ChitchatCorpus
+    from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
+    tok = ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path / "tok")
+    torch.manual_seed(0)
+    policy = export_causal_lm(CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=128).build(tok),
+                              tok, tmp_path / "policy")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"how was day {i}?", "chosen": f"it was lovely, thanks {i}!",
+                                         "rejected": f"bad {i}"}) + "\n" for i in range(36)))
+    proc = run_cli("stage=rl", f"policy.path={policy}", "algo=dpo", "dataset=comparisons_jsonl",
+                   f"dataset.paths=[{prefs}]", "stage.offline.batch_size=8", "stage.offline.epochs=1",
+                   "stage.offline.val_fraction=0", "stage.offline.max_length=64", "trainer.enable_model_summary=false",
+                   *QUIET)
+    client, runs = mlflow_runs(rlhf_home)
+    m = runs[0].data.metrics
+    for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "lr"):
+        assert key in m, key
+    # one epoch: the 4 whole batches of 8 the loader yields (the last 4 pairs dropped), not ceil(36 / 8) = 5 steps
+    ckpt = torch.load(exported_dir(proc.stdout).parent / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert re.search(r"DPO: 36 train / 0 val pairs .* 4 steps of 8 pairs \(1 epoch\(s\) of 4 batches\)", proc.stdout)

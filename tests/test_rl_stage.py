@@ -15,7 +15,8 @@ from framework.interfaces import RewardFunction
 from framework.models import CausalLMFactory
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
-from framework.stages.rl import (NonFiniteReward, PolicyWithValue, RLModule, RLStage, disable_dropout, response_positions,
+from framework.reward import NonFiniteReward
+from framework.stages.rl import (PolicyWithValue, RLModule, RLStage, disable_dropout, response_positions,
                                 trim_left_padding)
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO
@@ -246,7 +247,7 @@ def test_a_reward_source_that_breaks_its_contract_is_named(tokenizer, tmp_path, 
 def test_scores_as_a_tensor_array_or_numbers_are_accepted(tokenizer, tmp_path):
     import numpy as np
 
-    from framework.stages.rl import reward_scores
+    from framework.reward import reward_scores
 
     for returned in (torch.arange(4.0), np.arange(4.0), [0, 1, 2.0, np.float32(3)], [torch.tensor(float(i)) for i in range(4)]):
         assert reward_scores(Length(), returned, 4).tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -4,6 +4,8 @@ For each prompt, N samples are drawn once; for every n <= N in `bon.n`, the expe
 best-of-n sample (best by the proxy) is computed with the unbiased estimator over all n-subsets of the N samples:
 with the samples sorted by proxy ascending, the i-th (1-based) is the best of a random n-subset with probability
 C(i-1, n-1) / C(N, n). The KL of best-of-n to the policy is log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022).
+`bon.n` is sorted and de-duplicated, and n = 1 (the policy itself, the base of every gain) is always included: the
+final `bon/*` metrics are those of the largest n.
 """
 
 from __future__ import annotations
@@ -43,6 +45,44 @@ def bon_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def bon_sizes(ns, samples_per_prompt: int) -> list[int]:
+    """`bon.n` as the stage uses it: integers in [1, N], sorted, without repeats, with n = 1 added when missing (the
+    policy itself: the base of the plot's gains). A single number is a list of one."""
+    values = list(ns) if isinstance(ns, Sequence) and not isinstance(ns, str) else [ns]
+    if not values:
+        raise ConfigError("bon.n=[]: give at least one best-of-n size, e.g. bon.n=[1,2,4,8]")
+    bad = [n for n in values if isinstance(n, bool) or not isinstance(n, int)]
+    if bad:
+        raise ConfigError(f"bon.n={values}: best-of-n sizes must be whole numbers ({bad[0]!r} is not), "
+                          "e.g. bon.n=[1,2,4,8]")
+    out_of_range = [n for n in values if not 1 <= n <= samples_per_prompt]
+    if out_of_range:
+        raise ConfigError(f"bon.n={values}: every n must be in [1, stage.samples_per_prompt={samples_per_prompt}] "
+                          f"({out_of_range[0]} is not); lower it or raise stage.samples_per_prompt")
+    return sorted(set(values) | {1})
+
+
+def check_finite(out_dir: Path, prompts: Sequence, completions: Sequence[str],
+                 scores: Mapping[str, tuple[RewardFunction, Sequence[float]]]) -> None:
+    """Stop when a reward returned NaN/inf on the evaluation samples: for each such reward (`scores`: role ->
+    (reward source, its scores)), the offending samples go to <out_dir>/nonfinite_rewards_eval_<role>.jsonl, and
+    the message names the role, the reward's class, the count and the file."""
+    from framework.reward import NonFiniteReward, save_nonfinite_samples
+
+    problems = []
+    for role, (reward, values) in scores.items():
+        path = out_dir / f"nonfinite_rewards_eval_{role}.jsonl"
+        bad = save_nonfinite_samples(path, prompts, completions, values)
+        if bad:
+            task = getattr(reward, "task", None)  # the gold: TaskGold around the task's own scorer
+            name = type(reward).__name__ + (f" (task {type(task).__name__})" if task is not None else "")
+            problems.append(f"the {role} reward {name} returned NaN/inf for {bad} of {len(values)} samples (saved "
+                            f"in {path})")
+    if problems:
+        raise NonFiniteReward(f"{'; '.join(problems)}. No best-of-n result was logged: fix the reward source for these "
+                        "samples (reward=learned: is the reward model finite on them?) and run the evaluation again")
+
+
 class EvalStage(Stage):
     def __init__(self, name: str = "eval", format: str = "chat", prompts: int = 64, samples_per_prompt: int = 64,
                  max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 256,
@@ -51,12 +91,10 @@ class EvalStage(Stage):
         self.name, self.format, self.n_prompts, self.n_samples = name, format, prompts, samples_per_prompt
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
         self.batch_size = batch_size
-        self.ns = [int(n) for n in (bon or {}).get("n", [1, 2, 4, 8, 16, 32, 64])]
-        if not self.ns or min(self.ns) < 1 or max(self.ns) > samples_per_prompt:
-            raise ConfigError(f"bon.n={self.ns}: every n must be in [1, stage.samples_per_prompt={samples_per_prompt}]")
+        self.ns = bon_sizes((bon or {}).get("n", [1, 2, 4, 8, 16, 32, 64]), samples_per_prompt)
 
     def run(self, ctx: StageContext) -> StageResult:
-        from framework.reward import TaskGold
+        from framework.reward import TaskGold, reward_scores
         from framework.stages.reward import PolicySampler
 
         cfg = ctx.cfg
@@ -75,10 +113,9 @@ class EvalStage(Stage):
         gen_s = time.perf_counter() - started
         flat = [p for p in prompts for _ in range(self.n_samples)]
         texts = [t for group in groups for t in group]
-        proxy_scores = proxy.score(flat, texts)
-        gold_scores = gold.score(flat, texts)
-        if not all(math.isfinite(v) for v in proxy_scores + gold_scores):
-            raise ConfigError("a reward returned NaN/inf on the evaluation samples")
+        proxy_scores = reward_scores(proxy, proxy.score(flat, texts), len(texts)).tolist()
+        gold_scores = reward_scores(gold, gold.score(flat, texts), len(texts)).tolist()
+        check_finite(ctx.output_dir, flat, texts, {"proxy": (proxy, proxy_scores), "gold": (gold, gold_scores)})
         k = self.n_samples
         rows = []
         for n in self.ns:
@@ -115,12 +152,14 @@ def plot_bon(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r["n"])
+    base = rows[0]  # n = 1 in the stage (`bon_sizes` adds it): the policy itself
     fig, ax = plt.subplots(figsize=(5, 4))
     ds = [r["d"] for r in rows]
-    ax.plot(ds, [r["proxy"] - rows[0]["proxy"] for r in rows], marker="o", label="proxy (gain over n=1)")
-    ax.plot(ds, [r["gold"] - rows[0]["gold"] for r in rows], marker="o", label="gold (gain over n=1)")
+    ax.plot(ds, [r["proxy"] - base["proxy"] for r in rows], marker="o", label=f"proxy (gain over n={base['n']})")
+    ax.plot(ds, [r["gold"] - base["gold"] for r in rows], marker="o", label=f"gold (gain over n={base['n']})")
     for r in rows:
-        ax.annotate(str(r["n"]), (r["d"], r["proxy"] - rows[0]["proxy"]), fontsize=7)
+        ax.annotate(str(r["n"]), (r["d"], r["proxy"] - base["proxy"]), fontsize=7)
     ax.set(xlabel="d = sqrt(KL(best-of-n || policy))", ylabel="reward gain", title="best-of-n")
     ax.grid(alpha=0.3)
     ax.legend()

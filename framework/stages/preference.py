@@ -108,12 +108,23 @@ class PreferenceModule(TrainingModule):
         self.log("val/rewards/margins", self.val_margin, on_epoch=True)
 
 
+def log_interval(configured: int | None, steps: int) -> int:
+    """`trainer.log_every_n_steps`, but at most the run's steps, so that a run shorter than the interval still logs
+    its `train/*` metrics (Lightning logs at every multiple of it); 0 (logging off) stays 0."""
+    every = 50 if configured is None else int(configured)  # 50: Lightning's own default
+    return every if every <= 0 else min(every, steps)
+
+
 def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str) -> StageResult:
     """stage: the RLStage (its format, optimizer, scheduler and `offline` settings)."""
     cfg = ctx.cfg
     settings = dict(stage.offline)
     batch_size, epochs = int(settings.get("batch_size", 16)), float(settings.get("epochs", 1))
     max_length, val_fraction = int(settings.get("max_length", 256)), float(settings.get("val_fraction", 0.1))
+    if batch_size < 1:
+        raise ConfigError(f"stage.offline.batch_size={batch_size} must be >= 1")
+    if epochs <= 0:
+        raise ConfigError(f"stage.offline.epochs={epochs:g}: train for a positive number of epochs (e.g. 1, or 0.5)")
     dataset = instantiate_plugin(cfg.dataset, "dataset", None)
     if not isinstance(dataset, ComparisonDataset):
         raise ConfigError(f"algo={type(algorithm).__name__} trains on comparisons, but dataset._target_="
@@ -144,18 +155,22 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     val = encode_pairs(tokenizer, val_r, stage.format, max_length) if val_r else []
     if not train:
         raise DataError(f"{dataset.describe()}: no training pair fits in stage.offline.max_length={max_length}")
-    steps = max(1, math.ceil(epochs * math.ceil(len(train) / batch_size)))
-    check_stage_values(val_fraction, batch_size, steps, max_length=max_length)
-    print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
-          f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs")
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    # whole batches only (a last partial one is dropped, a different one each epoch: the loader shuffles), unless
+    # all the pairs make less than one batch; the steps count the batches this loader yields
     train_loader = DataLoader(ListDataset(train), batch_size=batch_size, shuffle=True, collate_fn=collate,
                               drop_last=len(train) > batch_size)
     val_loader = DataLoader(ListDataset(val), batch_size=batch_size, collate_fn=collate) if val else None
+    steps = max(1, math.ceil(epochs * len(train_loader)))
+    check_stage_values(val_fraction, batch_size, steps, max_length=max_length)
+    print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
+          f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs "
+          f"({epochs:g} epoch(s) of {len(train_loader)} batches)")
     module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
     lm.train()
     trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),
-                            overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0})
+                            overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0,
+                                       "log_every_n_steps": log_interval(cfg.trainer.get("log_every_n_steps"), steps)})
     if val_loader is not None and ctx.ckpt_path is None:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ctx.ckpt_path)

@@ -11,9 +11,6 @@ Lightning's `.train()` calls cannot bring it back): the first minibatch of every
 from __future__ import annotations
 
 import copy
-import json
-import math
-import numbers
 import signal
 import threading
 import time
@@ -26,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
-from framework.errors import ConfigError, RLHFError, refuse_unknown_keys
+from framework.errors import ConfigError, refuse_unknown_keys
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import (
@@ -42,55 +39,11 @@ from framework.interfaces import (
 from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
                               no_cache)
 from framework.records import Prompt
-from framework.reward import TaskGold, critic_from_reward_model
+from framework.reward import TaskGold, critic_from_reward_model, reward_scores, stop_on_nonfinite
 from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm
 from framework.tokenization import load_tokenizer
-
-
-class NonFiniteReward(RLHFError):
-    """A reward source returned NaN or inf."""
-
-
-def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> torch.Tensor:
-    """What a reward source's `score` returned, checked against its contract (one real number per completion, in
-    order) -> a float tensor [n]. NaN and inf pass here: `stop_on_nonfinite` saves those samples and stops."""
-    def refuse(what: str) -> RLHFError:
-        return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
-                         f"must return one real number per completion, in order ({n} here)")
-
-    if isinstance(scores, torch.Tensor):
-        if scores.dim() > 1 and scores.numel() != n:
-            raise refuse(f"a tensor of shape {tuple(scores.shape)}")
-        scores = scores.detach().reshape(-1).tolist()
-    if isinstance(scores, (str, bytes, Mapping)) or not hasattr(scores, "__len__"):
-        raise refuse(f"a {type(scores).__name__} ({str(scores)[:40]})")
-    if len(scores) != n:
-        raise refuse(f"{len(scores)} scores")
-    values = []
-    for i, value in enumerate(scores):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise refuse(f"{value!r} ({type(value).__name__}) for completion {i}")
-        values.append(float(value))
-    return torch.tensor(values, dtype=torch.float, device=device)
-
-
-def stop_on_nonfinite(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], scores: torch.Tensor,
-                      path: Path, when: str) -> None:
-    """Raise NonFiniteReward when `scores` holds NaN or inf, the offending samples saved to `path` (jsonl)."""
-    bad = [i for i, v in enumerate(scores.tolist()) if not math.isfinite(v)]
-    if not bad:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for i in bad:
-            f.write(json.dumps({"prompt": prompts[i].text, "completion": texts[i], "reward": str(scores[i].item())}) + "\n")
-    raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {len(bad)} of "
-                          f"{len(texts)} samples {when}; they are saved in {path}. The policy was not updated with "
-                          "them; the last checkpoint is intact")
 
 
 class PolicyWithValue(nn.Module):

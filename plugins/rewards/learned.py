@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, refuse_unknown_keys
 from framework.interfaces import RewardFunction
 from framework.models import disable_dropout
 from framework.records import Prompt
@@ -23,6 +24,10 @@ class LearnedReward(RewardFunction):
 
     The reward model reads text: a policy with another tokenizer is scored through its decoded text, re-tokenised
     by the reward model's own tokenizer. A dir without normalisation is refused unless `allow_unnormalized=true`.
+
+    A sample longer than the reward model's max_length is cut from the left, the prompt first, then the start of the
+    response, and scored on what is left (the score is read at the last token). `scored` counts the samples, `cut`
+    those scored without any of their prompt; the first cut warns once for this reward, with the numbers and the fix.
     """
 
     name = "learned"
@@ -40,15 +45,28 @@ class LearnedReward(RewardFunction):
                               "reward.allow_unnormalized=true to use its raw scores")
         self.format = format or info.get("format", "chat")
         self.max_length = int(max_length or info.get("max_length") or self.tokenizer.model_max_length)
+        if self.max_length < 1:
+            raise ConfigError(f"reward model {self.path}: max_length={self.max_length}; it must be >= 1")
         self.batch_size = batch_size
+        self.scored, self.cut, self._warned = 0, 0, False
 
     def to(self, device) -> "LearnedReward":
         self.model.to(device)
         return self
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        counts: dict[str, int] = {}
         values = score_texts(self.model, self.tokenizer, [p.text for p in prompts], list(completions), self.format,
-                             self.max_length, self.batch_size)
+                             self.max_length, self.batch_size, counts=counts)
+        self.scored += len(completions)
+        self.cut += counts.get("cut", 0)
+        if self.cut and not self._warned:
+            self._warned = True
+            warnings.warn(f"reward model {self.path}: {self.cut} of {self.scored} samples scored so far do not fit in "
+                          f"its max_length={self.max_length} tokens with any of their prompt; each was scored on its "
+                          f"last {self.max_length} tokens (prompt and start of the response cut). Train the reward "
+                          "model with a larger stage.max_length, or lower stage.max_new_tokens (this warning is not "
+                          "repeated; `.cut` keeps counting)", stacklevel=2)
         return [v if math.isfinite(v) else float("nan") for v in values.tolist()]
 
 
@@ -60,8 +78,12 @@ class RewardEnsemble(RewardFunction):
     name = "ensemble"
 
     def __init__(self, paths: Sequence[str], aggregate: str = "mean", lam: float = 1.0, allow_unnormalized: bool = False):
+        if isinstance(paths, (str, Path)):  # `reward.paths=<dir>` (no brackets) gives a string, not a list
+            raise ConfigError(f"reward.paths={str(paths)!r} is one string; reward=ensemble needs a list of at least "
+                              "two reward model dirs, in brackets (quoted for the shell): reward.paths='[<rm1>,<rm2>]'")
         if len(paths) < 2:
-            raise ConfigError("reward=ensemble needs reward.paths with at least two reward model dirs")
+            raise ConfigError(f"reward=ensemble needs reward.paths with at least two reward model dirs, got "
+                              f"{len(paths)}: reward.paths='[<rm1>,<rm2>]' (for one, reward=learned reward.path=<dir>)")
         if aggregate not in AGGREGATES:
             raise ConfigError(f"reward.aggregate={aggregate!r}; expected one of {AGGREGATES}")
         self.members = [LearnedReward(p, allow_unnormalized=allow_unnormalized) for p in paths]
@@ -95,6 +117,8 @@ class WeightedSum(RewardFunction):
             raise ConfigError("reward=sum needs reward.components: {name: {weight: w, reward: {_target_: ...}}}")
         self.components = []
         for name, spec in components.items():
+            if isinstance(spec, dict):  # a misspelt weight would otherwise silently weigh 1.0
+                refuse_unknown_keys(f"reward.components.{name}", spec, ("weight", "reward"))
             reward = spec.get("reward") if isinstance(spec, dict) else None
             if not isinstance(reward, RewardFunction):
                 raise ConfigError(f"reward.components.{name}.reward must be a reward source (with _target_)")
