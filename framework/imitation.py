@@ -32,12 +32,18 @@ def stop_token_id(tokenizer: "PreTrainedTokenizerBase", fmt: str) -> int:
     return tokenizer.eos_token_id
 
 
+# the callers cut what is too long themselves (and count it): transformers' "longer than the specified maximum
+# sequence length ... indexing errors" notice, printed on every run with long prompts, would be a false alarm
+_NO_LENGTH_NOTICE = {"verbose": False}
+
+
 def encode_prompt(tokenizer: "PreTrainedTokenizerBase", text: str, fmt: str) -> list[int]:
     """The prompt as the learner sees it before its response."""
     if fmt == "chat":
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+                                                  add_generation_prompt=True, return_dict=True,
+                                                  tokenizer_kwargs=_NO_LENGTH_NOTICE)["input_ids"])
+    return tokenizer(text, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"]
 
 
 class PromptEncoder:
@@ -65,11 +71,11 @@ def _encode_full(tokenizer, demo: Demonstration, fmt: str) -> tuple[list[int], l
         if demo.messages is not None:
             raise DataError("a conversation cannot be encoded with stage.format=plain; use stage.format=chat",
                             demo.source or None)
-        prompt = tokenizer(demo.prompt, add_special_tokens=False)["input_ids"]
-        response = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = tokenizer(demo.prompt, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"]
+        response = tokenizer(demo.response, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"] + [tokenizer.eos_token_id]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
     enc = tokenizer.apply_chat_template(demo.as_messages(), tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
+                                        return_assistant_tokens_mask=True, tokenizer_kwargs=_NO_LENGTH_NOTICE)
     ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
     if not any(mask):
         raise DataError("the tokenizer's chat template marks no assistant tokens (it needs {% generation %} blocks); "

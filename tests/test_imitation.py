@@ -77,6 +77,22 @@ def test_long_prompts_are_cut_from_the_left_and_long_responses_dropped_with_coun
         encode_demonstration(tok, Demonstration(messages=({"role": "assistant", "content": "x"},)), "plain", 16)
 
 
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_encoding_a_long_text_prints_no_indexing_errors_notice(tok, fmt):
+    """The callers cut long sequences themselves: transformers' "longer than the specified maximum sequence length
+    ... indexing errors" notice (once per tokenizer, on every run with long prompts) would be a false alarm."""
+    import copy
+
+    quiet = copy.deepcopy(tok)
+    quiet.model_max_length = 16
+    long = "hello there, how are you? " * 20
+    assert len(encode_prompt(quiet, long, fmt)) > 16
+    encode_demonstration(quiet, Demonstration(prompt=long, response="fine thanks"), fmt, 64)
+    assert not quiet.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    quiet(long)  # a plain call still notices: the check above can fail
+    assert quiet.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+
+
 def test_trajectory_example_aligns_expert_labels_with_visited_states():
     ex = trajectory_example([7, 8], [1, 2], [5, 6, 9])  # did not stop: one more state than tokens
     assert ex.input_ids == [7, 8, 1, 2, 0]
