@@ -206,3 +206,10 @@ def log_samples(ctx: StageContext, model, tokenizer, samples: Mapping[str, Any],
     for p, c in zip(prompts, completions):
         print(f"  {p!r} -> {c!r}")
     ctx.run.log_table({"prompt": prompts, "completion": completions}, "samples.json")
+
+
+def log_interval(configured: int | None, steps: int) -> int:
+    """`trainer.log_every_n_steps`, but at most the run's steps, so that a run shorter than the interval still logs
+    its `train/*` metrics (Lightning logs at every multiple of it); 0 (logging off) stays 0."""
+    every = 50 if configured is None else int(configured)  # 50: Lightning's own default
+    return every if every <= 0 else min(every, steps)

@@ -31,7 +31,7 @@ from framework.interfaces import (
 from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
-from framework.stages.common import build_trainer, check_stage_values, export_causal_lm
+from framework.stages.common import build_trainer, check_stage_values, export_causal_lm, log_interval
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
@@ -106,13 +106,6 @@ class PreferenceModule(TrainingModule):
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val/rewards/accuracies", self.val_accuracy, on_epoch=True)
         self.log("val/rewards/margins", self.val_margin, on_epoch=True)
-
-
-def log_interval(configured: int | None, steps: int) -> int:
-    """`trainer.log_every_n_steps`, but at most the run's steps, so that a run shorter than the interval still logs
-    its `train/*` metrics (Lightning logs at every multiple of it); 0 (logging off) stays 0."""
-    every = 50 if configured is None else int(configured)  # 50: Lightning's own default
-    return every if every <= 0 else min(every, steps)
 
 
 def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str) -> StageResult:

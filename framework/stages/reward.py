@@ -40,7 +40,7 @@ from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_values)
+                                     check_stage_values, log_interval)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -351,7 +351,8 @@ class RewardModelStage(Stage):
         if not train:
             raise DataError(f"{dataset.describe()}: no training comparison fits in stage.max_length={self.max_length}")
         pairs = sum(len(r.pairs()) for r in train_r)
-        steps_per_epoch = math.ceil(len(train) / self.batch_size)
+        # the batches the loader yields: whole ones only (it drops a last partial one), unless all make less than one
+        steps_per_epoch = len(train) // self.batch_size if len(train) > self.batch_size else 1
         max_steps = int(cfg.trainer.get("max_steps") or 0)
         if self.epochs is not None:
             max_steps = max(1, math.ceil(self.epochs * steps_per_epoch))
@@ -377,7 +378,9 @@ class RewardModelStage(Stage):
         data = ComparisonDataModule(train, val, self.batch_size, tokenizer.pad_token_id, self.num_workers,
                                     self.group_by_length, int(cfg.seed))
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
-                                overrides={"max_steps": max_steps},
+                                overrides={"max_steps": max_steps,
+                                           "log_every_n_steps": log_interval(cfg.trainer.get("log_every_n_steps"),
+                                                                             max_steps)},
                                 limit_val_batches=1.0 if val else 0)
         if ctx.ckpt_path is None and val:
             trainer.validate(module, datamodule=data, verbose=False)
