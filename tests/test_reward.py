@@ -82,7 +82,7 @@ def test_kwise_rows_expand_in_preference_order():
     class CharTok:
         pad_token_id, eos_token_id = 0, 1
 
-        def __call__(self, text, add_special_tokens=False):
+        def __call__(self, text, add_special_tokens=False, verbose=True):  # as a transformers tokenizer
             return {"input_ids": [ord(c) for c in text]}
 
     r = Ranking("p", ("aa", "b", "cccc"), (2, 0, 1), gold=(0.1, 0.0, 0.9))
