@@ -60,8 +60,9 @@ def test_kwise_file_listwise_loss_and_ensemble_head(chat_model, run_cli, rlhf_ho
     assert "val/reward_std_members" in metrics
     assert runs[0].data.params["data.train_pairs"] == str(10 * int(runs[0].data.params["data.train_comparisons"]))
     # 5 epochs of the whole batches the loader yields (it drops a last partial batch): not one step more per epoch
+    # (the split hashes the file's path, so how many comparisons train, and whether 8 divides them, varies by run)
     train = int(runs[0].data.params["data.train_comparisons"])
-    assert train % 8 and runs[0].data.params["stage.max_steps_resolved"] == str(5 * (train // 8))
+    assert runs[0].data.params["stage.max_steps_resolved"] == str(5 * (train // 8))
     rm, tok, info = load_reward_model(rm_dir)
     assert info["members"] == 3 and info["head"]["_target_"] == "plugins.reward_heads.heads.Ensemble"
     scores = score_texts(rm, tok, ["day 7:"] * 2, ["it was great 7", "it was awful 7"], "plain", 128)
