@@ -268,7 +268,7 @@ class NonFiniteReward(RLHFError):
 
 def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> torch.Tensor:
     """What a reward source's `score` returned, checked against its contract (one real number per completion, in
-    order) -> a float tensor [n]. NaN and inf pass here: `stop_on_nonfinite` saves those samples and stops."""
+    order) -> a float tensor [n]. NaN and inf pass here: `checked_scores` saves those samples and stops."""
     def refuse(what: str) -> RLHFError:
         return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
                          f"must return one real number per completion, in order ({n} here)")
@@ -291,14 +291,17 @@ def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> t
     return torch.tensor(values, dtype=torch.float, device=device)
 
 
-def stop_on_nonfinite(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], scores: torch.Tensor,
-                      path: Path, when: str) -> None:
-    """Raise NonFiniteReward when `scores` holds NaN or inf, the offending samples saved to `path` (jsonl)."""
+def checked_scores(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], path: Path, when: str,
+                   consequence: str, device=None) -> torch.Tensor:
+    """`source.score(prompts, texts)` checked against the contract (`reward_scores`) -> a float tensor; NaN or inf
+    raise NonFiniteReward, the offending samples saved to `path` (jsonl). when / consequence: the message's words
+    for where it happened and what it means for the run."""
+    scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
     bad = save_nonfinite_samples(path, prompts, texts, scores.tolist())
     if bad:
         raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {bad} of "
-                              f"{len(texts)} samples {when}; they are saved in {path}. The policy was not updated "
-                              "with them; the last checkpoint is intact")
+                              f"{len(texts)} samples {when}; they are saved in {path}. {consequence}")
+    return scores
 
 
 def save_nonfinite_samples(path: Path, prompts: Sequence[Prompt | str], completions: Sequence[str],
@@ -321,4 +324,4 @@ def save_nonfinite_samples(path: Path, prompts: Sequence[Prompt | str], completi
 
 __all__ = ["TaskGold", "RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
            "score_texts", "encode_scored", "pad_right", "save_nonfinite_samples", "NonFiniteReward", "reward_scores",
-           "stop_on_nonfinite"]
+           "checked_scores"]

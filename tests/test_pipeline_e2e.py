@@ -48,6 +48,18 @@ def test_merge_overrides_keeps_the_last_of_each_key():
         ["stage=sft", "a.b=3", "algo=grpo", "~c"]
 
 
+def saved_run(root, name: str, cfg: dict, ckpt: str = "last.ckpt") -> Path:
+    """A run folder under <root>/runs as a stage leaves it for resume=true: its config and an (empty) checkpoint."""
+    from omegaconf import OmegaConf
+
+    run = root / "runs" / name
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / ckpt).write_bytes(b"")
+    OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / ckpt
+
+
 def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp_path):
     """resume=true: an RL checkpoint of another policy or reward (or a reward-model checkpoint of another
     stage.policy_path) is refused with the differing sections named; the matching one is picked."""
@@ -56,17 +68,9 @@ def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp
     from framework.errors import ConfigError
     from framework.pipeline import find_resume_checkpoint
 
-    def saved(name, **cfg):
-        run = tmp_path / "runs" / name
-        (run / ".hydra").mkdir(parents=True)
-        (run / "checkpoints").mkdir()
-        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-        OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
-        return run / "checkpoints" / "last.ckpt"
-
     rl = {"stage": {"name": "rl"}, "model": {"path": None}, "policy": {"path": "/sft"},
           "reward": {"_target_": "plugins.rewards.learned.LearnedReward", "path": "/rm_a"}, "algo": {"epochs": 4}}
-    ckpt = saved("a", **rl)
+    ckpt = saved_run(tmp_path, "a", rl)
     assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl), "rl") == ckpt
     other = OmegaConf.create(rl)
     other.reward.path = "/rm_b"
@@ -74,7 +78,7 @@ def test_resume_picks_only_a_checkpoint_made_with_the_same_policy_and_reward(tmp
     with pytest.raises(ConfigError, match="other policy, reward settings"):
         find_resume_checkpoint(tmp_path, other, "rl")
     rm = {"stage": {"name": "reward_model", "policy_path": "/small"}, "model": {"path": "/big"}}
-    saved("b", **rm)
+    saved_run(tmp_path, "b", rm)
     moved = OmegaConf.create(rm)
     moved.stage.policy_path = "/another"
     with pytest.raises(ConfigError, match="other stage settings"):
@@ -89,21 +93,13 @@ def test_resume_matches_seed_kl_and_stage_settings_but_lets_the_run_grow(tmp_pat
     from framework.errors import ConfigError
     from framework.pipeline import find_resume_checkpoint
 
-    def saved(name, cfg):
-        run = tmp_path / "runs" / name
-        (run / ".hydra").mkdir(parents=True)
-        (run / "checkpoints").mkdir()
-        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-        OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
-        return run / "checkpoints" / "last.ckpt"
-
     def rl(seed, **stage):
         return {"seed": seed, "stage": {"name": "rl", "iterations": 6, "checkpoint_every_n_iterations": 2,
                                         "eval": {"prompts": 8, "every_n_iterations": 2}, "kl": "${kl}",
                                         "optimizer": {"lr": 1e-5}, **stage},
                 "kl": {"controller": "fixed", "coef": 0.05}, "policy": {"path": "/sft"}}
 
-    seed0, seed1 = saved("s0", rl(0)), saved("s1", rl(1))
+    seed0, seed1 = saved_run(tmp_path, "s0", rl(0)), saved_run(tmp_path, "s1", rl(1))
     os.utime(seed0, (2e9, 2e9))  # seed 0's checkpoint is the newest: seed 1 must still get its own
     assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl(1)), "rl") == seed1
     assert find_resume_checkpoint(tmp_path, OmegaConf.create(rl(0)), "rl") == seed0
@@ -127,15 +123,11 @@ def test_resume_skips_an_rl_checkpoint_written_in_the_middle_of_an_iteration(tmp
     from framework.pipeline import find_resume_checkpoint
 
     cfg = {"seed": 0, "stage": {"name": "rl"}}
-    run = tmp_path / "runs" / "a"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "checkpoints").mkdir()
-    OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
-    partial = run / "checkpoints" / "on_exception.ckpt"
+    partial = saved_run(tmp_path, "a", cfg, "on_exception.ckpt")
     torch.save({"rl_state": {"iteration": 3, "mid_iteration": True}}, partial)
     with pytest.raises(ConfigError, match="middle of an RL iteration.*without resume"):
         find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl")
-    last = run / "checkpoints" / "last.ckpt"
+    last = partial.with_name("last.ckpt")
     torch.save({"rl_state": {"iteration": 2, "mid_iteration": False}}, last)
     os.utime(last, (1e9, 1e9))  # older than the partial one
     assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl") == last
@@ -153,12 +145,7 @@ def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_de
     from framework.pipeline import find_resume_checkpoint
 
     old_algo = {"_target_": "plugins.algorithms.group.GRPO", "generations": 4, "beta": None}
-    run = tmp_path / "runs" / "old"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "checkpoints").mkdir()
-    ckpt = run / "checkpoints" / "last.ckpt"
-    ckpt.write_bytes(b"")
-    OmegaConf.save(OmegaConf.create({"stage": {"name": "rl"}, "algo": old_algo}), run / ".hydra" / "config.yaml")
+    ckpt = saved_run(tmp_path, "old", {"stage": {"name": "rl"}, "algo": old_algo})
     today = OmegaConf.create({"stage": {"name": "rl"}, "algo": {**old_algo, "kl_estimator": "k3"}})
     assert find_resume_checkpoint(tmp_path, today, "rl") == ckpt
     today.algo.kl_estimator = "k2"

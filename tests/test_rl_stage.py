@@ -455,7 +455,7 @@ def test_a_non_finite_or_malformed_evaluation_reward_stops_naming_which_one(toke
     with pytest.raises(NonFiniteReward, match=r"Broken returned NaN/inf for 1 of 4 samples \(gold reward\) on the "
                                               r"evaluation prompts at iteration 3"):
         evaluator(lm, 3)
-    assert '"reward": "nan"' in (tmp_path / "nonfinite_gold_eval_iter3.jsonl").read_text()
+    assert '"reward": "nan"' in (tmp_path / "nonfinite_rewards_eval_gold_iter3.jsonl").read_text()
     evaluator = Evaluator(tokenizer, "chat", PROMPTS, Returns(1.0), None, sampling, 1, sample_dir=tmp_path)
     with pytest.raises(RLHFError, match="reward source Returns returned a float"):
         evaluator(lm, 0)

@@ -39,7 +39,7 @@ from framework.interfaces import (
 from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
                               no_cache)
 from framework.records import Prompt
-from framework.reward import TaskGold, critic_from_reward_model, reward_scores, stop_on_nonfinite
+from framework.reward import TaskGold, checked_scores, critic_from_reward_model
 from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm
@@ -270,11 +270,11 @@ class RLModule(pl.LightningModule):
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
                  for r, m in zip(response, response_mask)]
         score_started = time.perf_counter()
-        raw = reward_scores(self.reward, self.reward.score(prompts, texts), len(texts), ids.device)
+        raw = checked_scores(self.reward, prompts, texts,
+                             (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl",
+                             f"at iteration {self.iteration}",
+                             "The policy was not updated with them; the last checkpoint is intact", ids.device)
         score_s = time.perf_counter() - score_started
-        stop_on_nonfinite(self.reward, prompts, texts, raw,
-                          (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl",
-                          f"at iteration {self.iteration}")
         scores = raw.clone()
         # clip the source's score, then charge the penalty: a clipped score still pays for never stopping
         if self.reward_clip is not None:
@@ -453,11 +453,10 @@ class Evaluator:
 
     def scores(self, role: str, source: RewardFunction, texts: list[str], iteration: int) -> list[float]:
         """A reward's scores of the evaluation samples, checked (the contract; NaN/inf stop the run, saved)."""
-        scores = reward_scores(source, source.score(self.prompts, texts), len(texts))
-        stop_on_nonfinite(source, self.prompts, texts, scores,
-                          (self.sample_dir or Path(".")) / f"nonfinite_{role}_eval_iter{iteration}.jsonl",
-                          f"({role} reward) on the evaluation prompts at iteration {iteration}")
-        return scores.tolist()
+        return checked_scores(source, self.prompts, texts,
+                              (self.sample_dir or Path(".")) / f"nonfinite_rewards_eval_{role}_iter{iteration}.jsonl",
+                              f"({role} reward) on the evaluation prompts at iteration {iteration}",
+                              "Only the evaluation saw them; the checkpoints are intact").tolist()
 
     def kl(self, lm: nn.Module, out) -> float:
         response = out.response_ids
