@@ -72,7 +72,8 @@ def _encode_full(tokenizer, demo: Demonstration, fmt: str) -> tuple[list[int], l
             raise DataError("a conversation cannot be encoded with stage.format=plain; use stage.format=chat",
                             demo.source or None)
         prompt = tokenizer(demo.prompt, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"]
-        response = tokenizer(demo.response, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(demo.response, add_special_tokens=False, **_NO_LENGTH_NOTICE)["input_ids"]
+        response = response + [tokenizer.eos_token_id]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
     enc = tokenizer.apply_chat_template(demo.as_messages(), tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True, tokenizer_kwargs=_NO_LENGTH_NOTICE)

@@ -94,7 +94,8 @@ def fused_activations(model: "torch.nn.Module") -> "torch.nn.Module":
     return model
 
 
-def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.path", **kwargs: Any) -> "PreTrainedModel":
+def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.path",
+                   **kwargs: Any) -> "PreTrainedModel":
     """Load a causal LM with clear errors (not a causal LM, unreadable weights) that name `key`, the setting that
     gave the path."""
     from transformers import AutoConfig, AutoModelForCausalLM

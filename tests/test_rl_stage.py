@@ -484,6 +484,12 @@ def test_bf16_mixed_precision_trains_with_gradient_clipping(tokenizer, tmp_path)
     assert mod.iteration == 1 and not trainer.optimizers[0].param_groups[0]["fused"]
 
 
+@pytest.mark.parametrize("offline", [{"batch_size": 0}, {"epochs": 0}, {"epochs": -1.0}])
+def test_an_offline_batch_size_or_epochs_that_cannot_train_is_refused_at_start(offline):
+    with pytest.raises(ConfigError, match="stage.offline.batch_size=.* and stage.offline.epochs=.*must be >= 1"):
+        RLStage(offline=offline)
+
+
 @pytest.mark.parametrize("section, key", [("eval", "every_n_iteration"), ("offline", "epoch")])
 def test_a_misspelt_eval_or_offline_key_is_refused(section, key):
     with pytest.raises(ConfigError, match=f"unknown key stage.{section}.{key} \\(did you mean"):

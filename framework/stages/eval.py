@@ -79,8 +79,9 @@ def check_finite(out_dir: Path, prompts: Sequence, completions: Sequence[str],
             problems.append(f"the {role} reward {name} returned NaN/inf for {bad} of {len(values)} samples (saved "
                             f"in {path})")
     if problems:
-        raise NonFiniteReward(f"{'; '.join(problems)}. No best-of-n result was logged: fix the reward source for these "
-                        "samples (reward=learned: is the reward model finite on them?) and run the evaluation again")
+        raise NonFiniteReward(f"{'; '.join(problems)}. No best-of-n result was logged: fix the reward source for "
+                              "these samples (reward=learned: is the reward model finite on them?) and run the "
+                              "evaluation again")
 
 
 class EvalStage(Stage):

@@ -114,10 +114,6 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     settings = dict(stage.offline)
     batch_size, epochs = int(settings.get("batch_size", 16)), float(settings.get("epochs", 1))
     max_length, val_fraction = int(settings.get("max_length", 256)), float(settings.get("val_fraction", 0.1))
-    if batch_size < 1:
-        raise ConfigError(f"stage.offline.batch_size={batch_size} must be >= 1")
-    if epochs <= 0:
-        raise ConfigError(f"stage.offline.epochs={epochs:g}: train for a positive number of epochs (e.g. 1, or 0.5)")
     dataset = instantiate_plugin(cfg.dataset, "dataset", None)
     if not isinstance(dataset, ComparisonDataset):
         raise ConfigError(f"algo={type(algorithm).__name__} trains on comparisons, but dataset._target_="

@@ -502,6 +502,10 @@ class RLStage(Stage):
         refuse_unknown_keys("stage.eval", self.eval, ("prompts", "every_n_iterations"))
         refuse_unknown_keys("stage.offline", self.offline,
                             ("batch_size", "epochs", "max_length", "val_fraction", "checkpoint_every_n_steps"))
+        if int(self.offline.get("batch_size", 16)) < 1 or float(self.offline.get("epochs", 1)) <= 0:
+            raise ConfigError(f"stage.offline.batch_size={self.offline.get('batch_size', 16)} and stage.offline.epochs="
+                              f"{self.offline.get('epochs', 1)}: the batch size must be >= 1 and the epochs > 0 "
+                              "(e.g. 1, or 0.5)")
         self.logprobs_from_sampling = bool(logprobs_from_sampling)
 
     def run(self, ctx: StageContext) -> StageResult:
