@@ -60,22 +60,52 @@ def no_cache(model: "torch.nn.Module") -> dict[str, bool]:
     return {"use_cache": False} if forward_takes(type(model), "use_cache") else {}
 
 
+def is_drop_rate(name: str, value: Any) -> bool:
+    """Whether an attribute is a positive drop rate: a float whose name says so (`attention_dropout`, `resid_pdrop`,
+    `layerdrop`, ...)."""
+    return "drop" in name.lower() and type(value) is float and value > 0.0
+
+
+class RatesOff:
+    """A layer's view of its model config with every drop rate read as 0.0. Everything else is read from (and
+    written to) the config itself, so a later change to it (e.g. the attention implementation) still reaches the
+    layer, and the model's own `config`, the one an export saves, keeps its rates."""
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "config":  # copy/pickle probe a half-built object
+            raise AttributeError(name)
+        value = getattr(self.config, name)
+        return 0.0 if is_drop_rate(name, value) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.config, name, value)
+
+
 def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
-    """Dropout off for good, whatever mode the model is put in later (Lightning calls `.train()`), in place: p = 0 in
-    every dropout module (`nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, ...), and 0.0 in every float attribute of
-    a layer whose name says it is a drop rate. That second part is how most transformers attention layers keep their
-    rate (Llama, Mistral, Qwen, Gemma: `attention_dropout`, passed to the attention function whenever the layer is
-    in train mode). The config is left as it was, so an export saves the rates it was loaded with; a layer that
-    reads its rate from the config at every forward (GPT-Neo's and Falcon's flash-attention paths, Persimmon) needs
-    a config with dropout 0."""
+    """Dropout off for good, whatever mode the model is put in later (Lightning calls `.train()`), in place:
+    - p = 0 in every dropout module (`nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, ...);
+    - 0.0 in every float attribute of a layer whose name says it is a drop rate: how most transformers attention
+      layers keep their rate (Llama, Mistral, Qwen, Gemma: `attention_dropout`, passed to the attention function
+      whenever the layer is in train mode);
+    - a layer that reads its rate from the model config at every forward (Falcon's decoder layer and attention,
+      GPT-Neo's and Persimmon's flash-attention paths) gets a `RatesOff` view of that config.
+    The model's own config is left as it was, so an export saves the rates it was loaded with."""
     import torch
+    from transformers import PreTrainedConfig, PreTrainedModel
 
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if "drop" in name.lower() and type(value) is float and value > 0.0:
+            if is_drop_rate(name, value):
                 setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if (isinstance(config, PreTrainedConfig) and not isinstance(module, PreTrainedModel)
+                and any(is_drop_rate(k, v) for k, v in vars(config).items())):
+            module.config = RatesOff(config)
     return model
 
 

@@ -2,6 +2,9 @@
 place tokens right with left-padded prompts, non-finite rewards stop the run with the samples saved."""
 
 
+import copy
+import json
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -118,6 +121,29 @@ def test_dropout_goes_off_also_where_a_layer_keeps_its_rate_as_a_number(tokenize
     assert llama.config.attention_dropout == 0.5 and gpt2.config.attn_pdrop == 0.1
     others = nn.Sequential(nn.Dropout1d(0.5), nn.AlphaDropout(0.5), nn.FeatureAlphaDropout(0.5))
     assert all(m.p == 0.0 for m in disable_dropout(others))
+
+
+def test_dropout_goes_off_where_a_layer_reads_its_rate_from_the_config(tmp_path):
+    """Falcon's decoder layer and attention read `config.hidden_dropout` / `attention_dropout` at every forward:
+    they get a view of the config with the rates at 0, while the model's config (the one an export saves) keeps
+    them, and a later change to the config (the attention implementation) still reaches the layers."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            hidden_dropout=0.5, attention_dropout=0.5))
+    ids = torch.randint(0, 64, (2, 12))
+    assert not forwards_agree(falcon, ids)
+    disable_dropout(falcon)
+    assert forwards_agree(falcon, ids)
+    assert forwards_agree(copy.deepcopy(falcon), ids)  # the reference policy is a deep copy
+    falcon.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.5, 0.5)
+    layer = falcon.transformer.h[0]
+    falcon.config._attn_implementation = "eager"
+    assert layer.config._attn_implementation == layer.self_attention.config._attn_implementation == "eager"
+    assert forwards_agree(falcon, ids)
 
 
 def test_the_stage_loads_policy_reference_reward_model_and_critic_with_dropout_off(tokenizer, tmp_path):
