@@ -131,12 +131,16 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
     out, _ = proc.communicate(timeout=120)
     assert "did not finish" in out, out[-2000:]
     resumed = run_cli(*args, "resume=true")
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "nothing to train" not in resumed.stdout
     got = history(rlhf_home)
     for key in keys:
         assert sorted(got[key]) == sorted(expected[key]) == list(range(iterations)), (key, sorted(got[key]))
         for step in range(iterations):
             assert got[key][step] == pytest.approx(expected[key][step], rel=1e-5, abs=1e-7), (key, step)
+    # resuming the finished run trains nothing, and says so (Lightning's own fit returns silently)
+    again = run_cli(*args, "resume=true")
+    assert "nothing to train" in again.stdout and "stage.iterations" in again.stdout, again.stdout[-2000:]
+    assert history(rlhf_home) == got
 
 
 # at the start the policy is the reference, so the margin h is 0: DPO's loss is -log sigmoid(0), IPO's (0 - 1/(2 beta))^2

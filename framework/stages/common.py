@@ -51,12 +51,35 @@ def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **l
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
+def nothing_trained_notice(length_setting: str):
+    """A Lightning callback that says so when a fit resumed from a checkpoint trains nothing because the checkpoint
+    is already at the end of the run (Lightning returns at once, silently); `length_setting` is the setting that
+    makes the run longer."""
+    from pytorch_lightning import Callback
+
+    class NothingTrainedNotice(Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.trained = False
+
+        def on_train_batch_start(self, trainer, *args: Any) -> None:
+            self.trained = True
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            if trainer.ckpt_path and not self.trained and trainer.is_global_zero:
+                print(f"[rlhf] resume: nothing to train: {trainer.ckpt_path} is already at the end of the run (global step "
+                      f"{trainer.global_step}), so the model it holds is evaluated and exported again as it is. To "
+                      f"train on, make the run longer ({length_setting}) and resume again", flush=True)
+
+    return NothingTrainedNotice()
+
+
 def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overrides: Mapping[str, Any] | None = None,
-                  **defaults: Any):
+                  length_setting: str = "trainer.max_steps", **defaults: Any):
     """`cfg.trainer` + our logger and checkpoint callbacks; checkpoints go to <output_dir>/checkpoints.
 
     defaults: Trainer arguments the stage chooses unless the user set them in `trainer.*`.
     overrides: Trainer arguments the stage has resolved from its own settings (e.g. max_steps from stage.epochs).
+    length_setting: the setting that makes the run longer, named when a resumed run has nothing left to train.
     """
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
@@ -66,6 +89,7 @@ def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overri
                         every_n_train_steps=every_n_steps, save_last=True, save_top_k=1),
         OnExceptionCheckpoint(dirpath=ckpt_dir),
         stop_callback(),
+        nothing_trained_notice(length_setting),
     ]
     return instantiate_plugin(
         ctx.cfg.trainer, "trainer", None,

@@ -158,6 +158,7 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
     lm.train()
     trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),
+                            length_setting="stage.offline.epochs, with ckpt_path=: resume=true matches it",
                             overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0,
                                        "log_every_n_steps": log_interval(cfg.trainer.get("log_every_n_steps"), steps)})
     if val_loader is not None and ctx.ckpt_path is None:
