@@ -195,3 +195,28 @@ def test_training_forwards_build_no_kv_cache():
 
     assert no_cache(Plain()) == {} and not forward_takes(Plain, "logits_to_keep")
     assert forward_takes(type(gpt), "logits_to_keep")
+
+
+def test_epoch_batches_count_one_process_share_of_the_examples():
+    """What one rank's loader yields per epoch when Lightning's DistributedSampler splits the data (each rank gets
+    ceil(n / world), a few repeated): whole batches only, unless a rank's share makes less than one."""
+    from framework.stages.common import epoch_batches
+
+    assert epoch_batches(36, 8) == (4, True)
+    assert epoch_batches(36, 8, 2) == (2, True)  # 18 each
+    assert epoch_batches(37, 8, 2) == (2, True)  # 19 each, one repeated
+    assert epoch_batches(8, 8) == (1, False) and epoch_batches(5, 8) == (1, False)
+    assert epoch_batches(12, 8, 2) == (1, False)  # 6 each: one short batch, not none
+
+
+def test_reward_model_loader_drops_its_last_batch_by_the_process_share():
+    """12 comparisons at batch 8 over 2 processes: 6 each make one short batch; dropping it (12 > 8) left none."""
+    from types import SimpleNamespace
+
+    from framework.stages.reward import ComparisonDataModule, Group
+
+    groups = [Group([[1, 2], [3]], None, None) for _ in range(12)]
+    data = ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False)
+    assert data.train_dataloader().drop_last  # one process: a whole batch and a dropped 4
+    data.trainer = SimpleNamespace(world_size=2)
+    assert not data.train_dataloader().drop_last

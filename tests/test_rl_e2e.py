@@ -167,9 +167,12 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_t
         assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr
 
 
-def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path, processes):
     """36 pairs: fewer steps than trainer.log_every_n_steps (10) logged no train/* metric at all, and
-    stage.offline.epochs=1 ran ceil(pairs / batch) steps over a loader that drops its last partial batch."""
+    stage.offline.epochs=1 ran ceil(pairs / batch) steps over a loader that drops its last partial batch. Under DDP
+    (2 processes on CPU) each process gets 18 pairs: one epoch is 2 steps, where the steps counted over all the
+    pairs made each process go through its share twice."""
     import json
     import re
 
@@ -191,13 +194,18 @@ def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_c
     proc = run_cli("stage=rl", f"policy.path={policy}", "algo=dpo", "dataset=comparisons_jsonl",
                    f"dataset.paths=[{prefs}]", "stage.offline.batch_size=8", "stage.offline.epochs=1",
                    "stage.offline.val_fraction=0", "stage.offline.max_length=64", "trainer.enable_model_summary=false",
-                   *QUIET)
+                   *(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"] if processes == 2 else []),
+                   *QUIET, env={"OMP_NUM_THREADS": "1"} if processes == 2 else None)
     client, runs = mlflow_runs(rlhf_home)
     m = runs[0].data.metrics
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "lr"):
         assert key in m, key
-    # one epoch: the 4 whole batches of 8 the loader yields (the last 4 pairs dropped), not ceil(36 / 8) = 5 steps
+    # one epoch: the 4 whole batches of 8 the loader yields (the last 4 pairs dropped), not ceil(36 / 8) = 5 steps;
+    # with 2 processes, the 2 whole batches of each one's 18 pairs
     ckpt = torch.load(exported_dir(proc.stdout).parent / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
-    assert ckpt["global_step"] == 4
-    assert re.search(r"DPO: 36 train / 0 val pairs .* 4 steps of 8 pairs \(1 epoch\(s\) of 4 batches\)", proc.stdout)
+    steps = 4 // processes
+    assert ckpt["global_step"] == steps
+    per_process = r" per process \(2 processes\)" if processes == 2 else ""
+    assert re.search(rf"DPO: 36 train / 0 val pairs .* {steps} steps of 8 pairs{per_process} \(1 epoch\(s\) of "
+                     rf"{steps} batches\)", proc.stdout), proc.stdout

@@ -51,6 +51,32 @@ def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **l
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
+def planned_world_size(ctx: StageContext) -> int:
+    """How many processes `cfg.trainer` trains on (devices x nodes, as Lightning resolves them), before the stage's
+    own Trainer is built: a stage that trains for a number of epochs sizes its steps by it. A throwaway Trainer does
+    the resolving (nothing starts until `fit`); its start-up notices are held back."""
+    import logging
+
+    notices = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = notices.level
+    notices.setLevel(logging.WARNING)
+    try:
+        trainer = instantiate_plugin(ctx.cfg.trainer, "trainer", None, logger=False, enable_checkpointing=False,
+                                     enable_progress_bar=False, enable_model_summary=False, callbacks=[])
+    finally:
+        notices.setLevel(level)
+    return int(trainer.world_size)
+
+
+def epoch_batches(examples: int, batch_size: int, world_size: int = 1) -> tuple[int, bool]:
+    """(batches one rank's loader yields per epoch, whether it drops a last partial batch) for `examples` split
+    over `world_size` ranks. Lightning's DistributedSampler gives each rank ceil(examples / world_size) (repeating
+    a few to even them out); a last partial batch is dropped unless the rank's share makes less than one batch."""
+    share = math.ceil(examples / world_size)
+    drop_last = share > batch_size
+    return (share // batch_size if drop_last else 1), drop_last
+
+
 def nothing_trained_notice(length_setting: str):
     """A Lightning callback that says so when a fit resumed from a checkpoint trains nothing because the checkpoint
     is already at the end of the run (Lightning returns at once, silently); `length_setting` is the setting that

@@ -31,7 +31,8 @@ from framework.interfaces import (
 from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
-from framework.stages.common import build_trainer, check_stage_values, export_causal_lm, log_interval
+from framework.stages.common import (build_trainer, check_stage_values, epoch_batches, export_causal_lm, log_interval,
+                                     planned_world_size)
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
@@ -145,16 +146,19 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     if not train:
         raise DataError(f"{dataset.describe()}: no training pair fits in stage.offline.max_length={max_length}")
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    # whole batches only (a last partial one is dropped, a different one each epoch: the loader shuffles), unless
-    # all the pairs make less than one batch; the steps count the batches this loader yields
+    # whole batches only (a last partial one is dropped, a different one each epoch: the loader shuffles), unless a
+    # rank's share of the pairs makes less than one batch; the steps count the batches one rank's loader yields
+    world = planned_world_size(ctx)
+    per_epoch, drop_last = epoch_batches(len(train), batch_size, world)
     train_loader = DataLoader(ListDataset(train), batch_size=batch_size, shuffle=True, collate_fn=collate,
-                              drop_last=len(train) > batch_size)
+                              drop_last=drop_last)
     val_loader = DataLoader(ListDataset(val), batch_size=batch_size, collate_fn=collate) if val else None
-    steps = max(1, math.ceil(epochs * len(train_loader)))
+    steps = max(1, math.ceil(epochs * per_epoch))
     check_stage_values(val_fraction, batch_size, steps, max_length=max_length)
     print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
           f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs "
-          f"({epochs:g} epoch(s) of {len(train_loader)} batches)")
+          + (f"per process ({world} processes) " if world > 1 else "")
+          + f"({epochs:g} epoch(s) of {per_epoch} batches)")
     module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
     lm.train()
     trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),

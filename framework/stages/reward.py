@@ -40,7 +40,7 @@ from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_values, log_interval)
+                                     check_stage_values, epoch_batches, log_interval, planned_world_size)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -192,9 +192,10 @@ class ComparisonDataModule(pl.LightningDataModule):
         if self.group_by_length:
             sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train], self.batch_size,
                                            self.seed)
+        world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
                           sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
-                          drop_last=len(self.train) > self.batch_size)
+                          drop_last=epoch_batches(len(self.train), self.batch_size, world)[1])
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
@@ -351,15 +352,17 @@ class RewardModelStage(Stage):
         if not train:
             raise DataError(f"{dataset.describe()}: no training comparison fits in stage.max_length={self.max_length}")
         pairs = sum(len(r.pairs()) for r in train_r)
-        # the batches the loader yields: whole ones only (it drops a last partial one), unless all make less than one
-        steps_per_epoch = len(train) // self.batch_size if len(train) > self.batch_size else 1
+        # the batches one rank's loader yields: whole ones only (it drops a last partial one), unless the rank's
+        # share makes less than one
+        world = planned_world_size(ctx)
+        steps_per_epoch, _ = epoch_batches(len(train), self.batch_size, world)
         max_steps = int(cfg.trainer.get("max_steps") or 0)
         if self.epochs is not None:
             max_steps = max(1, math.ceil(self.epochs * steps_per_epoch))
         check_stage_values(self.val_fraction, self.batch_size, max_steps, max_length=self.max_length)
         print(f"[rlhf] comparisons: {dataset.describe()}: {len(train)} train ({pairs} pairs) / {len(val)} val; "
               f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} at batch "
-              f"{self.batch_size}")
+              f"{self.batch_size}" + (f" per process ({world} processes)" if world > 1 else ""))
 
         norm_prompts = self._normalization_prompts(task if dataset.needs_policy else None, train_r, int(cfg.seed))
         norm_samples = [s[0] for s in sampler(norm_prompts, 1, int(self.normalize.get("max_new_tokens", 48)),
