@@ -16,7 +16,9 @@ minibatches, KL coefficient 0.05 (`--ppo-kl`), constant lr 5e-4, 60 steps (`--st
 side takes the behaviour log-probs from the sampling pass (`stage.logprobs_from_sampling=true`); a second row of ours
 recomputes them in a fresh forward (our default), in the same sitting. That reward model scores almost every sample of the random initial policy alike,
 so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
-fraction of "a") instead, whose curve moves (the value model still starts from the reward model).
+fraction of "a") instead, whose curve moves (the value model still starts from the reward model). `--ppo-prompts 64`
+runs 64 prompts a step on both sides (the GRPO and RLOO workloads' 64 completions a step; minibatches of 16), and
+`--bf16` bf16 mixed precision on both sides.
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -52,7 +54,7 @@ def fraction_of_a(completions) -> list[float]:
 
 
 def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False, ppo_reward: str = "rm",
-             steps: int = STEPS, ppo_kl: float = 0.05) -> dict:
+             steps: int = STEPS, ppo_kl: float = 0.05, ppo_prompts: int = PROMPTS, precision: str = "32-true") -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -97,13 +99,14 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     # the peers' gradient clipping: TRL 1.16's GRPO/RLOO trainers clip at transformers' default max_grad_norm 1.0;
     # TRL 1.12's PPOTrainer has its own update loop that never clips
     gradient_clip = None if algo == "ppo" else 1.0
-    per_step = PROMPTS * int(algorithm.generations_per_prompt)
+    prompts_per_step = ppo_prompts if algo == "ppo" else PROMPTS
+    per_step = prompts_per_step * int(algorithm.generations_per_prompt)
     updates = steps * int(algorithm.epochs) * int(algorithm.minibatches)
     module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
                       PEER_ADAMW, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
                       no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed,
                       logprobs_from_sampling=algo == "ppo" and not fresh_logprobs)
-    loader = DataLoader(PromptCursor(prompts, PROMPTS, steps, 0, start=lambda: module.iteration, rank=lambda: 0),
+    loader = DataLoader(PromptCursor(prompts, prompts_per_step, steps, 0, start=lambda: module.iteration, rank=lambda: 0),
                         batch_size=None, collate_fn=lambda b: b)
     times, gen, rewards = [], [], []
 
@@ -119,6 +122,7 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
             self.t = now
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         precision=precision,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
     lm.train()
     trainer.fit(module, train_dataloaders=loader)
@@ -153,12 +157,22 @@ def main() -> None:
     ap.add_argument("--ppo-kl", type=float, default=0.05,
                     help="PPO only: the KL coefficient on both sides (at 0 our side skips the reference forward; "
                          "TRL 1.12's PPOTrainer still runs it)")
+    ap.add_argument("--ppo-prompts", type=int, default=PROMPTS,
+                    help="PPO only: prompts per step on both sides, one sample each (64: the completions per step of "
+                         "the GRPO and RLOO workloads, 16 prompts x 4 generations)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="PPO only: bf16 mixed precision on both sides (ours: precision bf16-mixed; TRL: bf16=True)")
     ap.add_argument("--steps", type=int, default=STEPS,
                     help="PPO only: steps per run (the reward columns are the first and last 10; a longer run shows "
                          "more of the reward curve)")
     args = ap.parse_args()
-    if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm") and args.algo != "ppo":
-        ap.error(f"--steps, --ppo-kl and --ppo-reward are for --algo ppo: TRL's {args.algo} side is the peer's own run")
+    if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm" or args.ppo_prompts != PROMPTS
+            or args.bf16) and args.algo != "ppo":
+        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts and --bf16 are for --algo ppo: TRL's {args.algo} "
+                 "side is the peer's own run")
+    if args.ppo_prompts < 4 or args.ppo_prompts % 4:
+        ap.error(f"--ppo-prompts {args.ppo_prompts}: a positive multiple of 4 (both sides split a step into 4 "
+                 "minibatches)")
     if args.algo == "dpo":
         if args.seeds:
             ap.error("--seeds is for the on-policy algorithms: DPO's workload has no sampling")
@@ -171,7 +185,7 @@ def main() -> None:
     root = bench_root()
     if args.ours_only:
         print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,
-                                  args.ppo_kl)))
+                                  args.ppo_kl, args.ppo_prompts, "bf16-mixed" if args.bf16 else "32-true")))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
@@ -185,19 +199,21 @@ def main() -> None:
                 continue
             out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo, *extra,
                                   "--ppo-reward", args.ppo_reward, "--steps", str(args.steps),
-                                  "--ppo-kl", str(args.ppo_kl),
+                                  "--ppo-kl", str(args.ppo_kl), "--ppo-prompts", str(args.ppo_prompts),
+                                  *(["--bf16"] if args.bf16 else []),
                                   "--seed", str(r if args.seeds else 0)], check=True, capture_output=True, text=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if args.algo == "ppo" and ppo_python.exists():
             peer = subprocess.run([str(ppo_python), str(Path(__file__).with_name("trl_ppo_peer.py")), "--repeat", str(r),
                                    "--reward", args.ppo_reward, "--steps", str(args.steps), "--kl", str(args.ppo_kl),
+                                   "--prompts", str(args.ppo_prompts), *(["--bf16"] if args.bf16 else []),
                                    "--seed", str(r if args.seeds else 0)],
                                   check=True, capture_output=True, text=True, env={**os.environ, "TRL_BENCH_ROOT": str(root)})
             theirs.append({"gen_share": float("nan"), **json.loads(peer.stdout.strip().splitlines()[-1])})
         elif args.algo != "ppo" and trl_python.exists():
             theirs.append(run_trl(root, args.algo, r, KEYS))
-    gens = 1 if args.algo == "ppo" else GENERATIONS
-    print_table(f"{args.algo.upper()}, {PROMPTS} prompts x {gens} x {NEW} tokens, {args.steps} steps (window "
+    gens, per_step = (1, args.ppo_prompts) if args.algo == "ppo" else (GENERATIONS, PROMPTS)
+    print_table(f"{args.algo.upper()}, {per_step} prompts x {gens} x {NEW} tokens, {args.steps} steps (window "
                 f"{WARMUP + 1}-{args.steps}), median of {args.repeats}",
                 [(f"rlhf-lab rl ({args.algo})", ours),
                  *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),

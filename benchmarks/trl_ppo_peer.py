@@ -13,7 +13,8 @@ throughput over steps 6 to the end.
 characters that are "a", on the decoded response as TRL's GRPOTrainer decodes it): that reward model scores nearly
 every sample of a random policy alike, so its curve compares nothing, while this one moves. TRL 1.12's PPOTrainer
 takes only a model as its reward, so the harness replaces the trainer's `get_reward` for the reward call (the value
-model's calls are untouched, and the value model still starts from the reward model).
+model's calls are untouched, and the value model still starts from the reward model). `--prompts` sets the prompts
+per step (split into 4 minibatches), `--bf16` turns on TrainingArguments' bf16.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--kl", type=float, default=0.05, help="the KL coefficient")
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step (one sample each)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments' bf16)")
     args = ap.parse_args()
     if args.steps <= WARMUP:
         ap.error(f"--steps {args.steps}: more than the {WARMUP} warm-up steps, or nothing is timed")
@@ -68,12 +71,12 @@ def main() -> None:
 
         ppo_trainer.get_reward = get_reward
     cfg = PPOConfig(
-        output_dir=f"{root}/out/ppo_r{args.repeat}", per_device_train_batch_size=PROMPTS, num_mini_batches=4,
-        gradient_accumulation_steps=1, num_ppo_epochs=4, total_episodes=PROMPTS * args.steps, response_length=NEW,
+        output_dir=f"{root}/out/ppo_r{args.repeat}", per_device_train_batch_size=args.prompts, num_mini_batches=4,
+        gradient_accumulation_steps=1, num_ppo_epochs=4, total_episodes=args.prompts * args.steps, response_length=NEW,
         temperature=1.0, kl_coef=args.kl, kl_estimator="k1", learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, seed=args.seed, use_cpu=True, bf16=False, fp16=False, report_to="none",
+        warmup_steps=0, weight_decay=0.0, seed=args.seed, use_cpu=True, bf16=args.bf16, fp16=False, report_to="none",
         logging_steps=1, save_strategy="no", eval_strategy="no", num_sample_generations=0, disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=False, local_rollout_forward_batch_size=PROMPTS,
+        dataloader_num_workers=0, dataloader_pin_memory=False, local_rollout_forward_batch_size=args.prompts,
         stop_token="eos", missing_eos_penalty=None, gradient_checkpointing=False,
     )
     # TRL 1.12: a rollout is per_device_train_batch_size x gradient_accumulation_steps prompts (16), split into
@@ -97,7 +100,7 @@ def main() -> None:
                          train_dataset=ds, value_model=value, callbacks=[Timer()])
     trainer.train()
     wall = sum(times[WARMUP:])
-    print(json.dumps({"episodes_per_s": PROMPTS * len(times[WARMUP:]) / wall, "steps": len(times),
+    print(json.dumps({"episodes_per_s": args.prompts * len(times[WARMUP:]) / wall, "steps": len(times),
                       "reward_first10": statistics.mean(scores[:10]) if scores else float("nan"),
                       "reward_last10": statistics.mean(scores[-10:]) if scores else float("nan")}))
 

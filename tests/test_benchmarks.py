@@ -25,10 +25,18 @@ def test_rl_throughput_refuses_runs_too_short_to_time():
     assert "--steps 10: at least 20" in out.stderr
 
 
-def test_rl_throughput_ppo_options_need_ppo():
-    out = bench("rl_throughput.py", "--algo", "grpo", "--ppo-kl", "0")
+@pytest.mark.parametrize("option", [["--ppo-kl", "0"], ["--ppo-prompts", "64"], ["--bf16"]])
+def test_rl_throughput_ppo_options_need_ppo(option):
+    out = bench("rl_throughput.py", "--algo", "grpo", *option)
     assert out.returncode == 2
     assert "are for --algo ppo" in out.stderr
+
+
+@pytest.mark.parametrize("prompts", ["0", "18"])
+def test_rl_throughput_ppo_prompts_split_into_four_minibatches(prompts):
+    out = bench("rl_throughput.py", "--algo", "ppo", "--ppo-prompts", prompts)
+    assert out.returncode == 2
+    assert f"--ppo-prompts {prompts}: a positive multiple of 4" in out.stderr
 
 
 def test_rl_throughput_dpo_has_no_seeds_to_vary():
