@@ -41,6 +41,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps <= WARMUP:
         ap.error(f"--steps {args.steps}: more than the {WARMUP} warm-up steps, or nothing is timed")
+    if args.prompts < 4 or args.prompts % 4:
+        ap.error(f"--prompts {args.prompts}: a positive multiple of 4 (a step is split into 4 minibatches)")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
@@ -79,8 +81,8 @@ def main() -> None:
         dataloader_num_workers=0, dataloader_pin_memory=False, local_rollout_forward_batch_size=args.prompts,
         stop_token="eos", missing_eos_penalty=None, gradient_checkpointing=False,
     )
-    # TRL 1.12: a rollout is per_device_train_batch_size x gradient_accumulation_steps prompts (16), split into
-    # num_mini_batches minibatches (4 of 4); one on_step_end per rollout
+    # TRL 1.12: a rollout is per_device_train_batch_size x gradient_accumulation_steps prompts (--prompts, 16),
+    # split into num_mini_batches minibatches (4 of 4); one on_step_end per rollout
     times, scores = [], []
 
     class Timer(TrainerCallback):

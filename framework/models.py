@@ -83,6 +83,9 @@ class RatesOff:
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.config, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        delattr(self.config, name)
+
 
 def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
     """Dropout off for good, whatever mode the model is put in later (Lightning calls `.train()`), in place:
@@ -91,10 +94,10 @@ def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
       layers keep their rate (Llama, Mistral, Qwen, Gemma: `attention_dropout`, passed to the attention function
       whenever the layer is in train mode);
     - a layer that reads its rate from the model config at every forward (Falcon's decoder layer and attention,
-      GPT-Neo's and Persimmon's flash-attention paths) gets a `RatesOff` view of that config.
+      Persimmon's attention, GPT-Neo's flash-attention path) gets a `RatesOff` view of that config.
     The model's own config is left as it was, so an export saves the rates it was loaded with."""
     import torch
-    from transformers import PreTrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
@@ -103,7 +106,7 @@ def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
             if is_drop_rate(name, value):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
-        if (isinstance(config, PreTrainedConfig) and not isinstance(module, PreTrainedModel)
+        if (isinstance(config, PretrainedConfig) and not isinstance(module, PreTrainedModel)
                 and any(is_drop_rate(k, v) for k, v in vars(config).items())):
             module.config = RatesOff(config)
     return model

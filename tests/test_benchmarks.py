@@ -33,10 +33,13 @@ def test_rl_throughput_ppo_options_need_ppo(option):
 
 
 @pytest.mark.parametrize("prompts", ["0", "18"])
-def test_rl_throughput_ppo_prompts_split_into_four_minibatches(prompts):
+def test_ppo_prompts_split_into_four_minibatches(prompts):
     out = bench("rl_throughput.py", "--algo", "ppo", "--ppo-prompts", prompts)
     assert out.returncode == 2
     assert f"--ppo-prompts {prompts}: a positive multiple of 4" in out.stderr
+    out = bench("trl_ppo_peer.py", "--prompts", prompts)  # the TRL side, run on its own
+    assert out.returncode == 2
+    assert f"--prompts {prompts}: a positive multiple of 4" in out.stderr
 
 
 def test_rl_throughput_dpo_has_no_seeds_to_vary():

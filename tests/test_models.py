@@ -211,12 +211,54 @@ def test_epoch_batches_count_one_process_share_of_the_examples():
 
 def test_reward_model_loader_drops_its_last_batch_by_the_process_share():
     """12 comparisons at batch 8 over 2 processes: 6 each make one short batch; dropping it (12 > 8) left none."""
-    from types import SimpleNamespace
-
     from framework.stages.reward import ComparisonDataModule, Group
 
     groups = [Group([[1, 2], [3]], None, None) for _ in range(12)]
-    data = ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False)
-    assert data.train_dataloader().drop_last  # one process: a whole batch and a dropped 4
-    data.trainer = SimpleNamespace(world_size=2)
-    assert not data.train_dataloader().drop_last
+    one = ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False)
+    assert one.train_dataloader().drop_last  # one process: a whole batch and a dropped 4
+    assert not ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False, shards=2).train_dataloader().drop_last
+
+
+def test_data_shards_follow_the_trainer_and_its_sampler_setting(tmp_path):
+    """The processes the trainer config asks for (2 CPU processes under DDP), 1 when Lightning's distributed sampler
+    is off (every process reads all the data); a `trainer.max_steps=null`, which epoch-sized stages ignore, does not
+    break it."""
+    from omegaconf import OmegaConf
+
+    from framework.interfaces import StageContext
+    from framework.stages.common import data_shards
+
+    def shards(**trainer):
+        cfg = OmegaConf.create({"trainer": {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu",
+                                            "max_steps": None, **trainer}})
+        return data_shards(StageContext(cfg=cfg, output_dir=tmp_path, run=None))
+
+    assert shards(devices=1) == 1
+    assert shards(devices=2, strategy="ddp") == 2
+    assert shards(devices=2, strategy="ddp", use_distributed_sampler=False) == 1
+
+
+def test_a_resumed_fit_that_trains_nothing_says_so_and_how_to_go_on(capsys):
+    """Lightning returns silently from a fit whose checkpoint is already at the run's end: the stages' trainers say
+    so, with how to lengthen the run; a fit that trained, or one not resumed, says nothing."""
+    from types import SimpleNamespace
+
+    from framework.stages.common import nothing_trained_notice
+
+    notice = nothing_trained_notice("raise stage.epochs and pass ckpt_path=<this checkpoint>")
+    resumed = SimpleNamespace(ckpt_path="/runs/a/checkpoints/last.ckpt", is_global_zero=True, global_step=7)
+    module = SimpleNamespace()
+    notice.on_fit_start(resumed, module)
+    notice.on_fit_end(resumed, module)
+    out = capsys.readouterr().out
+    assert "nothing to train: /runs/a/checkpoints/last.ckpt is already at the end of the run (step 7)" in out
+    assert "raise stage.epochs and pass ckpt_path=<this checkpoint>" in out
+    notice.on_fit_start(resumed, SimpleNamespace(iteration=24))  # the RL module counts iterations
+    notice.on_fit_end(resumed, SimpleNamespace(iteration=24))
+    assert "(iteration 24)" in capsys.readouterr().out
+    notice.on_fit_start(resumed, module)
+    notice.on_train_batch_start(resumed, module, None, 0)
+    notice.on_fit_end(resumed, module)
+    notice.on_fit_start(SimpleNamespace(ckpt_path=None, is_global_zero=True, global_step=0), module)
+    notice.on_fit_end(SimpleNamespace(ckpt_path=None, is_global_zero=True, global_step=0), module)
+    assert capsys.readouterr().out == ""

@@ -167,12 +167,16 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_t
         assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path, processes):
-    """36 pairs: fewer steps than trainer.log_every_n_steps (10) logged no train/* metric at all, and
+# one epoch of 36 pairs at batch 8: the 4 whole batches the loader yields (the last 4 pairs dropped), not
+# ceil(36 / 8) = 5; with 2 processes, the 2 whole batches of each one's 18 pairs; with 12 pairs over 2 processes, each
+# one's 6 make one short batch, which is kept
+@pytest.mark.parametrize("processes, pairs, steps", [(1, 36, 4), (2, 36, 2), (2, 12, 1)])
+def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path, processes,
+                                                                           pairs, steps):
+    """A small file: fewer steps than trainer.log_every_n_steps (10) logged no train/* metric at all, and
     stage.offline.epochs=1 ran ceil(pairs / batch) steps over a loader that drops its last partial batch. Under DDP
-    (2 processes on CPU) each process gets 18 pairs: one epoch is 2 steps, where the steps counted over all the
-    pairs made each process go through its share twice."""
+    (2 processes on CPU) the steps were counted over all the pairs, so each process went through its share twice
+    (36 pairs), or, with a share shorter than a batch dropped, trained nothing at all (12 pairs)."""
     import json
     import re
 
@@ -190,7 +194,7 @@ def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_c
                               tok, tmp_path / "policy")
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": f"how was day {i}?", "chosen": f"it was lovely, thanks {i}!",
-                                         "rejected": f"bad {i}"}) + "\n" for i in range(36)))
+                                         "rejected": f"bad {i}"}) + "\n" for i in range(pairs)))
     proc = run_cli("stage=rl", f"policy.path={policy}", "algo=dpo", "dataset=comparisons_jsonl",
                    f"dataset.paths=[{prefs}]", "stage.offline.batch_size=8", "stage.offline.epochs=1",
                    "stage.offline.val_fraction=0", "stage.offline.max_length=64", "trainer.enable_model_summary=false",
@@ -200,12 +204,9 @@ def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_c
     m = runs[0].data.metrics
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "lr"):
         assert key in m, key
-    # one epoch: the 4 whole batches of 8 the loader yields (the last 4 pairs dropped), not ceil(36 / 8) = 5 steps;
-    # with 2 processes, the 2 whole batches of each one's 18 pairs
     ckpt = torch.load(exported_dir(proc.stdout).parent / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
-    steps = 4 // processes
     assert ckpt["global_step"] == steps
     per_process = r" per process \(2 processes\)" if processes == 2 else ""
-    assert re.search(rf"DPO: 36 train / 0 val pairs .* {steps} steps of 8 pairs{per_process} \(1 epoch\(s\) of "
+    assert re.search(rf"DPO: {pairs} train / 0 val pairs .* {steps} steps of 8 pairs{per_process} \(1 epoch\(s\) of "
                      rf"{steps} batches\)", proc.stdout), proc.stdout

@@ -51,18 +51,24 @@ def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **l
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
-def planned_world_size(ctx: StageContext) -> int:
-    """How many processes `cfg.trainer` trains on (devices x nodes, as Lightning resolves them), before the stage's
-    own Trainer is built: a stage that trains for a number of epochs sizes its steps by it. A throwaway Trainer does
-    the resolving (nothing starts until `fit`); its start-up notices are held back."""
+def data_shards(ctx: StageContext) -> int:
+    """Into how many shares Lightning's distributed sampler splits a stage's training data: the processes
+    `cfg.trainer` trains on (devices x nodes, as Lightning resolves them), or 1 with
+    `trainer.use_distributed_sampler=false` (every process then reads all of it). Known before the stage's own
+    Trainer is built, so that a stage that trains for a number of epochs sizes its steps by it. A throwaway Trainer
+    does the resolving (nothing starts until `fit`; the stage sets its own length, so this one gets none); its
+    start-up notices are held back."""
     import logging
 
+    if ctx.cfg.trainer.get("use_distributed_sampler", True) is False:
+        return 1
     notices = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     level = notices.level
     notices.setLevel(logging.WARNING)
     try:
         trainer = instantiate_plugin(ctx.cfg.trainer, "trainer", None, logger=False, enable_checkpointing=False,
-                                     enable_progress_bar=False, enable_model_summary=False, callbacks=[])
+                                     enable_progress_bar=False, enable_model_summary=False, callbacks=[],
+                                     max_steps=-1)
     finally:
         notices.setLevel(level)
     return int(trainer.world_size)
@@ -77,10 +83,10 @@ def epoch_batches(examples: int, batch_size: int, world_size: int = 1) -> tuple[
     return (share // batch_size if drop_last else 1), drop_last
 
 
-def nothing_trained_notice(length_setting: str):
+def nothing_trained_notice(lengthen: str):
     """A Lightning callback that says so when a fit resumed from a checkpoint trains nothing because the checkpoint
-    is already at the end of the run (Lightning returns at once, silently); `length_setting` is the setting that
-    makes the run longer."""
+    is already at the end of the run (Lightning returns at once, silently); `lengthen` says how to make the run
+    longer."""
     from pytorch_lightning import Callback
 
     class NothingTrainedNotice(Callback):
@@ -92,20 +98,22 @@ def nothing_trained_notice(length_setting: str):
 
         def on_fit_end(self, trainer, pl_module) -> None:
             if trainer.ckpt_path and not self.trained and trainer.is_global_zero:
-                print(f"[rlhf] resume: nothing to train: {trainer.ckpt_path} is already at the end of the run (global step "
-                      f"{trainer.global_step}), so the model it holds is evaluated and exported again as it is. To "
-                      f"train on, make the run longer ({length_setting}) and resume again", flush=True)
+                where = (f"iteration {pl_module.iteration}" if isinstance(getattr(pl_module, "iteration", None), int)
+                         else f"step {trainer.global_step}")
+                print(f"[rlhf] resume: nothing to train: {trainer.ckpt_path} is already at the end of the run "
+                      f"({where}), so the model it holds is evaluated and exported again as it is. To train on: "
+                      f"{lengthen}", flush=True)
 
     return NothingTrainedNotice()
 
 
 def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overrides: Mapping[str, Any] | None = None,
-                  length_setting: str = "trainer.max_steps", **defaults: Any):
+                  lengthen: str = "raise trainer.max_steps and resume again", **defaults: Any):
     """`cfg.trainer` + our logger and checkpoint callbacks; checkpoints go to <output_dir>/checkpoints.
 
     defaults: Trainer arguments the stage chooses unless the user set them in `trainer.*`.
     overrides: Trainer arguments the stage has resolved from its own settings (e.g. max_steps from stage.epochs).
-    length_setting: the setting that makes the run longer, named when a resumed run has nothing left to train.
+    lengthen: how to make the run longer, said when a resumed run has nothing left to train.
     """
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
@@ -115,7 +123,7 @@ def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overri
                         every_n_train_steps=every_n_steps, save_last=True, save_top_k=1),
         OnExceptionCheckpoint(dirpath=ckpt_dir),
         stop_callback(),
-        nothing_trained_notice(length_setting),
+        nothing_trained_notice(lengthen),
     ]
     return instantiate_plugin(
         ctx.cfg.trainer, "trainer", None,

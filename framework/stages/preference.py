@@ -32,7 +32,7 @@ from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
 from framework.stages.common import (build_trainer, check_stage_values, epoch_batches, export_causal_lm, log_interval,
-                                     planned_world_size)
+                                     data_shards)
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
@@ -148,7 +148,7 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     # whole batches only (a last partial one is dropped, a different one each epoch: the loader shuffles), unless a
     # rank's share of the pairs makes less than one batch; the steps count the batches one rank's loader yields
-    world = planned_world_size(ctx)
+    world = data_shards(ctx)
     per_epoch, drop_last = epoch_batches(len(train), batch_size, world)
     train_loader = DataLoader(ListDataset(train), batch_size=batch_size, shuffle=True, collate_fn=collate,
                               drop_last=drop_last)
@@ -162,7 +162,8 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
     lm.train()
     trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),
-                            length_setting="stage.offline.epochs, with ckpt_path=: resume=true matches it",
+                            lengthen="raise stage.offline.epochs and pass ckpt_path=<this checkpoint> (resume=true "
+                                     "refuses a changed stage.offline)",
                             overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0,
                                        "log_every_n_steps": log_interval(cfg.trainer.get("log_every_n_steps"), steps)})
     if val_loader is not None and ctx.ckpt_path is None:

@@ -40,7 +40,7 @@ from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_values, epoch_batches, log_interval, planned_world_size)
+                                     check_stage_values, data_shards, epoch_batches, log_interval)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -178,24 +178,24 @@ class RewardModule(TrainingModule):
 
 
 class ComparisonDataModule(pl.LightningDataModule):
-    """group_by_length: batches of comparisons of similar length (less padding), else a plain shuffle."""
+    """group_by_length: batches of comparisons of similar length (less padding), else a plain shuffle.
+    shards: into how many shares Lightning's distributed sampler splits the training comparisons (`data_shards`)."""
 
     def __init__(self, train: list[Group], val: list[Group], batch_size: int, pad_id: int, num_workers: int = 0,
-                 group_by_length: bool = True, seed: int = 0):
+                 group_by_length: bool = True, seed: int = 0, shards: int = 1):
         super().__init__()
         self.train, self.val, self.batch_size = train, val, batch_size
         self.collate = partial(collate_groups, pad_id=pad_id)
-        self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
+        self.num_workers, self.group_by_length, self.seed, self.shards = num_workers, group_by_length, seed, shards
 
     def train_dataloader(self) -> DataLoader:
         sampler = None
         if self.group_by_length:
             sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train], self.batch_size,
                                            self.seed)
-        world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
                           sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
-                          drop_last=epoch_batches(len(self.train), self.batch_size, world)[1])
+                          drop_last=epoch_batches(len(self.train), self.batch_size, self.shards)[1])
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
@@ -354,7 +354,7 @@ class RewardModelStage(Stage):
         pairs = sum(len(r.pairs()) for r in train_r)
         # the batches one rank's loader yields: whole ones only (it drops a last partial one), unless the rank's
         # share makes less than one
-        world = planned_world_size(ctx)
+        world = data_shards(ctx)
         steps_per_epoch, _ = epoch_batches(len(train), self.batch_size, world)
         max_steps = int(cfg.trainer.get("max_steps") or 0)
         if self.epochs is not None:
@@ -379,8 +379,10 @@ class RewardModelStage(Stage):
                             "data.train_pairs": str(pairs), "stage.max_steps_resolved": str(max_steps)})
         module = RewardModule(rm, loss, self.optimizer, self.scheduler)
         data = ComparisonDataModule(train, val, self.batch_size, tokenizer.pad_token_id, self.num_workers,
-                                    self.group_by_length, int(cfg.seed))
+                                    self.group_by_length, int(cfg.seed), shards=world)
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
+                                lengthen="raise stage.epochs (or trainer.max_steps with stage.epochs=null) and pass "
+                                         "ckpt_path=<this checkpoint> (resume=true refuses a changed stage.epochs)",
                                 overrides={"max_steps": max_steps,
                                            "log_every_n_steps": log_interval(cfg.trainer.get("log_every_n_steps"),
                                                                              max_steps)},

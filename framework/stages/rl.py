@@ -559,7 +559,7 @@ class RLStage(Stage):
         loader = DataLoader(cursor, batch_size=None, collate_fn=_as_is)
         updates_per_iteration = updates // self.iterations
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every * updates_per_iteration,
-                                length_setting="stage.iterations",
+                                lengthen="raise stage.iterations and resume again",
                                 overrides={"max_steps": -1, "max_epochs": 1, "gradient_clip_val": None,
                                            "val_check_interval": None, "limit_val_batches": 0,
                                            "check_val_every_n_epoch": None, "log_every_n_steps": 1})
