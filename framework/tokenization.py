@@ -52,6 +52,9 @@ def wrap_tokenizer(tokenizer_object: "tokenizers.Tokenizer") -> "PreTrainedToken
         additional_special_tokens=[TURN_START, TURN_END],
         padding_side="right",
         clean_up_tokenization_spaces=False,
+        # saved in tokenizer_config.json: transformers 4.x otherwise gives a fast tokenizer token_type_ids too, which
+        # GPT-2 and others add to the embeddings (a plain-transformers reload would score differently)
+        model_input_names=["input_ids", "attention_mask"],
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

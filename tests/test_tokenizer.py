@@ -1,5 +1,7 @@
 """Tokenizer plugins and conventions: training, cache, PAD != EOS, chat template, loading errors."""
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -74,6 +76,11 @@ def test_saved_tokenizer_loads_with_plain_transformers(trained, tmp_path):
     assert plain.pad_token_id == tok.pad_token_id and plain.eos_token_id == tok.eos_token_id
     assert plain.chat_template == tok.chat_template
     assert PretrainedTokenizer(str(tmp_path)).build([], tmp_path).get_vocab() == tok.get_vocab()
+    # the inputs are named in the saved config: transformers 4.x would otherwise hand a fast tokenizer's
+    # token_type_ids to the model, and GPT-2 adds them to its embeddings (an exported reward model scored differently)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
+                                                                                                "attention_mask"]
+    assert list(plain("hi there")) == ["input_ids", "attention_mask"]
 
 
 def test_load_tokenizer_errors(tmp_path):

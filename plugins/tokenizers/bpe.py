@@ -54,7 +54,7 @@ class ByteLevelBPETrainer(TokenizerSource):
 
     def build(self, corpus: Sequence[str], cache_dir: Path):
         settings = {"kind": "byte_level_bpe", "vocab_size": self.vocab_size, "min_frequency": self.min_frequency,
-                    "special_tokens": SPECIAL_TOKENS, "version": 1}
+                    "special_tokens": SPECIAL_TOKENS, "version": 2}
         target = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{self.vocab_size}-{corpus_key(corpus, settings)[:20]}"
         if (target / "tokenizer.json").exists():
             self.last_trained = False
