@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-slow bench config-reference clean
+.PHONY: install quickstart test test-slow test-compat bench config-reference clean
 
 $(BIN)/rlhf: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# the oldest transformers that pyproject.toml allows, in a venv of its own: the tests of models, tokenizers, the
+# reward export and the RL stage's module (about a minute once installed); .ci/run runs it after `make test`
+COMPAT_VENV ?= .venv-compat
+TRANSFORMERS_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\)",.*/\1/p' pyproject.toml)
+COMPAT_TESTS := tests/test_models.py tests/test_tokenizer.py tests/test_reward.py tests/test_rl_stage.py \
+	tests/test_rl_math.py tests/test_algorithms.py
+
+test-compat:
+	@test -n "$(TRANSFORMERS_OLDEST)" || { echo "no transformers>=X.Y lower bound found in pyproject.toml"; exit 1; }
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q -c constraints.txt "transformers==$(TRANSFORMERS_OLDEST).*" -e ".[dev]"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
 bench: install
 	$(BIN)/python benchmarks/pretrain_throughput.py
 
@@ -35,4 +49,4 @@ config-reference: install
 	$(BIN)/python -m framework.config_reference > docs/config-reference.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
