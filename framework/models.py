@@ -20,23 +20,25 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def resolve_model_path(path: str, allow_download: bool = False) -> str:
-    """Return a loadable reference for `path`: a validated local HF dir, or a hub id when downloads are allowed."""
+def resolve_model_path(path: str, allow_download: bool = False, key: str = "model.path") -> str:
+    """Return a loadable reference for `path`: a validated local HF dir, or a hub id when downloads are allowed.
+    key: the setting that gave the path, named in every message."""
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ConfigError(
-                f"model.path={path!r} is a folder but not a Hugging Face model directory (no config.json). "
+                f"{key}={path!r} is a folder but not a Hugging Face model directory (no config.json). "
                 "Point it at a folder written by save_pretrained, e.g. the `model/` folder a stage exported"
             )
         return str(p)
     if p.exists():
-        raise ConfigError(f"model.path={path!r} is a file; it must be a Hugging Face model directory")
+        raise ConfigError(f"{key}={path!r} is a file; it must be a Hugging Face model directory")
     if allow_download:
         return path
     raise ConfigError(
-        f"model.path={path!r} does not exist locally. Give the path of a saved model directory, or set "
-        "model.allow_download=true to fetch it from the Hugging Face Hub (needs a network)"
+        f"{key}={path!r} does not exist locally. Give the path of a saved model directory, e.g. the `model/` "
+        "folder a stage exported (outputs/runs/<date>/<time>_sft/model), or set model.allow_download=true to fetch "
+        "it from the Hugging Face Hub (needs a network)"
     )
 
 
@@ -133,7 +135,7 @@ def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.pa
     gave the path."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    ref = resolve_model_path(path, allow_download)
+    ref = resolve_model_path(path, allow_download, key)
     local = not allow_download or Path(ref).is_dir()
     config = AutoConfig.from_pretrained(ref, local_files_only=local)
     architectures = list(getattr(config, "architectures", None) or [])

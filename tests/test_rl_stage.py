@@ -487,11 +487,18 @@ def test_a_non_finite_or_malformed_evaluation_reward_stops_naming_which_one(toke
         evaluator(lm, 0)
 
 
-def test_a_policy_path_that_is_not_a_policy_is_refused_naming_policy_path(tokenizer, tmp_path):
+def test_a_policy_path_that_is_not_a_policy_is_refused_naming_policy_path(tokenizer, tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    with pytest.raises(ConfigError, match="policy.path=/no/such/dir: no such directory"):
+    with pytest.raises(ConfigError, match="policy.path='/no/such/dir' does not exist locally"):
         RLStage.load_policy("/no/such/dir")
+    with pytest.raises(ConfigError, match="model.path='/no/such/dir' does not exist locally"):
+        RLStage.load_policy("/no/such/dir", "model.path")  # where the path came from model.path
+    # a path under ~ is the directory it names (a separate existence check refused it)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_lm(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    assert RLStage.load_policy("~/policy")[1].config.n_layer == tiny_lm(tokenizer).config.n_layer
     rm_dir = tmp_path / "rm"
     GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tokenizer),
                                              num_labels=1)).save_pretrained(rm_dir)

@@ -31,8 +31,8 @@ from framework.interfaces import (
 from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
-from framework.stages.common import (build_trainer, check_stage_values, epoch_batches, export_causal_lm, log_interval,
-                                     data_shards)
+from framework.stages.common import (build_trainer, check_stage_values, data_shards, epoch_batches, export_causal_lm,
+                                     log_interval)
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
@@ -109,8 +109,10 @@ class PreferenceModule(TrainingModule):
         self.log("val/rewards/margins", self.val_margin, on_epoch=True)
 
 
-def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str) -> StageResult:
-    """stage: the RLStage (its format, optimizer, scheduler and `offline` settings)."""
+def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str,
+                key: str = "policy.path") -> StageResult:
+    """stage: the RLStage (its format, optimizer, scheduler and `offline` settings); key: the setting that gave
+    `path`, named in its errors."""
     cfg = ctx.cfg
     settings = dict(stage.offline)
     batch_size, epochs = int(settings.get("batch_size", 16)), float(settings.get("epochs", 1))
@@ -126,8 +128,8 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
         if not cfg.get("labeller"):
             raise ConfigError(f"{dataset.describe()}: needs a labeller to rank the samples: labeller=synthetic")
         labeller = instantiate_plugin(cfg.labeller, "labeller", Labeller)
+    lm = load_causal_lm(str(path), key=key)  # first: its errors name the setting that gave the path
     tokenizer = load_tokenizer(path)
-    lm = load_causal_lm(str(path))
     n_ctx = context_length(lm)
     if n_ctx is not None and max_length > n_ctx:
         raise ConfigError(f"stage.offline.max_length={max_length} exceeds the policy's context length {n_ctx}")

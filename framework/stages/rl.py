@@ -511,13 +511,14 @@ class RLStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
+        key = "policy.path" if (cfg.get("policy") or {}).get("path") else "model.path"
         if not path:
             raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
         algorithm = instantiate_plugin(cfg.algo, "algo", None)
         if isinstance(algorithm, PreferenceAlgorithm):  # offline (DPO, IPO): trains on comparisons, no rollouts
             from framework.stages.preference import run_offline
 
-            return run_offline(self, ctx, algorithm, str(path))
+            return run_offline(self, ctx, algorithm, str(path), key)
         if not isinstance(algorithm, PolicyAlgorithm):
             raise ConfigError(f"algo._target_={cfg.algo._target_} is neither a PolicyAlgorithm nor a "
                               "PreferenceAlgorithm (framework/interfaces.py)")
@@ -526,7 +527,7 @@ class RLStage(Stage):
             raise ConfigError("stage=rl draws its prompts from a task: add task=friendly_reply (or sort, addition, ...)")
         task: Task = instantiate_plugin(cfg.task, "task", Task)
 
-        tokenizer, lm, reference = self.load_policy(str(path))
+        tokenizer, lm, reference = self.load_policy(str(path), key)
         n_ctx = context_length(lm)
         prompts = task.prompts(self.prompt_pool, int(cfg.seed))
         encoder = PromptEncoder(tokenizer, self.format, n_ctx, self.sampling.max_new_tokens)
@@ -586,10 +587,8 @@ class RLStage(Stage):
 
     @staticmethod
     def load_policy(path: str, key: str = "policy.path"):
-        """(tokenizer, the policy to train, its frozen copy: the KL reference), dropout off for good in both."""
-        if not Path(path).is_dir():
-            raise ConfigError(f"{key}={path}: no such directory; give the policy to start from, an SFT (or RL) "
-                              "export: outputs/runs/<date>/<time>_sft/model")
+        """(tokenizer, the policy to train, its frozen copy: the KL reference), dropout off for good in both. key:
+        the setting that gave the path, named in the errors (a missing dir, one that holds no causal LM)."""
         lm = disable_dropout(load_causal_lm(path, key=key))
         tokenizer = load_tokenizer(path)
         reference = copy.deepcopy(lm).eval().requires_grad_(False)
