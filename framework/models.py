@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,26 @@ def is_drop_rate(name: str, value: Any) -> bool:
     return "drop" in name.lower() and type(value) is float and value > 0.0
 
 
+@functools.cache
+def reads_rates_from_config(layer_type: type) -> bool:
+    """Whether a layer class reads a drop rate from `self.config` outside `__init__` (Falcon's decoder layer and
+    attention, Persimmon's attention, GPT-Neo's flash attention), judged from its methods' source; a class whose
+    source cannot be read counts as reading them."""
+    for cls in layer_type.__mro__:
+        if cls.__module__.startswith(("torch.", "builtins")):
+            continue
+        for name, member in vars(cls).items():
+            if name == "__init__" or not inspect.isfunction(member):
+                continue
+            try:
+                source = inspect.getsource(member)
+            except (OSError, TypeError):
+                return True
+            if re.search(r"self\.config\.\w*drop", source, re.IGNORECASE):
+                return True
+    return False
+
+
 class RatesOff:
     """A layer's view of its model config with every drop rate read as 0.0. Everything else is read from (and
     written to) the config itself, so a later change to it (e.g. the attention implementation) still reaches the
@@ -109,7 +130,8 @@ def disable_dropout(model: "torch.nn.Module") -> "torch.nn.Module":
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if (isinstance(config, PretrainedConfig) and not isinstance(module, PreTrainedModel)
-                and any(is_drop_rate(k, v) for k, v in vars(config).items())):
+                and any(is_drop_rate(k, v) for k, v in vars(config).items())
+                and reads_rates_from_config(type(module))):  # elsewhere the view would only slow each read
             module.config = RatesOff(config)
     return model
 

@@ -15,7 +15,7 @@ from framework.data import ListDataset
 from framework.errors import ConfigError, RLHFError
 from framework.imitation import encode_prompt
 from framework.interfaces import RewardFunction
-from framework.models import CausalLMFactory
+from framework.models import CausalLMFactory, RatesOff
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
 from framework.reward import NonFiniteReward
@@ -119,6 +119,8 @@ def test_dropout_goes_off_also_where_a_layer_keeps_its_rate_as_a_number(tokenize
         assert disable_dropout(model) is model
         assert forwards_agree(model, ids)
     assert llama.config.attention_dropout == 0.5 and gpt2.config.attn_pdrop == 0.1
+    # their layers keep the real config: nothing of theirs reads a rate from it (a view would only slow each read)
+    assert not any(isinstance(getattr(m, "config", None), RatesOff) for m in (*llama.modules(), *gpt2.modules()))
     others = nn.Sequential(nn.Dropout1d(0.5), nn.AlphaDropout(0.5), nn.FeatureAlphaDropout(0.5))
     assert all(m.p == 0.0 for m in disable_dropout(others))
 
@@ -141,6 +143,7 @@ def test_dropout_goes_off_where_a_layer_reads_its_rate_from_the_config(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.5, 0.5)
     layer = falcon.transformer.h[0]
+    assert isinstance(layer.config, RatesOff)  # the decoder layer reads config.hidden_dropout in its forward
     falcon.config._attn_implementation = "eager"
     assert layer.config._attn_implementation == layer.self_attention.config._attn_implementation == "eager"
     assert forwards_agree(falcon, ids)
