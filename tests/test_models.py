@@ -211,12 +211,15 @@ def test_epoch_batches_count_one_process_share_of_the_examples():
 
 def test_reward_model_loader_drops_its_last_batch_by_the_process_share():
     """12 comparisons at batch 8 over 2 processes: 6 each make one short batch; dropping it (12 > 8) left none."""
+    from framework.stages.common import epoch_batches
     from framework.stages.reward import ComparisonDataModule, Group
 
     groups = [Group([[1, 2], [3]], None, None) for _ in range(12)]
-    one = ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False)
-    assert one.train_dataloader().drop_last  # one process: a whole batch and a dropped 4
-    assert not ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False, shards=2).train_dataloader().drop_last
+    for shards, dropped in ((1, True), (2, False)):  # one process: a whole batch and a dropped 4
+        drop_last = epoch_batches(len(groups), 8, shards)[1]
+        assert drop_last is dropped
+        data = ComparisonDataModule(groups, [], 8, pad_id=0, group_by_length=False, drop_last=drop_last)
+        assert data.train_dataloader().drop_last is dropped
 
 
 def test_data_shards_follow_the_trainer_and_its_sampler_setting(tmp_path):

@@ -179,14 +179,16 @@ class RewardModule(TrainingModule):
 
 class ComparisonDataModule(pl.LightningDataModule):
     """group_by_length: batches of comparisons of similar length (less padding), else a plain shuffle.
-    shards: into how many shares Lightning's distributed sampler splits the training comparisons (`data_shards`)."""
+    drop_last: drop a last partial batch (the stage decides it for one process's share, `epoch_batches`; by default
+    as for one process)."""
 
     def __init__(self, train: list[Group], val: list[Group], batch_size: int, pad_id: int, num_workers: int = 0,
-                 group_by_length: bool = True, seed: int = 0, shards: int = 1):
+                 group_by_length: bool = True, seed: int = 0, drop_last: bool | None = None):
         super().__init__()
         self.train, self.val, self.batch_size = train, val, batch_size
         self.collate = partial(collate_groups, pad_id=pad_id)
-        self.num_workers, self.group_by_length, self.seed, self.shards = num_workers, group_by_length, seed, shards
+        self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
+        self.drop_last = epoch_batches(len(train), batch_size)[1] if drop_last is None else drop_last
 
     def train_dataloader(self) -> DataLoader:
         sampler = None
@@ -195,7 +197,7 @@ class ComparisonDataModule(pl.LightningDataModule):
                                            self.seed)
         return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
                           sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
-                          drop_last=epoch_batches(len(self.train), self.batch_size, self.shards)[1])
+                          drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
@@ -355,7 +357,7 @@ class RewardModelStage(Stage):
         # the batches one rank's loader yields: whole ones only (it drops a last partial one), unless the rank's
         # share makes less than one
         world = data_shards(ctx)
-        steps_per_epoch, _ = epoch_batches(len(train), self.batch_size, world)
+        steps_per_epoch, drop_last = epoch_batches(len(train), self.batch_size, world)
         max_steps = int(cfg.trainer.get("max_steps") or 0)
         if self.epochs is not None:
             max_steps = max(1, math.ceil(self.epochs * steps_per_epoch))
@@ -379,7 +381,7 @@ class RewardModelStage(Stage):
                             "data.train_pairs": str(pairs), "stage.max_steps_resolved": str(max_steps)})
         module = RewardModule(rm, loss, self.optimizer, self.scheduler)
         data = ComparisonDataModule(train, val, self.batch_size, tokenizer.pad_token_id, self.num_workers,
-                                    self.group_by_length, int(cfg.seed), shards=world)
+                                    self.group_by_length, int(cfg.seed), drop_last=drop_last)
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
                                 lengthen="raise stage.epochs (or trainer.max_steps with stage.epochs=null) and pass "
                                          "ckpt_path=<this checkpoint> (resume=true refuses a changed stage.epochs)",
