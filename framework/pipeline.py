@@ -97,14 +97,16 @@ def _with_new_defaults(saved, current):
 
 
 def _mid_iteration(ckpt: Path) -> bool:
-    """Whether an RL checkpoint was written in the middle of an iteration (RLModule.on_save_checkpoint)."""
+    """Whether an RL checkpoint file was written in the middle of an iteration (`written_mid_iteration`)."""
     import torch
+
+    from framework.stages.rl import written_mid_iteration
 
     try:
         state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # not ours to judge: the stage's own loading reports what is wrong with it
         return False
-    return bool((state.get("rl_state") or {}).get("mid_iteration")) if isinstance(state, dict) else False
+    return isinstance(state, dict) and written_mid_iteration(state)
 
 
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:

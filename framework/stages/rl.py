@@ -46,6 +46,12 @@ from framework.stages.common import adamw_warmup_cosine, build_trainer, check_op
 from framework.tokenization import load_tokenizer
 
 
+def written_mid_iteration(checkpoint: dict) -> bool:
+    """Whether an RL checkpoint (a loaded dict) was written in the middle of an iteration, after some of its updates
+    (`RLModule.on_save_checkpoint` marks it): neither resume=true nor ckpt_path= continues from it."""
+    return bool((checkpoint.get("rl_state") or {}).get("mid_iteration"))
+
+
 class PolicyWithValue(nn.Module):
     """The policy LM and, for algorithms with a critic, a value estimate per token: by default a value head on the
     policy's last hidden state (zero-initialised, RLHF_REFERENCE 1.2 item 4); with `critic=(trunk, layer)` a
@@ -387,7 +393,7 @@ class RLModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rl_state") or {}
-        if state.get("mid_iteration"):
+        if written_mid_iteration(checkpoint):
             raise ConfigError(f"this checkpoint was written by an error in the middle of iteration "
                               f"{state['iteration']}, after some of its updates: continuing from it would not be the "
                               "uninterrupted run. Resume from the run's last.ckpt (resume=true picks it) instead")
