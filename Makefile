@@ -28,7 +28,8 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # the oldest transformers that pyproject.toml allows, in a venv of its own: the tests of models, tokenizers, the
-# reward export and the RL stage's module (about a minute once installed); .ci/run runs it after `make test`
+# reward export and the RL stage's module (1 min 14 s from a fresh clone, install included); .ci/run runs it after
+# `make test`
 COMPAT_VENV ?= .venv-compat
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\)",.*/\1/p' pyproject.toml)
 COMPAT_TESTS := tests/test_models.py tests/test_tokenizer.py tests/test_reward.py tests/test_rl_stage.py \
