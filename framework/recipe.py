@@ -89,25 +89,30 @@ def _is_stage_setting(override: str) -> bool:
 
 
 def stage_settings(name: str, user: list[str], pipe: DictConfig) -> set[str]:
-    """The user's `stage.<key>=...` overrides that stage `name` has (its composed config holds the key)."""
+    """The user's `stage.<key>=...` overrides that stage `name` has (its composed config holds the key). The stage is
+    composed with the user's `hydra.searchpath`, where its config groups (and the pipeline's) may live."""
     from hydra import compose
     from omegaconf import OmegaConf
 
     wanted = [o for o in user if _is_stage_setting(o)]
     if not wanted:
         return set()
+    searchpath = [o for o in user if _key(o) == "hydra.searchpath"]
     probe = compose(config_name="config", overrides=merge_overrides([f"stage={name}"],
-                                                                    list(pipe.stage_overrides.get(name) or [])))
+                                                                    list(pipe.stage_overrides.get(name) or []),
+                                                                    searchpath))
     absent = object()
     return {o for o in wanted if OmegaConf.select(probe, _key(o), default=absent) is not absent}
 
 
-def stage_config(name: str, user: list[str], pipe: DictConfig, artifacts: dict[str, Path], out: Path) -> tuple[DictConfig, dict[str, str]]:
+def stage_config(name: str, user: list[str], pipe: DictConfig, artifacts: dict[str, Path], out: Path,
+                 has: set[str] | None = None) -> tuple[DictConfig, dict[str, str]]:
     """The composed config of one stage, and what it consumes (config key -> artifact dir). A `stage.<key>=...` on
-    the command line reaches the stages that have that key (stage.iterations: RL's), like `trainer.max_steps`."""
+    the command line reaches the stages that have that key (stage.iterations: RL's), like `trainer.max_steps`;
+    `has` is `stage_settings(name, user, pipe)` when the caller already has it."""
     from hydra import compose
 
-    has = stage_settings(name, user, pipe)
+    has = stage_settings(name, user, pipe) if has is None else has
     user = [o.removeprefix("++") if o in has else o for o in user if not _is_stage_setting(o) or o in has]
     consumed = {}
     for wire in pipe.wiring.get(name) or []:
@@ -154,14 +159,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if any(_key(o) == "stage" for o in user):
         raise ConfigError(f"pipeline={pipe.name} runs its own stages ({', '.join(stages)}): drop stage=... from the "
                           "command line; choose stages with pipeline.start_at / pipeline.stop_after")
+    user += searchpath
+    has = {name: stage_settings(name, user, pipe) for name in todo}
     settings = [o for o in user if _is_stage_setting(o)]
     if settings:  # a stage.<key> that no stage of this run has is a typo (or a stage left out): say so before any work
-        taken = set().union(*(stage_settings(name, user, pipe) for name in todo))
+        taken = set().union(*has.values())
         if len(taken) < len(settings):
             missing = [_key(o) for o in settings if o not in taken]
             raise ConfigError(f"{', '.join(missing)}: no stage of this run ({', '.join(todo)}) has that key; check "
                               "the spelling (rlhf --help lists each stage's keys), or add a new key with +stage.<key>=")
-    user += searchpath
     root = Path(cfg.paths.root).expanduser()
     out_dir = Path(cfg.paths.output_dir)
     artifacts = {s: resolve_input(v, s, cfg, out_dir / "inputs" / s) for s, v in given.items()}
@@ -178,7 +184,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     try:
         for i, name in enumerate(todo):
             current = name
-            stage_cfg, consumed = stage_config(name, user, pipe, artifacts, out_dir / f"{first + i}_{name}")
+            stage_cfg, consumed = stage_config(name, user, pipe, artifacts, out_dir / f"{first + i}_{name}", has[name])
             print(f"[rlhf] pipeline {pipe.name}: stage {first + i + 1}/{len(stages)} {name}"
                   + "".join(f"\n[rlhf]   {k} <- {v}" for k, v in consumed.items()))
             result = run_stage(stage_cfg, parent_run_id=parent.run_id)

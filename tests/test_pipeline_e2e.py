@@ -255,3 +255,22 @@ def test_a_stage_setting_on_the_command_line_reaches_the_stages_that_have_it():
         assert rl.stage.iterations == 5 and rl.stage.eval.prompts == 8 and rl.trainer.max_steps == 50
         pretrain, _ = stage_config("pretrain", user, pipe, {}, Path("/out"))
         assert pretrain.stage.batch_size == 8 and "iterations" not in pretrain.stage
+
+
+def test_stage_settings_see_config_groups_on_the_users_searchpath(tmp_path):
+    """A pipeline whose stage uses a config group of the user's (on hydra.searchpath) still takes `stage.<key>=...`:
+    the probe that decides which stages have the key composes with the user's searchpath too."""
+    from hydra import compose, initialize_config_dir
+
+    from framework.recipe import stage_config, stage_settings
+
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "my_rm.yaml").write_text("_target_: plugins.rewards.learned.LearnedReward\npath: null\n")
+    user = ["stage.iterations=5", f"hydra.searchpath=[file://{tmp_path}]"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        pipe = compose(config_name="config", overrides=["pipeline=chatgpt",
+                                                        "pipeline.stage_overrides.rl=['reward=my_rm']"]).pipeline
+        has = stage_settings("rl", user, pipe)
+        assert has == {"stage.iterations=5"}
+        rl, _ = stage_config("rl", user, pipe, {"sft": Path("/sft"), "reward_model": Path("/rm")}, Path("/out"), has)
+        assert rl.stage.iterations == 5 and rl.reward._target_ == "plugins.rewards.learned.LearnedReward"
