@@ -18,7 +18,10 @@ recomputes them in a fresh forward (our default), in the same sitting. That rewa
 so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
 fraction of "a") instead, whose curve moves (the value model still starts from the reward model). `--ppo-prompts 64`
 runs 64 prompts a step on both sides (the GRPO and RLOO workloads' 64 completions a step; minibatches of 16), and
-`--bf16` bf16 mixed precision on both sides.
+`--bf16` bf16 mixed precision on both sides. `--ppo-shared-critic` adds a third row of ours: the `rl` stage's own
+defaults, a value head on the policy's trunk (`algo.critic=shared`, a fresh forward), which TRL's PPOTrainer does
+not offer; it does less arithmetic than TRL's separate value model, so it is a different algorithm setting, shown
+for its speed and its reward curve (use it with `--ppo-reward a`).
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -54,7 +57,8 @@ def fraction_of_a(completions) -> list[float]:
 
 
 def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False, ppo_reward: str = "rm",
-             steps: int = STEPS, ppo_kl: float = 0.05, ppo_prompts: int = PROMPTS, precision: str = "32-true") -> dict:
+             steps: int = STEPS, ppo_kl: float = 0.05, ppo_prompts: int = PROMPTS, precision: str = "32-true",
+             ppo_critic: str = "separate") -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -85,8 +89,11 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     reward, critic = FractionOfA(), None
     if algo == "ppo":
         rm_dir = str(data.parent / "out" / "rm_model")
-        algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
-        critic = critic_from_reward_model(rm_dir)[:2]
+        if ppo_critic == "shared":  # our default: a zero-initialised value head on the policy's trunk
+            algorithm = PPO(epochs=4, minibatches=4, critic="shared")
+        else:  # as TRL's PPOTrainer: a value model of its own, initialised from the reward model
+            algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
+            critic = critic_from_reward_model(rm_dir)[:2]
         if ppo_reward == "rm":
             reward = LearnedReward(rm_dir, allow_unnormalized=True, format="plain")
     elif algo == "grpo":
@@ -152,6 +159,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ours-only", action="store_true", help="internal: run our side once and print JSON")
     ap.add_argument("--fresh-logprobs", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--critic", choices=("separate", "shared"), default="separate", help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-shared-critic", action="store_true",
+                    help="PPO only: a third row of ours with the rl stage's default critic, a value head on the "
+                         "policy's trunk (TRL's PPOTrainer has only a separate value model)")
     ap.add_argument("--ppo-reward", choices=("rm", "a"), default="rm",
                     help="PPO's reward on both sides: the peer's reward model (rm) or the fraction of 'a' (a)")
     ap.add_argument("--ppo-kl", type=float, default=0.05,
@@ -167,9 +178,9 @@ def main() -> None:
                          "more of the reward curve)")
     args = ap.parse_args()
     if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm" or args.ppo_prompts != PROMPTS
-            or args.bf16) and args.algo != "ppo":
-        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts and --bf16 are for --algo ppo: TRL's {args.algo} "
-                 "side is the peer's own run")
+            or args.bf16 or args.ppo_shared_critic) and args.algo != "ppo":
+        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts, --ppo-shared-critic and --bf16 are for --algo "
+                 f"ppo: TRL's {args.algo} side is the peer's own run")
     if args.ppo_prompts < 4 or args.ppo_prompts % 4:
         ap.error(f"--ppo-prompts {args.ppo_prompts}: a positive multiple of 4 (both sides split a step into 4 "
                  "minibatches)")
@@ -185,18 +196,22 @@ def main() -> None:
     root = bench_root()
     if args.ours_only:
         print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,
-                                  args.ppo_kl, args.ppo_prompts, "bf16-mixed" if args.bf16 else "32-true")))
+                                  args.ppo_kl, args.ppo_prompts, "bf16-mixed" if args.bf16 else "32-true",
+                                  args.critic)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
     ppo_python = root / "venv112" / "bin" / "python"
     if args.algo == "ppo":
         ensure_reward_model(root, trl_python)
-    ours, fresh, theirs = [], [], []
+    ours, fresh, shared, theirs = [], [], [], []
+    rows = [([], ours)]
+    if args.algo == "ppo":
+        rows.append((["--fresh-logprobs"], fresh))
+        if args.ppo_shared_critic:
+            rows.append((["--fresh-logprobs", "--critic", "shared"], shared))
     for r in range(args.repeats):
-        for extra, results in ([], ours), (["--fresh-logprobs"], fresh if args.algo == "ppo" else None):
-            if results is None:
-                continue
+        for extra, results in rows:
             out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo, *extra,
                                   "--ppo-reward", args.ppo_reward, "--steps", str(args.steps),
                                   "--ppo-kl", str(args.ppo_kl), "--ppo-prompts", str(args.ppo_prompts),
@@ -217,6 +232,7 @@ def main() -> None:
                 f"{WARMUP + 1}-{args.steps}), median of {args.repeats}",
                 [(f"rlhf-lab rl ({args.algo})", ours),
                  *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),
+                 *([("rlhf-lab rl (ppo, value head on the policy trunk)", shared)] if shared else []),
                  ("TRL 1.12 PPOTrainer" if args.algo == "ppo" else f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
                  ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", f"reward, steps {args.steps - 9}-{args.steps}", ".4f")],
@@ -225,9 +241,11 @@ def main() -> None:
         last = [round(x["reward_last10"], 4) for x in ours]
         print(f"reward, steps {args.steps - 9}-{args.steps}, ours by seed 0..{len(ours) - 1}: {last} (spread {max(last) - min(last):.4f})")
         if args.algo == "ppo":
-            for name, rows in (("ours", ours), ("ours, fresh forward", fresh), ("TRL", theirs)):
-                print(f"  {name} by seed: first 10 {[round(x['reward_first10'], 4) for x in rows]}, "
-                      f"last 10 {[round(x['reward_last10'], 4) for x in rows]}")
+            for name, runs in (("ours", ours), ("ours, fresh forward", fresh), ("ours, shared critic", shared),
+                               ("TRL", theirs)):
+                if runs:
+                    print(f"  {name} by seed: first 10 {[round(x['reward_first10'], 4) for x in runs]}, "
+                          f"last 10 {[round(x['reward_last10'], 4) for x in runs]}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_rl_throughput_refuses_runs_too_short_to_time():
     assert "--steps 10: at least 20" in out.stderr
 
 
-@pytest.mark.parametrize("option", [["--ppo-kl", "0"], ["--ppo-prompts", "64"], ["--bf16"]])
+@pytest.mark.parametrize("option", [["--ppo-kl", "0"], ["--ppo-prompts", "64"], ["--bf16"], ["--ppo-shared-critic"]])
 def test_rl_throughput_ppo_options_need_ppo(option):
     out = bench("rl_throughput.py", "--algo", "grpo", *option)
     assert out.returncode == 2
