@@ -18,8 +18,8 @@ recomputes them in a fresh forward (our default), in the same sitting. That rewa
 so its reward columns compare nothing; `--ppo-reward a` scores both sides with the GRPO workload's reward (the
 fraction of "a") instead, whose curve moves (the value model still starts from the reward model). `--ppo-prompts 64`
 runs 64 prompts a step on both sides (the GRPO and RLOO workloads' 64 completions a step; minibatches of 16), and
-`--bf16` bf16 mixed precision on both sides. `--ppo-shared-critic` adds a third row of ours: the `rl` stage's own
-defaults, a value head on the policy's trunk (`algo.critic=shared`, a fresh forward), which TRL's PPOTrainer does
+`--bf16` bf16 mixed precision on both sides. `--ppo-shared-critic` adds a third row of ours: the `rl` stage's default
+critic, a value head on the policy's trunk (`algo.critic=shared`, with a fresh forward), which TRL's PPOTrainer does
 not offer; it does less arithmetic than TRL's separate value model, so it is a different algorithm setting, shown
 for its speed and its reward curve (use it with `--ppo-reward a`).
 

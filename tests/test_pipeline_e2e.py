@@ -265,7 +265,8 @@ def test_stage_settings_see_config_groups_on_the_users_searchpath(tmp_path):
     from framework.recipe import stage_config, stage_settings
 
     (tmp_path / "reward").mkdir()
-    (tmp_path / "reward" / "my_rm.yaml").write_text("_target_: plugins.rewards.learned.LearnedReward\npath: null\n")
+    (tmp_path / "reward" / "my_rm.yaml").write_text("_target_: plugins.rewards.learned.LearnedReward\npath: null\n"
+                                                    "allow_unnormalized: true\n")
     user = ["stage.iterations=5", f"hydra.searchpath=[file://{tmp_path}]"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         pipe = compose(config_name="config", overrides=["pipeline=chatgpt",
@@ -273,4 +274,14 @@ def test_stage_settings_see_config_groups_on_the_users_searchpath(tmp_path):
         has = stage_settings("rl", user, pipe)
         assert has == {"stage.iterations=5"}
         rl, _ = stage_config("rl", user, pipe, {"sft": Path("/sft"), "reward_model": Path("/rm")}, Path("/out"), has)
-        assert rl.stage.iterations == 5 and rl.reward._target_ == "plugins.rewards.learned.LearnedReward"
+        assert rl.stage.iterations == 5 and rl.reward.allow_unnormalized and "batch_size" not in rl.reward
+
+
+def test_the_pipeline_probes_stage_keys_with_the_users_searchpath(run_cli, tmp_path):
+    """Through the CLI: with a stage using the user's config group, a misspelt stage key is refused by name (before
+    the fix, the probe failed on the group with Hydra's MissingConfigException)."""
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "my_rm.yaml").write_text("_target_: plugins.rewards.learned.LearnedReward\npath: null\n")
+    proc = run_cli(*TINY, f"hydra.searchpath=[file://{tmp_path}]", "pipeline.stage_overrides.rl=['reward=my_rm']",
+                   "++stage.iteration=3", check=False)
+    assert proc.returncode == 2 and "stage.iteration: no stage of this run" in proc.stderr, proc.stderr[-2000:]
