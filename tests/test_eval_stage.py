@@ -153,3 +153,20 @@ class OneNumber(RewardFunction):
 def test_a_reward_that_breaks_its_contract_is_named(tiny_policy, tmp_path):
     with pytest.raises(RLHFError, match="reward source OneNumber returned a float .*one real number per completion"):
         run_eval(tiny_policy, tmp_path, reward="test_eval_stage.OneNumber")
+
+
+def test_a_policy_path_that_is_no_model_dir_is_named(tmp_path):
+    """The setting that gave the path is named (it said `tokenizer path ... does not exist`)."""
+    with pytest.raises(ConfigError, match=r"policy.path='/no/such/policy' does not exist locally"):
+        run_eval("/no/such/policy", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"policy.path='.*empty' is a folder but not a Hugging Face model"):
+        run_eval(str(tmp_path / "empty"), tmp_path)
+
+
+def test_policy_path_names_the_setting_that_gave_it():
+    from framework.stages.common import policy_path
+
+    assert policy_path(OmegaConf.create({"policy": {"path": "/p"}, "model": {"path": "/m"}})) == ("/p", "policy.path")
+    assert policy_path(OmegaConf.create({"policy": {"path": None}, "model": {"path": "/m"}})) == ("/m", "model.path")
+    assert policy_path(OmegaConf.create({"model": {}})) == (None, "policy.path")

@@ -151,6 +151,15 @@ SCHEDULER_KEYS = ("warmup_steps", "min_lr_ratio")
 MIXED_PRECISION = ("16-mixed", "bf16-mixed")
 
 
+def policy_path(cfg: DictConfig) -> tuple[str | None, str]:
+    """The policy a stage starts from or judges: `policy.path`, else `model.path`; with the key that gave it, which
+    the stage's errors name (None and "policy.path" when neither is set)."""
+    given = (cfg.get("policy") or {}).get("path")
+    if given or not cfg.model.get("path"):
+        return (str(given) if given else None), "policy.path"
+    return str(cfg.model.path), "model.path"
+
+
 def check_optimizer_keys(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
     """Refuse a key of `stage.optimizer` / `stage.scheduler` that `adamw_warmup_cosine` does not read (e.g. a misspelt
     `+stage.optimizer.weight_decayy=`); stages call it when built, before any work."""

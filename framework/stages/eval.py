@@ -96,10 +96,11 @@ class EvalStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from framework.reward import TaskGold, reward_scores
+        from framework.stages.common import policy_path
         from framework.stages.reward import PolicySampler
 
         cfg = ctx.cfg
-        path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
+        path, key = policy_path(cfg)
         if not path:
             raise ConfigError("stage=eval judges a trained policy: give policy.path=<a model dir>")
         if not cfg.get("task"):
@@ -108,7 +109,7 @@ class EvalStage(Stage):
         proxy: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
         gold = TaskGold(task)
         prompts = task.prompts(self.n_prompts, int(cfg.seed) + 7919)
-        sampler = PolicySampler.from_dir(str(path), self.format, int(cfg.seed), None, self.batch_size)
+        sampler = PolicySampler.from_dir(path, self.format, int(cfg.seed), None, self.batch_size, key)
         started = time.perf_counter()
         groups = sampler(prompts, self.n_samples, self.sampling.max_new_tokens, self.sampling.temperature)
         gen_s = time.perf_counter() - started

@@ -239,8 +239,11 @@ class PolicySampler:
         self.stop_id = stop_token_id(tokenizer, fmt)
 
     @classmethod
-    def from_dir(cls, path: str, fmt: str, seed: int, cache_dir: Path | None, batch_size: int = 64) -> "PolicySampler":
-        """A sampler of the saved model at `path` with its own tokenizer, in eval mode (cached when cache_dir)."""
+    def from_dir(cls, path: str, fmt: str, seed: int, cache_dir: Path | None, batch_size: int = 64,
+                 key: str = "model.path") -> "PolicySampler":
+        """A sampler of the saved model at `path` with its own tokenizer, in eval mode (cached when cache_dir). key:
+        the setting that gave `path`, named when it is no model directory."""
+        path = resolve_model_path(path, key=key)
         tokenizer = load_tokenizer(path)
         lm = CausalLMFactory(path=str(path)).build(tokenizer).eval()  # embeddings resized to the tokenizer if needed
         return cls(lm, tokenizer, fmt, seed, cache_dir, weights_fingerprint(path), context_length(lm), batch_size)
@@ -289,11 +292,7 @@ class RewardModelStage(Stage):
                  policy_path: str | None = None):
         check_format(format)
         if policy_path:  # checked before any work, with the key to fix
-            try:
-                resolve_model_path(str(policy_path))
-            except ConfigError as err:
-                raise ConfigError(f"stage.policy_path={policy_path!r}: the policy whose replies are compared must be "
-                                  f"a saved model dir (an SFT `model/` export). {err}") from None
+            resolve_model_path(str(policy_path), key="stage.policy_path")
         self.policy_path = policy_path
         self.disable_dropout, self.group_by_length = disable_dropout, group_by_length
         self.name, self.format, self.max_length = name, format, max_length

@@ -42,7 +42,8 @@ from framework.records import Prompt
 from framework.reward import TaskGold, checked_scores, critic_from_reward_model
 from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm
+from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm,
+                                     policy_path)
 from framework.tokenization import load_tokenizer
 
 
@@ -516,8 +517,7 @@ class RLStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
-        path = (cfg.get("policy") or {}).get("path") or cfg.model.get("path")
-        key = "policy.path" if (cfg.get("policy") or {}).get("path") else "model.path"
+        path, key = policy_path(cfg)
         if not path:
             raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
         algorithm = instantiate_plugin(cfg.algo, "algo", None)
