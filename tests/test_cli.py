@@ -42,9 +42,9 @@ def test_unknown_key_is_rejected(run_cli):
     assert "n_layerz" in proc.stderr
 
 
-def test_unknown_model_field_added_with_plus_is_rejected_before_training(run_cli, tmp_path):
+def test_unknown_model_field_added_with_plus_is_rejected_before_training(run_cli_here, tmp_path):
     (tmp_path / "a.txt").write_text("hello there\n\nhow are you\n" * 50)
-    proc = run_cli("experiment=smoke", "+model.n_layers=2", "dataset=text_files", f"dataset.paths=[{tmp_path}/a.txt]",
+    proc = run_cli_here("experiment=smoke", "+model.n_layers=2", "dataset=text_files", f"dataset.paths=[{tmp_path}/a.txt]",
                    *QUIET, check=False)
     assert proc.returncode == 2
     assert "n_layers" in proc.stderr and "did you mean" in proc.stderr

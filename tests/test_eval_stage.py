@@ -38,7 +38,7 @@ def test_best_of_n_estimator_matches_brute_force():
         bon_weights(4, 5)
 
 
-def test_eval_stage_reports_best_of_n(chat_model, run_cli, rlhf_home):
+def test_eval_stage_reports_best_of_n(chat_model, run_cli, run_cli_here, rlhf_home):
     _, _, sft_dir, _ = chat_model
     proc = run_cli("stage=eval", f"policy.path={sft_dir}", "reward=sentiment", "stage.prompts=8",
                    "stage.samples_per_prompt=8", "stage.max_new_tokens=16", "bon.n=[1,2,8]", *QUIET)
@@ -50,7 +50,7 @@ def test_eval_stage_reports_best_of_n(chat_model, run_cli, rlhf_home):
     kl = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bon/kl")}
     assert kl[8] == pytest.approx(math.log(8) - 7 / 8)
     assert {"best_of_n.json", "best_of_n.png", "samples.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    bad = run_cli("stage=eval", f"policy.path={sft_dir}", "reward=sentiment", "stage.samples_per_prompt=4",
+    bad = run_cli_here("stage=eval", f"policy.path={sft_dir}", "reward=sentiment", "stage.samples_per_prompt=4",
                   "bon.n=[1,8]", check=False)
     assert bad.returncode != 0 and "bon.n" in bad.stderr
 

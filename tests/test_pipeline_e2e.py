@@ -156,7 +156,8 @@ def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_de
         find_resume_checkpoint(tmp_path, rloo, "rl")
 
 
-def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_home, tokenizer_cache, tmp_path):
+def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, run_cli_here, rlhf_home, tokenizer_cache,
+                                                                 tmp_path):
     from framework.reward import load_reward_model
 
     # 1. every stage, with plugins of three stages swapped from the same command line
@@ -198,13 +199,13 @@ def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, rlhf_ho
     assert again["rl"] != made["rl"] and "pipeline chatgpt: stage 1/5" not in resumed.stdout
 
     # 3. a failed stage: the artifacts before it stay, and the message says how to continue
-    failed = run_cli(*TINY, "pipeline.start_at=rl", f"pipeline.inputs.sft={made['sft']}",
-                     f"pipeline.inputs.reward_model={made['reward_model']}",
-                     "pipeline.stage_overrides.rl=['stage.max_new_tokens=500']", check=False)
+    failed = run_cli_here(*TINY, "pipeline.start_at=rl", f"pipeline.inputs.sft={made['sft']}",
+                          f"pipeline.inputs.reward_model={made['reward_model']}",
+                          "pipeline.stage_overrides.rl=['stage.max_new_tokens=500']", check=False)
     assert failed.returncode == 2 and "leaves no room for a prompt" in failed.stderr
     assert "stage 'rl' did not finish" in failed.stdout and "pipeline.start_at=rl" in failed.stdout
     assert f"pipeline.inputs.reward_model={made['reward_model']}" in failed.stdout
-    missing = run_cli(*TINY, "pipeline.start_at=rl", check=False)
+    missing = run_cli_here(*TINY, "pipeline.start_at=rl", check=False)
     assert missing.returncode == 2 and "pipeline.inputs.sft=<dir or runs:/<run id>>" in missing.stderr
 
     # 4. a --multirun sweep of pipelines (here only their eval stage, over two seeds)

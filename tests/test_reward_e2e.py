@@ -69,7 +69,7 @@ def test_kwise_file_listwise_loss_and_ensemble_head(chat_model, run_cli, rlhf_ho
     assert scores[0] > scores[1] and not torch.isnan(scores).any()
 
 
-def test_a_trunk_can_judge_another_models_replies(chat_model, run_cli):
+def test_a_trunk_can_judge_another_models_replies(chat_model, run_cli, run_cli_here):
     """stage.policy_path: the pretrained trunk learns from the SFT policy's replies (as a proxy larger than its
     policy would); the samples are the SFT model's own, so a run whose trunk is the SFT model finds them cached."""
     _, pretrained, sft_dir, _ = chat_model
@@ -80,20 +80,20 @@ def test_a_trunk_can_judge_another_models_replies(chat_model, run_cli):
     exported_dir(other.stdout, "reward model")
     same = run_cli("stage=reward_model", f"model.path={sft_dir}", *args)
     assert "policy samples: 36 x 2 from cache" in same.stdout and "policy samples come from" not in same.stdout
-    missing = run_cli("stage=reward_model", f"model.path={pretrained}", "stage.policy_path=/nonexistent/policy",
-                      *args, check=False)
+    missing = run_cli_here("stage=reward_model", f"model.path={pretrained}", "stage.policy_path=/nonexistent/policy",
+                           *args, check=False)
     assert missing.returncode != 0 and "stage.policy_path='/nonexistent/policy'" in missing.stderr
     assert "policy samples" not in missing.stdout  # refused before any work
 
 
-def test_user_errors(chat_model, run_cli, rlhf_home, tmp_path):
+def test_user_errors(chat_model, run_cli_here, rlhf_home, tmp_path):
     _, pretrained, sft_dir, _ = chat_model
-    bad_loss = run_cli("stage=reward_model", f"model.path={sft_dir}", "loss=lm_cross_entropy", check=False)
+    bad_loss = run_cli_here("stage=reward_model", f"model.path={sft_dir}", "loss=lm_cross_entropy", check=False)
     assert bad_loss.returncode != 0 and "trains on preferences: loss=bradley_terry" in bad_loss.stderr
-    no_policy = run_cli("stage=reward_model", check=False)
+    no_policy = run_cli_here("stage=reward_model", check=False)
     assert no_policy.returncode != 0 and "model.path=<an SFT or pretrained model dir>" in no_policy.stderr
     pair = tmp_path / "pairs.jsonl"
     pair.write_text(json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}) + "\n")
-    same = run_cli("stage=reward_model", f"model.path={sft_dir}", "dataset=comparisons_jsonl", f"dataset.paths=[{pair}]",
-                   check=False)
+    same = run_cli_here("stage=reward_model", f"model.path={sft_dir}", "dataset=comparisons_jsonl",
+                        f"dataset.paths=[{pair}]", check=False)
     assert same.returncode != 0 and f"{pair}:1" in same.stderr

@@ -46,13 +46,13 @@ def test_each_algorithm_runs_logs_and_exports(chat_model, run_cli, rlhf_home, al
     assert run.data.tags["plugin.algo"].startswith("plugins.algorithms.")
 
 
-def test_learned_reward_and_its_normalisation(chat_model, run_cli, rlhf_home):
+def test_learned_reward_and_its_normalisation(chat_model, run_cli, run_cli_here, rlhf_home):
     _, _, sft_dir, _ = chat_model
     rm = run_cli("stage=reward_model", f"model.path={sft_dir}", "labeller/gold=length", "dataset.n=120",
                  "stage.max_length=128", "stage.normalize.samples=0", "trainer.val_check_interval=5",
                  "trainer.enable_model_summary=false", *QUIET)
     rm_dir = exported_dir(rm.stdout, "reward model")
-    refused = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}", check=False)
+    refused = run_cli_here(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}", check=False)
     assert refused.returncode != 0 and "has no normalisation" in refused.stderr
     proc = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
                    "reward.allow_unnormalized=true", "kl.controller=adaptive", "kl.target=1.0", "algo.minibatches=2")
@@ -67,17 +67,18 @@ def test_learned_reward_and_its_normalisation(chat_model, run_cli, rlhf_home):
                      "stage.eval.prompts=0")
     assert "critic: a separate GPT2Model" in critic.stdout
     exported_dir(critic.stdout)
-    no_rm = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo.critic=separate", check=False)
+    no_rm = run_cli_here(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo.critic=separate", check=False)
     assert no_rm.returncode != 0 and "algo.critic_path=<reward model dir>" in no_rm.stderr
 
 
-def test_user_errors(chat_model, run_cli):
+def test_user_errors(chat_model, run_cli, run_cli_here):
     _, _, sft_dir, _ = chat_model
-    no_policy = run_cli("stage=rl", "reward=gold", check=False)
+    no_policy = run_cli_here("stage=rl", "reward=gold", check=False)
     assert no_policy.returncode != 0 and "policy.path=<the SFT model dir>" in no_policy.stderr
-    too_long = run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", "stage.max_new_tokens=500", check=False)
+    too_long = run_cli_here("stage=rl", f"policy.path={sft_dir}", "reward=gold", "stage.max_new_tokens=500",
+                            check=False)
     assert too_long.returncode != 0 and "leaves no room for a prompt" in too_long.stderr
-    no_rm = run_cli("stage=rl", f"policy.path={sft_dir}", check=False)
+    no_rm = run_cli_here("stage=rl", f"policy.path={sft_dir}", check=False)
     assert no_rm.returncode != 0 and "reward.path" in no_rm.stderr
     # prompts longer than the room the context leaves (128 - 120 new tokens): cut from the left, with a warning
     cut = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo=reinforce", "stage.iterations=1",
@@ -86,7 +87,7 @@ def test_user_errors(chat_model, run_cli):
     exported_dir(cut.stdout)
     for setting, message in (("kl.estimator=k4", "kl.estimator='k4': use one of k1, k2, k3"),
                              ("kl.controller=adaptive", "kl.controller=adaptive needs kl.target")):
-        bad_kl = run_cli("stage=rl", f"policy.path={sft_dir}", "reward=gold", setting, check=False)
+        bad_kl = run_cli_here("stage=rl", f"policy.path={sft_dir}", "reward=gold", setting, check=False)
         assert bad_kl.returncode != 0 and message in bad_kl.stderr and "Traceback" not in bad_kl.stderr
 
 
@@ -145,7 +146,7 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
 
 # at the start the policy is the reference, so the margin h is 0: DPO's loss is -log sigmoid(0), IPO's (0 - 1/(2 beta))^2
 @pytest.mark.parametrize("loss_type, first_loss", [("sigmoid", 0.6931), ("ipo", 25.0)])
-def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_type, first_loss):
+def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, run_cli_here, rlhf_home, loss_type, first_loss):
     _, _, sft_dir, _ = chat_model
     proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", f"algo.loss_type={loss_type}", "algo.beta=0.1",
                    "dataset=policy_comparisons", "labeller=synthetic",
@@ -163,7 +164,7 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, rlhf_home, loss_t
     assert history[0].value == pytest.approx(first_loss, abs=1e-3)
     assert history[-1].value < history[0].value  # it learns from the comparisons
     if loss_type == "sigmoid":
-        wrong = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
+        wrong = run_cli_here("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
         assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr
 
 

@@ -95,11 +95,12 @@ def test_chat_session_renders_history_and_trims_it(chat_model):
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
 
 
-def test_model_dir_without_tokenizer_is_a_clear_error(run_cli, tmp_path):
+def test_model_dir_without_tokenizer_is_a_clear_error(run_cli_here, tmp_path):
     AutoModelForCausalLM.from_config(
         __import__("transformers").AutoConfig.for_model("gpt2", n_layer=1, n_head=2, n_embd=32, vocab_size=300)
     ).save_pretrained(tmp_path / "bare")
-    proc = run_cli("stage=sft", f"model.path={tmp_path / 'bare'}", "dataset.max_conversations=10", *QUIET, check=False)
+    proc = run_cli_here("stage=sft", f"model.path={tmp_path / 'bare'}", "dataset.max_conversations=10", *QUIET,
+                        check=False)
     assert proc.returncode == 2
     assert "has no tokenizer files" in proc.stderr and "tokenizer=pretrained" in proc.stderr
 
@@ -113,17 +114,17 @@ def test_chat_needs_a_model():
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-def test_dagger_without_an_expert_stops_before_training(run_cli):
+def test_dagger_without_an_expert_stops_before_training(run_cli_here):
     overrides = [o for o in SORT if o != "expert=task"]
-    proc = run_cli(*overrides, "imitation=dagger", check=False)
+    proc = run_cli_here(*overrides, "imitation=dagger", check=False)
     assert proc.returncode == 2 and "needs a task to roll out on and an expert" in proc.stderr
     assert "imitation round" not in proc.stdout
 
 
-def test_a_task_with_too_few_prompts_for_held_out_scoring(run_cli):
-    proc = run_cli("stage=sft", "task=addition", "task.digits=1", "dataset=task_demos", "dataset.n=2000",
-                   "expert=task", "stage.format=plain", "tokenizer.vocab_size=260", "model.n_layer=1",
-                   "model.n_positions=64", "stage.max_length=32", "trainer.max_steps=4", *QUIET, check=False)
+def test_a_task_with_too_few_prompts_for_held_out_scoring(run_cli_here):
+    proc = run_cli_here("stage=sft", "task=addition", "task.digits=1", "dataset=task_demos", "dataset.n=2000",
+                        "expert=task", "stage.format=plain", "tokenizer.vocab_size=260", "model.n_layer=1",
+                        "model.n_positions=64", "stage.max_length=32", "trainer.max_steps=4", *QUIET, check=False)
     assert proc.returncode == 2 and "every held-out prompt is also a demonstration" in proc.stderr
 
 
