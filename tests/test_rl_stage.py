@@ -520,10 +520,25 @@ def test_bf16_mixed_precision_trains_with_gradient_clipping(tokenizer, tmp_path)
     assert mod.iteration == 1 and not trainer.optimizers[0].param_groups[0]["fused"]
 
 
-@pytest.mark.parametrize("offline", [{"batch_size": 0}, {"epochs": 0}, {"epochs": -1.0}])
-def test_an_offline_batch_size_or_epochs_that_cannot_train_is_refused_at_start(offline):
-    with pytest.raises(ConfigError, match="stage.offline.batch_size=.* and stage.offline.epochs=.*must be >= 1"):
+@pytest.mark.parametrize("offline, message", [
+    ({"batch_size": 0}, r"stage.offline.batch_size=0 and stage.offline.epochs=1: .*must be >= 1"),
+    ({"epochs": 0}, r"stage.offline.batch_size=16 and stage.offline.epochs=0: .*must be >= 1"),
+    ({"epochs": -1.0}, r"stage.offline.epochs=-1: the batch size must be >= 1 and the epochs > 0"),
+    # these named stage.val_fraction and stage.max_length (keys stage=rl does not have), after the model was loaded
+    ({"val_fraction": 1.0}, r"stage.offline.val_fraction=1.0 must be in \[0, 1\)"),
+    ({"max_length": 1}, r"stage.offline.max_length=1 must be >= 2 tokens"),
+    ({"batch_size": "many"}, r"stage.offline.batch_size='many' is not a number \(default 16\)"),
+])
+def test_offline_settings_that_cannot_train_are_refused_at_start_by_their_key(offline, message):
+    with pytest.raises(ConfigError, match=message):
         RLStage(offline=offline)
+
+
+def test_offline_settings_take_the_defaults_and_the_given_values():
+    settings = RLStage(offline={"batch_size": 8, "epochs": 0.5, "val_fraction": 0}).offline
+    assert (settings.batch_size, settings.epochs, settings.val_fraction) == (8, 0.5, 0.0)
+    assert (settings.max_length, settings.checkpoint_every_n_steps) == (256, 200)
+    assert isinstance(settings.epochs, float) and isinstance(settings.batch_size, int)
 
 
 @pytest.mark.parametrize("section, key", [("eval", "every_n_iteration"), ("offline", "epoch")])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from framework.data import ListDataset, hash_split
-from framework.errors import ConfigError, DataError
+from framework.errors import ConfigError, DataError, refuse_unknown_keys
 from framework.imitation import encode_demonstration
 from framework.interfaces import (
     IGNORE_INDEX,
@@ -31,12 +32,46 @@ from framework.interfaces import (
 from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
-from framework.stages.common import (build_trainer, check_stage_values, data_shards, epoch_batches, export_causal_lm,
+from framework.stages.common import (build_trainer, data_shards, epoch_batches, export_causal_lm,
                                      log_interval)
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
 from framework.tokenization import load_tokenizer
+
+
+@dataclass(frozen=True)
+class OfflineSettings:
+    """`stage.offline`: how stage=rl trains an offline algorithm (DPO, IPO) on comparisons. `RLStage` reads it when
+    it is built, so that a wrong value stops the run before any model is loaded, with the key to fix."""
+
+    batch_size: int = 16                  # pairs per step (per process)
+    epochs: float = 1.0                   # passes over the training pairs; may be fractional
+    max_length: int = 256                 # tokens of prompt + response; a longer pair is dropped
+    val_fraction: float = 0.1             # held out, unless the dataset has its own held-out set
+    checkpoint_every_n_steps: int = 200
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None) -> OfflineSettings:
+        settings = dict(settings or {})
+        refuse_unknown_keys("stage.offline", settings, [f.name for f in fields(cls)])
+        values = {}
+        for f in fields(cls):
+            default = f.default
+            try:
+                values[f.name] = type(default)(settings.get(f.name, default))
+            except (TypeError, ValueError):
+                raise ConfigError(f"stage.offline.{f.name}={settings[f.name]!r} is not a number (default "
+                                  f"{default})") from None
+        made = cls(**values)
+        if made.batch_size < 1 or made.epochs <= 0:
+            raise ConfigError(f"stage.offline.batch_size={made.batch_size} and stage.offline.epochs={made.epochs:g}: "
+                              "the batch size must be >= 1 and the epochs > 0 (e.g. 1, or 0.5)")
+        if not 0.0 <= made.val_fraction < 1.0:
+            raise ConfigError(f"stage.offline.val_fraction={made.val_fraction} must be in [0, 1)")
+        if made.max_length < 2:
+            raise ConfigError(f"stage.offline.max_length={made.max_length} must be >= 2 tokens")
+        return made
 
 
 def encode_pairs(tokenizer, rankings: Sequence[Ranking], fmt: str, max_length: int) -> list[tuple[Example, Example]]:
@@ -111,12 +146,12 @@ class PreferenceModule(TrainingModule):
 
 def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: str,
                 key: str = "policy.path") -> StageResult:
-    """stage: the RLStage (its format, optimizer, scheduler and `offline` settings); key: the setting that gave
-    `path`, named in its errors."""
+    """stage: the RLStage (its format, optimizer, scheduler and `offline`: an `OfflineSettings`); key: the setting
+    that gave `path`, named in its errors."""
     cfg = ctx.cfg
-    settings = dict(stage.offline)
-    batch_size, epochs = int(settings.get("batch_size", 16)), float(settings.get("epochs", 1))
-    max_length, val_fraction = int(settings.get("max_length", 256)), float(settings.get("val_fraction", 0.1))
+    settings: OfflineSettings = stage.offline
+    batch_size, epochs, max_length, val_fraction = (settings.batch_size, settings.epochs, settings.max_length,
+                                                    settings.val_fraction)
     dataset = instantiate_plugin(cfg.dataset, "dataset", None)
     if not isinstance(dataset, ComparisonDataset):
         raise ConfigError(f"algo={type(algorithm).__name__} trains on comparisons, but dataset._target_="
@@ -156,14 +191,13 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
                               drop_last=drop_last)
     val_loader = DataLoader(ListDataset(val), batch_size=batch_size, collate_fn=collate) if val else None
     steps = max(1, math.ceil(epochs * per_epoch))
-    check_stage_values(val_fraction, batch_size, steps, max_length=max_length)
     print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
           f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs "
           + (f"per process ({world} processes) " if world > 1 else "")
           + f"({epochs:g} epoch(s) of {per_epoch} batches)")
     module = PreferenceModule(lm, reference, algorithm, stage.optimizer, stage.scheduler)
     lm.train()
-    trainer = build_trainer(ctx, callbacks=[], every_n_steps=int(settings.get("checkpoint_every_n_steps", 200)),
+    trainer = build_trainer(ctx, callbacks=[], every_n_steps=settings.checkpoint_every_n_steps,
                             lengthen="raise stage.offline.epochs and pass ckpt_path=<this checkpoint> (resume=true "
                                      "refuses a changed stage.offline)",
                             overrides={"max_steps": steps, "limit_val_batches": 1.0 if val else 0,

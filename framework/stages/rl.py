@@ -44,6 +44,7 @@ from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logp
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm,
                                      policy_path)
+from framework.stages.preference import OfflineSettings, run_offline
 from framework.tokenization import load_tokenizer
 
 
@@ -505,14 +506,8 @@ class RLStage(Stage):
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.checkpoint_every = checkpoint_every_n_iterations
         self.eval = dict(eval or {})
-        self.offline = dict(offline or {})
         refuse_unknown_keys("stage.eval", self.eval, ("prompts", "every_n_iterations"))
-        refuse_unknown_keys("stage.offline", self.offline,
-                            ("batch_size", "epochs", "max_length", "val_fraction", "checkpoint_every_n_steps"))
-        if int(self.offline.get("batch_size", 16)) < 1 or float(self.offline.get("epochs", 1)) <= 0:
-            raise ConfigError(f"stage.offline.batch_size={self.offline.get('batch_size', 16)} and stage.offline.epochs="
-                              f"{self.offline.get('epochs', 1)}: the batch size must be >= 1 and the epochs > 0 "
-                              "(e.g. 1, or 0.5)")
+        self.offline = OfflineSettings.from_config(offline)
         self.logprobs_from_sampling = bool(logprobs_from_sampling)
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -522,8 +517,6 @@ class RLStage(Stage):
             raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
         algorithm = instantiate_plugin(cfg.algo, "algo", None)
         if isinstance(algorithm, PreferenceAlgorithm):  # offline (DPO, IPO): trains on comparisons, no rollouts
-            from framework.stages.preference import run_offline
-
             return run_offline(self, ctx, algorithm, str(path), key)
         if not isinstance(algorithm, PolicyAlgorithm):
             raise ConfigError(f"algo._target_={cfg.algo._target_} is neither a PolicyAlgorithm nor a "
