@@ -55,16 +55,21 @@ def run_cli(rlhf_home: Path, tokenizer_cache: Path):
 
 @pytest.fixture
 def run_cli_here(rlhf_home: Path, tokenizer_cache: Path, monkeypatch):
-    """run_cli_here(*overrides, env=None, check=True) -> the CompletedProcess `run_cli` would give, from the same
+    """run_cli_here(*overrides, check=True, timeout=120) -> the CompletedProcess `run_cli` would give, from the same
     `main()` run in this process. For commands that stop before training (a config or input error): they take
     ~0.3 s here against ~9 s in a fresh interpreter, which spends most of that importing torch, Lightning and MLflow.
-    A run that trains belongs in `run_cli` (its own process: threads, seeds, logging).
-    The exit code, stdout and stderr are the CLI's: `sys.exit(2)` with "error: ..." for a user error, Hydra's
-    report (and exit 1) for an exception."""
+    A run that trains belongs in `run_cli` (its own process: threads, seeds, logging), and so does a command that
+    needs an environment variable read at start-up (threads, PYTHONPATH): there is no `env=` here.
+    The exit code and the messages are the CLI's: `sys.exit(2)` with "error: ..." for a user error, 1 and the
+    traceback for an exception. Python warnings go to pytest's recorder, not to stderr; Hydra's logging set-up
+    closes the handlers that were open (a `pytest --log-file` stops there)."""
+    import signal
+    import traceback
+
     from framework.cli import main
 
-    def _run(*args: str, env: dict | None = None, check: bool = True):
-        full = {**cli_env(rlhf_home, tokenizer_cache), **(env or {})}
+    def _run(*args: str, check: bool = True, timeout: int = 120):
+        full = {k: v for k, v in cli_env(rlhf_home, tokenizer_cache).items() if not k.startswith("HYDRA_")}
         out, err = io.StringIO(), io.StringIO()
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level
@@ -75,13 +80,25 @@ def run_cli_here(rlhf_home: Path, tokenizer_cache: Path, monkeypatch):
             os.environ.update(full)
             patch.setattr(sys, "argv", ["rlhf", *args])
             patch.chdir(REPO)
+
+            def too_long(*_):
+                raise TimeoutError(f"rlhf {' '.join(args)} ran past {timeout} s in the test process")
+
+            previous = signal.signal(signal.SIGALRM, too_long)
+            signal.alarm(timeout)
             try:
                 with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                     main()
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-            finally:  # what the run changes for the process: the environment (the seed Lightning sets), the RNGs,
-                # and the root logger's handlers (Hydra's job logging adds a file in the run dir)
+            except Exception:  # Hydra re-raises instead of exiting 1 under a tracer (coverage, a debugger)
+                traceback.print_exc(file=err)
+                code = 1
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
+                # what the run changes for the process: the environment (the seed Lightning sets), the RNGs, and the
+                # root logger's handlers (Hydra's job logging adds a file in the run dir)
                 os.environ.clear()
                 os.environ.update(environ)
                 _rng_states(rng)

@@ -527,7 +527,11 @@ def test_bf16_mixed_precision_trains_with_gradient_clipping(tokenizer, tmp_path)
     # these named stage.val_fraction and stage.max_length (keys stage=rl does not have), after the model was loaded
     ({"val_fraction": 1.0}, r"stage.offline.val_fraction=1.0 must be in \[0, 1\)"),
     ({"max_length": 1}, r"stage.offline.max_length=1 must be >= 2 tokens"),
-    ({"batch_size": "many"}, r"stage.offline.batch_size='many' is not a number \(default 16\)"),
+    ({"batch_size": "many"}, r"stage.offline.batch_size='many' is not a finite number \(default 16\)"),
+    ({"batch_size": True}, r"stage.offline.batch_size=True is not a finite number"),
+    ({"epochs": float("nan")}, r"stage.offline.epochs=nan is not a finite number"),
+    ({"batch_size": 8.5}, r"stage.offline.batch_size=8.5 must be a whole number"),
+    ({"checkpoint_every_n_steps": -1}, r"stage.offline.checkpoint_every_n_steps=-1 must be >= 0"),
 ])
 def test_offline_settings_that_cannot_train_are_refused_at_start_by_their_key(offline, message):
     with pytest.raises(ConfigError, match=message):
@@ -535,10 +539,25 @@ def test_offline_settings_that_cannot_train_are_refused_at_start_by_their_key(of
 
 
 def test_offline_settings_take_the_defaults_and_the_given_values():
-    settings = RLStage(offline={"batch_size": 8, "epochs": 0.5, "val_fraction": 0}).offline
+    settings = RLStage(offline={"batch_size": 8.0, "epochs": 0.5, "val_fraction": 0}).offline
     assert (settings.batch_size, settings.epochs, settings.val_fraction) == (8, 0.5, 0.0)
     assert (settings.max_length, settings.checkpoint_every_n_steps) == (256, 200)
     assert isinstance(settings.epochs, float) and isinstance(settings.batch_size, int)
+
+
+def test_offline_settings_defaults_are_the_stage_configs():
+    """conf/stage/rl.yaml's `offline:` block and OfflineSettings' defaults say the same (a run without the yaml, e.g.
+    RLStage() in code, trains as the CLI does)."""
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from framework.stages.preference import OfflineSettings
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        offline = OmegaConf.to_container(compose(config_name="config", overrides=["stage=rl"]).stage.offline)
+    assert OfflineSettings.from_config(offline) == OfflineSettings() and set(offline) == set(asdict(OfflineSettings()))
 
 
 @pytest.mark.parametrize("section, key", [("eval", "every_n_iteration"), ("offline", "epoch")])

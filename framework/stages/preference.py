@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, fields
 from functools import partial
@@ -57,12 +58,12 @@ class OfflineSettings:
         refuse_unknown_keys("stage.offline", settings, [f.name for f in fields(cls)])
         values = {}
         for f in fields(cls):
-            default = f.default
-            try:
-                values[f.name] = type(default)(settings.get(f.name, default))
-            except (TypeError, ValueError):
-                raise ConfigError(f"stage.offline.{f.name}={settings[f.name]!r} is not a number (default "
-                                  f"{default})") from None
+            value, default = settings.get(f.name, f.default), f.default
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"stage.offline.{f.name}={value!r} is not a finite number (default {default})")
+            if isinstance(default, int) and value != int(value):
+                raise ConfigError(f"stage.offline.{f.name}={value!r} must be a whole number (default {default})")
+            values[f.name] = type(default)(value)
         made = cls(**values)
         if made.batch_size < 1 or made.epochs <= 0:
             raise ConfigError(f"stage.offline.batch_size={made.batch_size} and stage.offline.epochs={made.epochs:g}: "
@@ -71,6 +72,9 @@ class OfflineSettings:
             raise ConfigError(f"stage.offline.val_fraction={made.val_fraction} must be in [0, 1)")
         if made.max_length < 2:
             raise ConfigError(f"stage.offline.max_length={made.max_length} must be >= 2 tokens")
+        if made.checkpoint_every_n_steps < 0:
+            raise ConfigError(f"stage.offline.checkpoint_every_n_steps={made.checkpoint_every_n_steps} must be >= 0 "
+                              "(0: no checkpoint during training)")
         return made
 
 
