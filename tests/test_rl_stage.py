@@ -521,12 +521,13 @@ def test_bf16_mixed_precision_trains_with_gradient_clipping(tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("offline, message", [
-    ({"batch_size": 0}, r"stage.offline.batch_size=0 and stage.offline.epochs=1: .*must be >= 1"),
-    ({"epochs": 0}, r"stage.offline.batch_size=16 and stage.offline.epochs=0: .*must be >= 1"),
-    ({"epochs": -1.0}, r"stage.offline.epochs=-1: the batch size must be >= 1 and the epochs > 0"),
+    ({"batch_size": 0}, r"stage.offline.batch_size=0 must be >= 1$"),
+    ({"epochs": 0}, r"stage.offline.epochs=0 must be > 0 \(passes over the pairs: e.g. 1, or 0.5\)"),
+    ({"epochs": -1.0}, r"stage.offline.epochs=-1 must be > 0"),
     # these named stage.val_fraction and stage.max_length (keys stage=rl does not have), after the model was loaded
-    ({"val_fraction": 1.0}, r"stage.offline.val_fraction=1.0 must be in \[0, 1\)"),
-    ({"max_length": 1}, r"stage.offline.max_length=1 must be >= 2 tokens"),
+    ({"val_fraction": 1.0}, r"stage.offline.val_fraction=1 must be in \[0, 1\) \(unless the dataset has"),
+    ({"val_fraction": -0.1}, r"stage.offline.val_fraction=-0.1 must be in \[0, 1\)"),
+    ({"max_length": 1}, r"stage.offline.max_length=1 must be >= 2 \(tokens of prompt"),
     ({"batch_size": "many"}, r"stage.offline.batch_size='many' is not a finite number \(default 16\)"),
     ({"batch_size": True}, r"stage.offline.batch_size=True is not a finite number"),
     ({"epochs": float("nan")}, r"stage.offline.epochs=nan is not a finite number"),
@@ -545,19 +546,35 @@ def test_offline_settings_take_the_defaults_and_the_given_values():
     assert isinstance(settings.epochs, float) and isinstance(settings.batch_size, int)
 
 
-def test_offline_settings_defaults_are_the_stage_configs():
-    """conf/stage/rl.yaml's `offline:` block and OfflineSettings' defaults say the same (a run without the yaml, e.g.
-    RLStage() in code, trains as the CLI does)."""
+@pytest.mark.parametrize("settings, message", [
+    ({"prompts": -1}, r"stage.eval.prompts=-1 must be >= 0 \(0: no evaluation\)"),
+    # 0 used to mean every iteration (it was raised to 1)
+    ({"every_n_iterations": 0}, r"stage.eval.every_n_iterations=0 must be >= 1 \(to turn the evaluation off: "
+                                r"stage.eval.prompts=0\)"),
+    ({"prompts": 2.5}, r"stage.eval.prompts=2.5 must be a whole number \(default 64\)"),
+    ({"every_n_iterations": None}, r"stage.eval.every_n_iterations=None is not a finite number \(default 10\)"),
+])
+def test_eval_settings_that_make_no_sense_are_refused_at_start_by_their_key(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        RLStage(eval=settings)
+
+
+def test_the_settings_defaults_are_the_stage_configs():
+    """conf/stage/rl.yaml's `offline:` and `eval:` blocks and the defaults of OfflineSettings and EvalSettings say the
+    same (a run without the yaml, e.g. RLStage() in code, trains as the CLI does)."""
     from dataclasses import asdict
 
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from framework.stages.preference import OfflineSettings
+    from framework.stages.rl import EvalSettings
 
     with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
-        offline = OmegaConf.to_container(compose(config_name="config", overrides=["stage=rl"]).stage.offline)
-    assert OfflineSettings.from_config(offline) == OfflineSettings() and set(offline) == set(asdict(OfflineSettings()))
+        stage = OmegaConf.to_container(compose(config_name="config", overrides=["stage=rl"]).stage)
+    for cls, section in ((OfflineSettings, stage["offline"]), (EvalSettings, stage["eval"])):
+        assert cls.from_config(section) == cls() and set(section) == set(asdict(cls())), cls
+    assert RLStage().eval == EvalSettings() and RLStage(eval={"prompts": 0}).eval.prompts == 0
 
 
 @pytest.mark.parametrize("section, key", [("eval", "every_n_iteration"), ("offline", "epoch")])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,6 +17,43 @@ from framework.interrupts import stop_callback
 from framework.interfaces import ModelSource, StageContext, TokenizerSource
 from framework.models import context_length
 from framework.tokenization import has_tokenizer_files, load_tokenizer, stop_token_ids
+
+
+def bounded(default: int | float, at_least: float | None = None, above: float | None = None,
+            below: float | None = None, note: str = ""):
+    """A numeric field of a settings dataclass read by `read_section`, with its range: value >= at_least, > above,
+    < below (each optional); `note` ends the message of a value outside it (what 0 means, an example)."""
+    return field(default=default, metadata={"at_least": at_least, "above": above, "below": below, "note": note})
+
+
+def read_section(section: str, cls, settings: Mapping | None):
+    """A config mapping the code reads itself (`stage.offline`, `stage.eval`) as an instance of the dataclass `cls`,
+    whose fields are numbers with defaults (`bounded` ones with a range): unknown keys refused with the closest
+    one, and each value a finite number (a whole one for an int field) in its range, named `<section>.<key>` with
+    the fix when it is not. Checked when a stage is built, before any model is loaded."""
+    settings = dict(settings or {})
+    refuse_unknown_keys(section, settings, [f.name for f in fields(cls)])
+    values = {}
+    for f in fields(cls):
+        value, default, key = settings.get(f.name, f.default), f.default, f"{section}.{f.name}"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not a finite number (default {default})")
+        if isinstance(default, int) and value != int(value):
+            raise ConfigError(f"{key}={value!r} must be a whole number (default {default})")
+        value = type(default)(value)
+        low, above, below = f.metadata.get("at_least"), f.metadata.get("above"), f.metadata.get("below")
+        if ((low is not None and value < low) or (above is not None and value <= above)
+                or (below is not None and value >= below)):
+            if low is not None and below is not None:
+                wanted = f"in [{low}, {below})"
+            else:
+                wanted = " and ".join(w for w in (f">= {low}" if low is not None else "",
+                                                  f"> {above}" if above is not None else "",
+                                                  f"< {below}" if below is not None else "") if w)
+            note = f.metadata.get("note")
+            raise ConfigError(f"{key}={value:g} must be {wanted}" + (f" ({note})" if note else ""))
+        values[f.name] = value
+    return cls(**values)
 
 
 def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from framework.data import ListDataset, hash_split
-from framework.errors import ConfigError, DataError, refuse_unknown_keys
+from framework.errors import ConfigError, DataError
 from framework.imitation import encode_demonstration
 from framework.interfaces import (
     IGNORE_INDEX,
@@ -34,7 +33,7 @@ from framework.instantiate import instantiate_plugin
 from framework.models import context_length, count_parameters, disable_dropout, load_causal_lm, no_cache
 from framework.records import Demonstration, Ranking
 from framework.stages.common import (build_trainer, data_shards, epoch_batches, export_causal_lm,
-                                     log_interval)
+                                     bounded, log_interval, read_section)
 from framework.stages.lm_module import TrainingModule
 from framework.stages.reward import PolicySampler, read_comparisons, weights_fingerprint
 from framework.stages.sft import collate_examples
@@ -46,36 +45,15 @@ class OfflineSettings:
     """`stage.offline`: how stage=rl trains an offline algorithm (DPO, IPO) on comparisons. `RLStage` reads it when
     it is built, so that a wrong value stops the run before any model is loaded, with the key to fix."""
 
-    batch_size: int = 16                  # pairs per step (per process)
-    epochs: float = 1.0                   # passes over the training pairs; may be fractional
-    max_length: int = 256                 # tokens of prompt + response; a longer pair is dropped
-    val_fraction: float = 0.1             # held out, unless the dataset has its own held-out set
-    checkpoint_every_n_steps: int = 200
+    batch_size: int = bounded(16, at_least=1)          # pairs per step (per process)
+    epochs: float = bounded(1.0, above=0, note="passes over the pairs: e.g. 1, or 0.5")
+    max_length: int = bounded(256, at_least=2, note="tokens of prompt + response; a longer pair is dropped")
+    val_fraction: float = bounded(0.1, at_least=0, below=1, note="unless the dataset has its own held-out set")
+    checkpoint_every_n_steps: int = bounded(200, at_least=0, note="0: no checkpoint during training")
 
     @classmethod
     def from_config(cls, settings: Mapping | None) -> OfflineSettings:
-        settings = dict(settings or {})
-        refuse_unknown_keys("stage.offline", settings, [f.name for f in fields(cls)])
-        values = {}
-        for f in fields(cls):
-            value, default = settings.get(f.name, f.default), f.default
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ConfigError(f"stage.offline.{f.name}={value!r} is not a finite number (default {default})")
-            if isinstance(default, int) and value != int(value):
-                raise ConfigError(f"stage.offline.{f.name}={value!r} must be a whole number (default {default})")
-            values[f.name] = type(default)(value)
-        made = cls(**values)
-        if made.batch_size < 1 or made.epochs <= 0:
-            raise ConfigError(f"stage.offline.batch_size={made.batch_size} and stage.offline.epochs={made.epochs:g}: "
-                              "the batch size must be >= 1 and the epochs > 0 (e.g. 1, or 0.5)")
-        if not 0.0 <= made.val_fraction < 1.0:
-            raise ConfigError(f"stage.offline.val_fraction={made.val_fraction} must be in [0, 1)")
-        if made.max_length < 2:
-            raise ConfigError(f"stage.offline.max_length={made.max_length} must be >= 2 tokens")
-        if made.checkpoint_every_n_steps < 0:
-            raise ConfigError(f"stage.offline.checkpoint_every_n_steps={made.checkpoint_every_n_steps} must be >= 0 "
-                              "(0: no checkpoint during training)")
-        return made
+        return read_section("stage.offline", cls, settings)
 
 
 def encode_pairs(tokenizer, rankings: Sequence[Ranking], fmt: str, max_length: int) -> list[tuple[Example, Example]]:

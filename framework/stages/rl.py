@@ -14,6 +14,7 @@ import copy
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
-from framework.errors import ConfigError, refuse_unknown_keys
+from framework.errors import ConfigError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import (
@@ -43,7 +44,7 @@ from framework.reward import TaskGold, checked_scores, critic_from_reward_model
 from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm,
-                                     policy_path)
+                                     bounded, policy_path, read_section)
 from framework.stages.preference import OfflineSettings, run_offline
 from framework.tokenization import load_tokenizer
 
@@ -478,6 +479,19 @@ class Evaluator:
         return float(((logp[0] - logp[1]) * rmask).sum(-1).mean())
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """`stage.eval`: the rl stage's held-out evaluation (proxy and gold reward of samples on task prompts the policy
+    never trains on), at iteration 0, every `every_n_iterations` and at the end."""
+
+    prompts: int = bounded(64, at_least=0, note="0: no evaluation")
+    every_n_iterations: int = bounded(10, at_least=1, note="to turn the evaluation off: stage.eval.prompts=0")
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None) -> EvalSettings:
+        return read_section("stage.eval", cls, settings)
+
+
 class RLStage(Stage):
     def __init__(self, name: str = "rl", format: str = "chat", iterations: int = 100, prompts_per_iteration: int = 16,
                  max_new_tokens: int = 32, temperature: float = 1.0, prompt_pool: int = 4096,
@@ -505,8 +519,7 @@ class RLStage(Stage):
                               "that never stopped, so a negative one would reward that; give a positive number or null")
         self.no_eos_penalty, self.reward_clip, self.gradient_clip = no_eos_penalty, reward_clip, gradient_clip
         self.checkpoint_every = checkpoint_every_n_iterations
-        self.eval = dict(eval or {})
-        refuse_unknown_keys("stage.eval", self.eval, ("prompts", "every_n_iterations"))
+        self.eval = EvalSettings.from_config(eval)
         self.offline = OfflineSettings.from_config(offline)
         self.logprobs_from_sampling = bool(logprobs_from_sampling)
 
@@ -544,11 +557,11 @@ class RLStage(Stage):
               f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {self.iterations} iterations x {per_iter} "
               f"prompts x {algorithm.generations_per_prompt} samples; {updates} updates")
         evaluator = None
-        n_eval = int(self.eval.get("prompts", 64))
+        n_eval = self.eval.prompts
         if n_eval > 0:
             held_out = task.prompts(n_eval, int(cfg.seed) + 7919)
             evaluator = Evaluator(tokenizer, self.format, held_out, reward, TaskGold(task), self.sampling,
-                                  int(self.eval.get("every_n_iterations", 10)), ctx.run, int(cfg.seed), n_ctx,
+                                  self.eval.every_n_iterations, ctx.run, int(cfg.seed), n_ctx,
                                   reference, ctx.output_dir)
         module = RLModule(policy, reference, tokenizer, algorithm, reward, self.kl, self.format, self.sampling,
                           self.optimizer, self.scheduler, updates, self.no_eos_penalty, self.reward_clip,
