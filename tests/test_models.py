@@ -155,6 +155,77 @@ def test_misspelt_optimizer_and_scheduler_keys_are_refused():
             instantiate_plugin(cfg.stage, "stage", Stage)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+stage.samples.temprature=0.5", r"unknown key stage.samples.temprature \(did you mean stage.samples.temperature"),
+    ("stage.samples.prompts=hello", r"stage.samples.prompts='hello' must be a list of strings"),
+    ("stage.samples.top_p=1.5", r"stage.samples.top_p=1.5 must be in \(0, 1\]"),
+    ("stage.samples.max_new_tokens=0", r"stage.samples.max_new_tokens=0 must be >= 1"),
+])
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, override, message):
+    """stage.samples used to be read with .get() after training: a misspelt key was ignored, a bad value failed (or
+    not) only then."""
+    from hydra import compose, initialize_config_module
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import Stage
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={stage}", override])
+    with pytest.raises(ConfigError, match=message):
+        instantiate_plugin(cfg.stage, "stage", Stage)
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("reward_model", "+stage.normalize.sampels=0", r"unknown key stage.normalize.sampels \(did you mean "
+                                                   r"stage.normalize.samples\?\)"),
+    ("reward_model", "stage.normalize.target_std=0", r"stage.normalize.target_std=0 must be > 0"),
+    ("reward_model", "stage.normalize.samples=-1", r"stage.normalize.samples=-1 must be >= 0 \(0: no normalisation\)"),
+    ("reward_model", "stage.normalize.temperature=null", r"stage.normalize.temperature=None is not a finite number"),
+    ("sft", "+stage.eval.prompt=8", r"unknown key stage.eval.prompt \(did you mean stage.eval.prompts\?\)"),
+    ("sft", "stage.eval.prompts=0", r"stage.eval.prompts=0 must be >= 1"),
+])
+def test_a_wrong_normalize_or_sft_eval_setting_is_refused_when_the_stage_is_built(stage, override, message):
+    from hydra import compose, initialize_config_module
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import Stage
+
+    with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={stage}", override])
+    with pytest.raises(ConfigError, match=message):
+        instantiate_plugin(cfg.stage, "stage", Stage)
+
+
+def test_the_stages_settings_read_their_yaml_and_default_to_it():
+    """Each stage's sections come through as their settings classes, with the yaml's values; a settings class's own
+    defaults are the yaml's (but for the sample prompts, which differ by stage), so a stage built in code samples,
+    normalises and evaluates as the CLI's does."""
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from framework.instantiate import instantiate_plugin
+    from framework.interfaces import Stage
+    from framework.stages.common import SampleSettings
+    from framework.stages.reward import NormalizeSettings
+    from framework.stages.sft import SFTEvalSettings
+
+    for stage, attribute, cls in (("pretrain", "samples", SampleSettings), ("sft", "samples", SampleSettings),
+                                  ("sft", "eval", SFTEvalSettings), ("reward_model", "normalize", NormalizeSettings)):
+        with initialize_config_module(config_module="rlhf_conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"stage={stage}"])
+        section = OmegaConf.to_container(cfg.stage[attribute])
+        built = getattr(instantiate_plugin(cfg.stage, "stage", Stage), attribute)
+        assert isinstance(built, cls) and set(section) == set(asdict(built)), (stage, attribute)
+        for key, value in section.items():
+            assert getattr(built, key) == (tuple(value) if isinstance(value, list) else value), (stage, key)
+            if key != "prompts":
+                assert getattr(cls(), key) == value, (stage, key)
+    assert SampleSettings.from_config({"prompts": None}).prompts == ()
+
+
 def test_gelu_new_is_swapped_for_the_fused_kernel(tmp_path):
     """Loaded and built GPT-2s run PyTorch's fused tanh-GELU instead of transformers' Python one: same outputs to
     float rounding, and the saved config still says gelu_new."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,40 +20,71 @@ from framework.tokenization import has_tokenizer_files, load_tokenizer, stop_tok
 
 
 def bounded(default: int | float, at_least: float | None = None, above: float | None = None,
-            below: float | None = None, note: str = ""):
-    """A numeric field of a settings dataclass read by `read_section`, with its range: value >= at_least, > above,
-    < below (each optional); `note` ends the message of a value outside it (what 0 means, an example)."""
-    return field(default=default, metadata={"at_least": at_least, "above": above, "below": below, "note": note})
+            below: float | None = None, at_most: float | None = None, note: str = ""):
+    """A numeric field of a settings dataclass read by `read_section`, with its range: value >= at_least or
+    > above, and < below or <= at_most (each optional); `note` ends the message of a value outside it (what 0
+    means, an example)."""
+    return field(default=default, metadata={"at_least": at_least, "above": above, "below": below,
+                                            "at_most": at_most, "note": note})
+
+
+def _range_words(low, above, below, at_most) -> str:
+    start = f"[{low}" if low is not None else f"({above}" if above is not None else None
+    end = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
+    if start and end:
+        return f"in {start}, {end}"
+    return (f">= {low}" if low is not None else f"> {above}" if above is not None
+            else f"< {below}" if below is not None else f"<= {at_most}")
 
 
 def read_section(section: str, cls, settings: Mapping | None):
-    """A config mapping the code reads itself (`stage.offline`, `stage.eval`) as an instance of the dataclass `cls`,
-    whose fields are numbers with defaults (`bounded` ones with a range): unknown keys refused with the closest
-    one, and each value a finite number (a whole one for an int field) in its range, named `<section>.<key>` with
-    the fix when it is not. Checked when a stage is built, before any model is loaded."""
+    """A config mapping the code reads itself (`stage.offline`, `stage.eval`, `stage.samples`, `stage.normalize`) as
+    an instance of the dataclass `cls`, whose fields have defaults: numbers (`bounded` ones with a range) or a tuple
+    of strings (a list in the config). Unknown keys are refused with the closest one; a value of the wrong kind
+    (not a finite number, a fraction for a whole-number field, not a list of strings) or outside its range is
+    named `<section>.<key>` with the fix. Stages read theirs when built, before any model is loaded."""
+    from omegaconf import OmegaConf
+
     settings = dict(settings or {})
     refuse_unknown_keys(section, settings, [f.name for f in fields(cls)])
     values = {}
     for f in fields(cls):
         value, default, key = settings.get(f.name, f.default), f.default, f"{section}.{f.name}"
+        if isinstance(default, tuple):
+            value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else (value or ())
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key}={value!r} must be a list of strings, e.g. {key}='[\"Hello\"]' (or [] for "
+                                  "none)")
+            values[f.name] = tuple(value)
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} is not a finite number (default {default})")
         if isinstance(default, int) and value != int(value):
             raise ConfigError(f"{key}={value!r} must be a whole number (default {default})")
         value = type(default)(value)
-        low, above, below = f.metadata.get("at_least"), f.metadata.get("above"), f.metadata.get("below")
+        low, above, below, at_most = (f.metadata.get(k) for k in ("at_least", "above", "below", "at_most"))
         if ((low is not None and value < low) or (above is not None and value <= above)
-                or (below is not None and value >= below)):
-            if low is not None and below is not None:
-                wanted = f"in [{low}, {below})"
-            else:
-                wanted = " and ".join(w for w in (f">= {low}" if low is not None else "",
-                                                  f"> {above}" if above is not None else "",
-                                                  f"< {below}" if below is not None else "") if w)
+                or (below is not None and value >= below) or (at_most is not None and value > at_most)):
             note = f.metadata.get("note")
-            raise ConfigError(f"{key}={value:g} must be {wanted}" + (f" ({note})" if note else ""))
+            raise ConfigError(f"{key}={value:g} must be {_range_words(low, above, below, at_most)}"
+                              + (f" ({note})" if note else ""))
         values[f.name] = value
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """`stage.samples` of pretrain and sft: a completion of each prompt, sampled after training, printed and logged
+    as the `samples.json` table (`log_samples`)."""
+
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = bounded(40, at_least=1)
+    temperature: float = bounded(0.8, above=0)
+    top_p: float = bounded(0.95, above=0, at_most=1)
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None) -> SampleSettings:
+        return read_section("stage.samples", cls, settings)
 
 
 def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
@@ -289,7 +320,7 @@ def export_causal_lm(model, tokenizer, out_dir: Path, max_new_tokens: int = 64) 
     return out_dir
 
 
-def log_samples(ctx: StageContext, model, tokenizer, samples: Mapping[str, Any],
+def log_samples(ctx: StageContext, model, tokenizer, samples: SampleSettings,
                 encode: Callable[[str], list[int]] | None = None, stop_ids: Sequence[int] | None = None) -> None:
     """Sample a completion for each of `samples.prompts`, print them, and log them as the `samples.json` table.
 
@@ -297,12 +328,11 @@ def log_samples(ctx: StageContext, model, tokenizer, samples: Mapping[str, Any],
     """
     from framework.rollout import HFGenerator, SamplingSettings
 
-    prompts = list(samples.get("prompts") or [])
+    prompts = list(samples.prompts)
     if not prompts:
         return
-    settings = SamplingSettings(max_new_tokens=int(samples.get("max_new_tokens", 40)),
-                                temperature=float(samples.get("temperature", 1.0)),
-                                top_p=float(samples.get("top_p", 1.0)))
+    settings = SamplingSettings(max_new_tokens=samples.max_new_tokens, temperature=samples.temperature,
+                                top_p=samples.top_p)
     encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
     torch.manual_seed(ctx.cfg.seed)
     gen = HFGenerator(model, tokenizer, stop_ids or stop_token_ids(tokenizer))

@@ -14,6 +14,7 @@ from framework.instantiate import instantiate_plugin
 from framework.interfaces import Loss, Stage, StageContext, StageResult, TextDataset
 from framework.models import context_length, count_parameters
 from framework.stages.common import (
+    SampleSettings,
     build_tokenizer_and_model,
     build_trainer,
     check_optimizer_keys,
@@ -88,7 +89,7 @@ class PretrainStage(Stage):
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
-        self.samples = dict(samples or {})
+        self.samples = SampleSettings.from_config(samples)
 
     def load_corpus(self, cfg) -> tuple[list[str], list[str]]:
         dataset: TextDataset = instantiate_plugin(cfg.dataset, "dataset", TextDataset)
@@ -125,7 +126,7 @@ class PretrainStage(Stage):
 
         artifact_dir = ctx.output_dir / "model"
         if trainer.is_global_zero:
-            export_causal_lm(model, tokenizer, artifact_dir, self.samples.get("max_new_tokens", 64))
+            export_causal_lm(model, tokenizer, artifact_dir, self.samples.max_new_tokens)
             log_samples(ctx, model, tokenizer, self.samples)
             logged = ctx.run.log_dir(artifact_dir, "model", float(cfg.logger.get("log_model_max_mb", 200)))
             print(f"[rlhf] exported model + tokenizer to {artifact_dir}" + ("" if logged else " (too large to upload; path tagged)"))

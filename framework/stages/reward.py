@@ -39,8 +39,8 @@ from framework.interfaces import (
 from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import (build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_values, data_shards, epoch_batches, log_interval)
+from framework.stages.common import (bounded, build_tokenizer_and_model, build_trainer, check_optimizer_keys,
+                                     check_stage_values, data_shards, epoch_batches, log_interval, read_section)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -284,6 +284,22 @@ class PolicySampler:
         return result
 
 
+@dataclass(frozen=True)
+class NormalizeSettings:
+    """`stage.normalize` of reward_model: after training, a gain and bias so that the rewards of `samples` policy
+    samples have mean `target_mean` and std `target_std` (RLHF_REFERENCE 1.2 item 3)."""
+
+    samples: int = bounded(256, at_least=0, note="0: no normalisation")
+    max_new_tokens: int = bounded(48, at_least=1)
+    temperature: float = bounded(1.0, above=0)
+    target_mean: float = 0.0
+    target_std: float = bounded(1.0, above=0)
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None) -> NormalizeSettings:
+        return read_section("stage.normalize", cls, settings)
+
+
 class RewardModelStage(Stage):
     def __init__(self, name: str = "reward_model", format: str = "chat", max_length: int = 256, batch_size: int = 16,
                  epochs: float | None = None, val_fraction: float = 0.1, num_workers: int = 0,
@@ -301,7 +317,7 @@ class RewardModelStage(Stage):
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
-        self.normalize = dict(normalize or {})
+        self.normalize = NormalizeSettings.from_config(normalize)
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
@@ -366,8 +382,8 @@ class RewardModelStage(Stage):
               f"{self.batch_size}" + (f" per process ({world} processes)" if world > 1 else ""))
 
         norm_prompts = self._normalization_prompts(task if dataset.needs_policy else None, train_r, int(cfg.seed))
-        norm_samples = [s[0] for s in sampler(norm_prompts, 1, int(self.normalize.get("max_new_tokens", 48)),
-                                             float(self.normalize.get("temperature", 1.0)))] if norm_prompts else []
+        norm_samples = [s[0] for s in sampler(norm_prompts, 1, self.normalize.max_new_tokens,
+                                             self.normalize.temperature)] if norm_prompts else []
         del sampler  # with stage.policy_path it holds a second model, not needed for training
 
         rm = RewardModel.from_causal_lm(lm, head)
@@ -402,8 +418,8 @@ class RewardModelStage(Stage):
                 raw = score_texts(rm, tokenizer, [p.text for p in norm_prompts], norm_samples, self.format,
                                   self.max_length, raw=True)
                 raw = raw[~torch.isnan(raw)]
-                stats = rm.set_normalization(raw, float(self.normalize.get("target_mean", 0.0)),
-                                             float(self.normalize.get("target_std", 1.0)))
+                stats = rm.set_normalization(raw, self.normalize.target_mean,
+                                             self.normalize.target_std)
                 extra["normalized_on"] = int(raw.numel())
                 final.update({f"normalization/{k}": v for k, v in stats.items()})
                 trainer.logger.log_metrics({f"normalization/{k}": v for k, v in stats.items()}, step=trainer.global_step)
@@ -419,7 +435,7 @@ class RewardModelStage(Stage):
         return StageResult(artifact_dir=artifact_dir, metrics=final)
 
     def _normalization_prompts(self, task: Task | None, train: Sequence[Ranking], seed: int) -> list[Prompt]:
-        n = int(self.normalize.get("samples", 256))
+        n = self.normalize.samples
         if n <= 0:
             return []
         if task is not None:  # the prompts the comparisons were sampled for, a fresh draw

@@ -4,6 +4,7 @@ gold scorer and an expert."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Mapping
 
@@ -37,12 +38,15 @@ from framework.interfaces import (
 )
 from framework.models import context_length, count_parameters
 from framework.stages.common import (
+    SampleSettings,
+    bounded,
     build_tokenizer_and_model,
     build_trainer,
     check_optimizer_keys,
     check_stage_values,
     export_causal_lm,
     log_samples,
+    read_section,
 )
 from framework.stages.lm_module import CausalLMModule
 
@@ -111,6 +115,18 @@ class RoundMetrics(pl.Callback):
             print("[rlhf] imitation round " + ", ".join(f"{k}={v:g}" for k, v in metrics.items()))
 
 
+@dataclass(frozen=True)
+class SFTEvalSettings:
+    """`stage.eval` of sft: with a task, held-out task prompts scored with greedy decoding at each validation."""
+
+    prompts: int = bounded(64, at_least=1)
+    max_new_tokens: int = bounded(64, at_least=1)
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None) -> SFTEvalSettings:
+        return read_section("stage.eval", cls, settings)
+
+
 class SFTStage(Stage):
     def __init__(self, name: str = "sft", format: str = "chat", max_length: int = 256, batch_size: int = 16,
                  val_fraction: float = 0.05, val_batches: int | None = 8, num_workers: int = 0,
@@ -125,8 +141,8 @@ class SFTStage(Stage):
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)
         self.checkpoint_every_n_steps, self.rollout_prompts = checkpoint_every_n_steps, rollout_prompts
-        self.eval = dict(eval or {})
-        self.samples = dict(samples or {})
+        self.eval = SFTEvalSettings.from_config(eval)
+        self.samples = SampleSettings.from_config(samples)
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
@@ -156,11 +172,11 @@ class SFTStage(Stage):
 
         train_examples = encode_demonstrations(tokenizer, train_demos, self.format, self.max_length)
         val_examples = encode_demonstrations(tokenizer, val_demos, self.format, self.max_length) if val_demos else []
-        max_new = int(self.eval.get("max_new_tokens", 64))
+        max_new = self.eval.max_new_tokens
         evaluator, rollout_prompts, encoder = None, [], None
         if task is not None:
             seen = {d.prompt for d in demos if d.prompt is not None}
-            held_out = [p for p in task.prompts(int(self.eval.get("prompts", 64)), cfg.seed + 7919) if p.text not in seen]
+            held_out = [p for p in task.prompts(self.eval.prompts, cfg.seed + 7919) if p.text not in seen]
             if not held_out:
                 raise ConfigError(f"task {task.name}: every held-out prompt is also a demonstration; the task has too "
                                   "few distinct prompts for that many demonstrations (lower dataset.n)")
