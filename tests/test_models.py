@@ -226,6 +226,25 @@ def test_the_stages_settings_read_their_yaml_and_default_to_it():
     assert SampleSettings.from_config({"prompts": None}).prompts == ()
 
 
+def test_settings_accept_their_edges_and_omegaconf_nodes():
+    from omegaconf import OmegaConf
+
+    from framework.stages.common import SampleSettings
+    from framework.stages.reward import NormalizeSettings
+
+    edge = SampleSettings.from_config({"prompts": [], "top_p": 1, "temperature": 2, "max_new_tokens": 1})
+    assert edge == SampleSettings(prompts=(), max_new_tokens=1, temperature=2.0, top_p=1.0)
+    assert isinstance(edge.temperature, float) and isinstance(edge.top_p, float)
+    assert NormalizeSettings.from_config({"target_mean": -1, "samples": 0}).target_mean == -1.0
+    # a node of a composed config: interpolations resolved, lists read
+    node = OmegaConf.create({"greeting": "Hi", "samples": {"prompts": ["${greeting} there"], "top_p": 0.5}}).samples
+    assert SampleSettings.from_config(node).prompts == ("Hi there",)
+    for bad, message in (({"prompts": 0}, "must be a list of strings"), ({"prompts": ""}, "must be a list of strings"),
+                         ("hello", r"stage.samples='hello' must be a mapping of its keys \(prompts, max_new_tokens")):
+        with pytest.raises(ConfigError, match=message):
+            SampleSettings.from_config(bad)
+
+
 def test_gelu_new_is_swapped_for_the_fused_kernel(tmp_path):
     """Loaded and built GPT-2s run PyTorch's fused tanh-GELU instead of transformers' Python one: same outputs to
     float rounding, and the saved config still says gelu_new."""

@@ -45,13 +45,18 @@ def read_section(section: str, cls, settings: Mapping | None):
     named `<section>.<key>` with the fix. Stages read theirs when built, before any model is loaded."""
     from omegaconf import OmegaConf
 
+    if OmegaConf.is_config(settings):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"{section}={settings!r} must be a mapping of its keys "
+                          f"({', '.join(f.name for f in fields(cls))})")
     settings = dict(settings or {})
     refuse_unknown_keys(section, settings, [f.name for f in fields(cls)])
     values = {}
     for f in fields(cls):
         value, default, key = settings.get(f.name, f.default), f.default, f"{section}.{f.name}"
         if isinstance(default, tuple):
-            value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else (value or ())
+            value = () if value is None else value
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{key}={value!r} must be a list of strings, e.g. {key}='[\"Hello\"]' (or [] for "
                                   "none)")

@@ -119,7 +119,7 @@ class RoundMetrics(pl.Callback):
 class SFTEvalSettings:
     """`stage.eval` of sft: with a task, held-out task prompts scored with greedy decoding at each validation."""
 
-    prompts: int = bounded(64, at_least=1)
+    prompts: int = bounded(64, at_least=1, note="with a task, the held-out evaluation always runs")
     max_new_tokens: int = bounded(64, at_least=1)
 
     @classmethod
