@@ -55,6 +55,11 @@ def test_eval_stage_reports_best_of_n(chat_model, run_cli, run_cli_here, rlhf_ho
     assert bad.returncode != 0 and "bon.n" in bad.stderr
 
 
+def test_a_misspelt_bon_key_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown key bon.ns \(did you mean bon.n\?\): bon takes n"):
+        EvalStage(samples_per_prompt=8, bon={"ns": [1, 2]})
+
+
 def test_bon_sizes_are_sorted_without_repeats_and_start_at_one():
     assert EvalStage(samples_per_prompt=8, bon={"n": [4, 1, 2, 4]}).ns == [1, 2, 4]
     assert EvalStage(samples_per_prompt=8, bon={"n": [8, 2]}).ns == [1, 2, 8]  # n = 1: the base of the gains

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, refuse_unknown_keys
 from framework.imitation import check_format
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import RewardFunction, Stage, StageContext, StageResult, Task
@@ -92,6 +92,7 @@ class EvalStage(Stage):
         self.name, self.format, self.n_prompts, self.n_samples = name, format, prompts, samples_per_prompt
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
         self.batch_size = batch_size
+        refuse_unknown_keys("bon", bon or {}, ("n",))
         self.ns = bon_sizes((bon or {}).get("n", [1, 2, 4, 8, 16, 32, 64]), samples_per_prompt)
 
     def run(self, ctx: StageContext) -> StageResult:
