@@ -14,7 +14,10 @@ def test_package_list_matches_the_tree():
         ".".join(p.parent.relative_to(REPO).parts)
         for top in ("framework", "plugins")
         for p in (REPO / top).rglob("__init__.py")
-    } | {"rlhf_conf"}
+    } | {"rlhf_conf"} | {
+        ".".join(("rlhf_conf", *d.relative_to(REPO / "conf").parts))
+        for d in (REPO / "conf").rglob("*") if d.is_dir() and d.name != "__pycache__"
+    }
     assert declared == on_disk
 
 
@@ -26,6 +29,8 @@ def test_wheel_contains_configs_and_its_cli_answers(tmp_path):
     for cfg in ("rlhf_conf/config.yaml", "rlhf_conf/stage/pretrain.yaml", "rlhf_conf/model/tiny.yaml",
                 "rlhf_conf/experiment/smoke.yaml", "framework/stages/pretrain.py", "plugins/datasets/chitchat.py"):
         assert cfg in names, cfg
+    configs = {"rlhf_conf/" + p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    assert configs <= names, sorted(configs - names)  # every config, nested groups (labeller/gold) too
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
