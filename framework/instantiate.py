@@ -57,7 +57,12 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | None = 
         if isinstance(cause, ConfigError):
             raise cause from None
         keys = sorted(k for k in OmegaConf.to_container(node, resolve=False) if k != "_target_")
-        raise ConfigError(f"{group}: cannot build {node._target_} with keys {keys}: {cause or err}") from err
+        hint = ""
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            # `group._target_=x` on the command line keeps the keys of the option it replaces
+            hint = (f". If they are another option's keys ({group}._target_= keeps them), start a node of your own: "
+                    f"'~{group}' '+{group}={{_target_: {node._target_}}}' (and your keys inside the braces)")
+        raise ConfigError(f"{group}: cannot build {node._target_} with keys {keys}: {cause or err}{hint}") from err
     if expected is not None and not isinstance(obj, expected):
         raise ConfigError(f"{group}._target_={node._target_!r} returned {type(obj).__name__}, not a {expected.__name__}")
     return obj

@@ -85,6 +85,11 @@ def test_instantiate_plugin_checks_targets():
     with pytest.raises(ConfigError, match="cannot build"):
         instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "bogus": 1}),
                            "dataset", TextDataset)
+    # a user's class under another option's keys (algo._target_=... keeps PPO's): the fix is a node of its own
+    with pytest.raises(ConfigError, match=r"algo: cannot build fractions.Fraction with keys \['clip', 'epochs'\]: "
+                                          r".*unexpected keyword argument.*start a node of your own: '~algo' "
+                                          r"'\+algo=\{_target_: fractions.Fraction\}'"):
+        instantiate_plugin(OmegaConf.create({"_target_": "fractions.Fraction", "epochs": 4, "clip": 0.2}), "algo")
 
 
 def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_path, monkeypatch, capsys):
