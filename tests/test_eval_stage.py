@@ -55,6 +55,16 @@ def test_eval_stage_reports_best_of_n(chat_model, run_cli, run_cli_here, rlhf_ho
     assert bad.returncode != 0 and "bon.n" in bad.stderr
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"prompts": 0}, r"stage.prompts=0 must be >= 1"), ({"samples_per_prompt": 0}, r"stage.samples_per_prompt=0"),
+    ({"max_new_tokens": 0}, r"stage.max_new_tokens=0 must be >= 1"), ({"batch_size": 0}, r"stage.batch_size=0"),
+    ({"temperature": 0.0}, r"stage.temperature=0.0 must be > 0"),
+])
+def test_eval_sizes_that_cannot_work_are_refused_when_the_stage_is_built(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalStage(**{"samples_per_prompt": 8, "bon": {"n": [1]}, **settings})
+
+
 def test_a_misspelt_bon_key_is_refused():
     with pytest.raises(ConfigError, match=r"unknown key bon.ns \(did you mean bon.n\?\): bon takes n"):
         EvalStage(samples_per_prompt=8, bon={"ns": [1, 2]})

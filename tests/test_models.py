@@ -184,8 +184,13 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("reward_model", "stage.normalize.temperature=null", r"stage.normalize.temperature=None is not a finite number"),
     ("sft", "+stage.eval.prompt=8", r"unknown key stage.eval.prompt \(did you mean stage.eval.prompts\?\)"),
     ("sft", "stage.eval.prompts=0", r"stage.eval.prompts=0 must be >= 1"),
+    # the reward stage's sizes: they were checked only after it had sampled the policy's replies
+    ("reward_model", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
+    ("reward_model", "stage.max_length=1", r"stage.max_length=1 must be >= 2 tokens"),
+    ("reward_model", "stage.val_fraction=1.0", r"stage.val_fraction=1.0 must be in \[0, 1\)"),
+    ("reward_model", "stage.epochs=0", r"stage.epochs=0 must be > 0"),
 ])
-def test_a_wrong_normalize_or_sft_eval_setting_is_refused_when_the_stage_is_built(stage, override, message):
+def test_a_wrong_reward_or_sft_setting_is_refused_when_the_stage_is_built(stage, override, message):
     from hydra import compose, initialize_config_module
 
     from framework.instantiate import instantiate_plugin

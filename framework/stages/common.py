@@ -113,17 +113,22 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
     return tokenizer, model
 
 
-def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **lengths: int) -> None:
-    """Values every training stage needs to be sane, checked before any work, with the key to fix."""
+def check_stage_sizes(val_fraction: float, batch_size: int, **lengths: int) -> None:
+    """The sizes every training stage needs to be sane, with the key to fix; a stage checks them when it is built."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"stage.val_fraction={val_fraction} must be in [0, 1)")
     if batch_size < 1:
         raise ConfigError(f"stage.batch_size={batch_size} must be >= 1")
-    if max_steps is None or max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
     for key, value in lengths.items():
         if value < 2:
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
+
+
+def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **lengths: int) -> None:
+    """`check_stage_sizes` and the run's step count, checked before any work, with the key to fix."""
+    check_stage_sizes(val_fraction, batch_size, **lengths)
+    if max_steps is None or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
 
 
 def data_shards(ctx: StageContext) -> int:

@@ -89,6 +89,12 @@ class EvalStage(Stage):
                  max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 256,
                  bon: Mapping | None = None):
         check_format(format)
+        for key, value in (("prompts", prompts), ("samples_per_prompt", samples_per_prompt),
+                           ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if value < 1:  # checked before any model is loaded (batch_size 0 failed after sampling had started)
+                raise ConfigError(f"stage.{key}={value} must be >= 1")
+        if not temperature > 0:
+            raise ConfigError(f"stage.temperature={temperature} must be > 0 (the log-probs divide by it)")
         self.name, self.format, self.n_prompts, self.n_samples = name, format, prompts, samples_per_prompt
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
         self.batch_size = batch_size

@@ -40,7 +40,8 @@ from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (bounded, build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_values, data_shards, epoch_batches, log_interval, read_section)
+                                     check_stage_sizes, check_stage_values, data_shards, epoch_batches, log_interval,
+                                     read_section)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
 from framework.models import CausalLMFactory, context_length, count_parameters, disable_dropout, resolve_model_path
@@ -313,6 +314,10 @@ class RewardModelStage(Stage):
         self.disable_dropout, self.group_by_length = disable_dropout, group_by_length
         self.name, self.format, self.max_length = name, format, max_length
         self.batch_size, self.epochs, self.val_fraction, self.num_workers = batch_size, epochs, val_fraction, num_workers
+        # the sizes, before any work: the stage samples policy replies (minutes) before it knows its step count
+        check_stage_sizes(val_fraction, batch_size, max_length=max_length)
+        if epochs is not None and not epochs > 0:
+            raise ConfigError(f"stage.epochs={epochs} must be > 0 (e.g. 1, or 0.5; null: trainer.max_steps)")
         self.optimizer = dict(optimizer or {"lr": 5e-5})
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)
