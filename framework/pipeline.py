@@ -150,8 +150,10 @@ def run(cfg: DictConfig):
     return run_stage(cfg)
 
 
-def run_stage(cfg: DictConfig, parent_run_id: str | None = None) -> StageResult:
-    """Run `cfg.stage` with tracking; returns the stage's result. Errors for the user are `RLHFError`s."""
+def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str | None = None) -> StageResult:
+    """Run `cfg.stage` with tracking; returns the stage's result. Errors for the user are `RLHFError`s. Within a
+    pipeline: parent_run_id nests the run under the pipeline's, and `pipeline` (its name) tags it, as the parent is,
+    so that `rlhf compare --tag pipeline=<name> --stage <stage>` finds it."""
     from lightning_fabric.utilities.seed import seed_everything
 
     from framework.instantiate import instantiate_plugin
@@ -182,6 +184,8 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None) -> StageResult:
             "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    if pipeline:
+        tags["pipeline"] = pipeline
     tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
     tracked.save_pointer(output_dir)
     print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")

@@ -187,7 +187,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             stage_cfg, consumed = stage_config(name, user, pipe, artifacts, out_dir / f"{first + i}_{name}", has[name])
             print(f"[rlhf] pipeline {pipe.name}: stage {first + i + 1}/{len(stages)} {name}"
                   + "".join(f"\n[rlhf]   {k} <- {v}" for k, v in consumed.items()))
-            result = run_stage(stage_cfg, parent_run_id=parent.run_id)
+            result = run_stage(stage_cfg, parent_run_id=parent.run_id, pipeline=str(pipe.name))
             results[name] = result
             artifacts[name] = result.artifact_dir.resolve()
             record[name] = {"artifact": str(artifacts[name]), "consumed": consumed,

@@ -215,7 +215,8 @@ def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, run_cli
 
     # 5. compare the RL runs (GRPO from the full run, PPO from the resumed one)
     out = tmp_path / "cmp"
-    cmp = compare(rlhf_home, tokenizer_cache, "--stage", "rl", "--out", str(out))
+    # the stage runs carry the pipeline's tag, as the parent does (docs/quickstart.md's command)
+    cmp = compare(rlhf_home, tokenizer_cache, "--tag", "pipeline=chatgpt", "--stage", "rl", "--out", str(out))
     assert cmp.returncode == 0, cmp.stderr
     assert "GRPO" in cmp.stdout and "PPO" in cmp.stdout and "eval/gold_reward (final)" in cmp.stdout
     assert (out / "gold_vs_sqrt_kl.png").is_file() and (out / "eval_gold_reward.png").is_file()
