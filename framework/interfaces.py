@@ -150,7 +150,7 @@ class Loss(ABC):
     kind "preference": outputs is a tensor of rewards `[groups, K]` in preference order (column 0 = the best
     response of its group); batch has `rank_mask: [groups, K]` (False where a group has fewer than K responses) and,
     when the data gave one, `margin: [groups]` (pairwise rows; NaN where absent) (reward modelling).
-    metrics: extra detached scalars the stage logs under `train/` and `val/`.
+    metrics: extra detached scalars the stage logs under `train/` (validation logs the stage's own `val/` metrics).
     """
 
     kind: str = "lm"

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import QUIET, REPO, mlflow_runs
 
 
@@ -48,6 +50,15 @@ def test_unknown_model_field_added_with_plus_is_rejected_before_training(run_cli
                    *QUIET, check=False)
     assert proc.returncode == 2
     assert "n_layers" in proc.stderr and "did you mean" in proc.stderr
+
+
+@pytest.mark.parametrize("stage, loss", [("pretrain", "bradley_terry"), ("sft", "kwise")])
+def test_a_preference_loss_for_a_language_model_stage_is_refused_before_any_work(run_cli_here, stage, loss):
+    proc = run_cli_here(f"stage={stage}", f"loss={loss}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is a 'preference' loss; stage={stage} trains a causal LM on next-token labels: loss=lm_cross_entropy" \
+        in proc.stderr
+    assert "corpus:" not in proc.stdout and "demonstrations" not in proc.stdout  # before any data was read
 
 
 def test_a_required_value_left_out_is_named_with_the_fix(run_cli, tmp_path):

@@ -374,6 +374,21 @@ def test_a_weighted_sum_of_reward_sources_as_the_command_line_writes_it():
         instantiate_plugin(misspelt, "reward", RewardFunction)  # it used to weigh the component 1.0
 
 
+def test_a_weighted_sum_checks_each_components_scores():
+    """A component returning too few scores used to leave zeros in the sum (too many: an IndexError)."""
+    from framework.errors import RLHFError
+    from framework.interfaces import RewardFunction
+    from plugins.rewards.learned import WeightedSum
+
+    class Short(RewardFunction):
+        def score(self, prompts, completions):
+            return [1.0] * (len(completions) - 1)
+
+    total = WeightedSum({"len": {"weight": 1.0, "reward": Length()}, "short": {"weight": 2.0, "reward": Short()}})
+    with pytest.raises(RLHFError, match=r"the reward source Short returned 2 scores; .*\(3 here\)"):
+        total.score([Prompt("p")] * 3, ["a", "bb", "ccc"])
+
+
 def test_ensemble_aggregates_by_hand(tiny_lm_and_tokenizer, tmp_path):
     from plugins.rewards.learned import RewardEnsemble, combine
 

@@ -149,16 +149,22 @@ def test_writing_plugins_examples_run(tmp_path, chat_model, run_cli, rlhf_home):
 
     faq = tmp_path / "faq.json"
     faq.write_text(json.dumps([{"q": f"what is {i} plus one?", "a": f"It is {i + 1}."} for i in range(40)]))
+    small = ["stage.samples.prompts=[]", "stage.max_length=128", "trainer.max_steps=8", "trainer.val_check_interval=4",
+             *QUIET]
     run_cli("stage=sft", f"model.path={pretrained}", "~dataset", f"+dataset={{_target_: my_plugins.faq.FAQ, path: '{faq}'}}",
-            "+task={_target_: my_plugins.count.CountUp}", "expert=task", "imitation=dagger",
-            "imitation.rollouts_per_round=4", "stage.eval.prompts=4", "stage.eval.max_new_tokens=12",
-            "stage.samples.prompts=[]", "stage.max_length=128", "trainer.max_steps=8", "trainer.val_check_interval=4",
-            *QUIET, env=env)
+            *small, env=env)
+    # the task's command as the page gives it (task demonstrations, the task as the expert, DAgger), made small
+    run_cli("stage=sft", f"model.path={pretrained}", "+task={_target_: my_plugins.count.CountUp}", "dataset=task_demos",
+            "expert=task", "imitation=dagger", "dataset.n=200", "imitation.rollouts_per_round=4",
+            "stage.eval.prompts=4", "stage.eval.max_new_tokens=12", *small, env=env)
 
     _, runs = mlflow_runs(rlhf_home)
+    sft_runs = [r for r in runs if r.data.tags["stage"] == "sft"]  # newest first: the task's, then the FAQ's
+    assert [r.data.tags["plugin.dataset"] for r in sft_runs] == [
+        "plugins.datasets.demonstrations.TaskDemonstrations", "my_plugins.faq.FAQ"]
+    assert sft_runs[0].data.tags["plugin.task"] == "my_plugins.count.CountUp"
     tags = {r.data.tags["stage"]: r.data.tags for r in runs}
     assert tags["reward_model"]["plugin.loss"] == "my_plugins.hinge.Hinge"
     assert tags["reward_model"]["plugin.reward_head"] == "my_plugins.heads.MaxPool"
     assert tags["rl"]["plugin.reward"] == "my_plugins.brevity.Brevity"
-    assert tags["sft"]["plugin.dataset"] == "my_plugins.faq.FAQ" and tags["sft"]["plugin.task"] == "my_plugins.count.CountUp"
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from framework.errors import ConfigError, refuse_unknown_keys
 from framework.instantiate import instantiate_plugin
 from framework.interrupts import stop_callback
-from framework.interfaces import ModelSource, StageContext, TokenizerSource
+from framework.interfaces import Loss, ModelSource, StageContext, TokenizerSource
 from framework.models import context_length
 from framework.tokenization import has_tokenizer_files, load_tokenizer, stop_token_ids
 
@@ -90,6 +90,16 @@ class SampleSettings:
     @classmethod
     def from_config(cls, settings: Mapping | None) -> SampleSettings:
         return read_section("stage.samples", cls, settings)
+
+
+def lm_loss(cfg: DictConfig, stage: str) -> Loss:
+    """The `loss` plugin of a stage that trains a causal LM on next-token labels (pretrain, sft), built and checked
+    before any work: a loss of another kind is refused by name."""
+    loss: Loss = instantiate_plugin(cfg.loss, "loss", Loss)
+    if loss.kind != "lm":
+        raise ConfigError(f"loss._target_={cfg.loss._target_} is a {loss.kind!r} loss; stage={stage} trains a causal "
+                          "LM on next-token labels: loss=lm_cross_entropy (or a Loss of kind 'lm')")
+    return loss
 
 
 def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from framework.data import hash_split, pack_token_stream
 from framework.errors import ConfigError, DataError
 from framework.instantiate import instantiate_plugin
-from framework.interfaces import Loss, Stage, StageContext, StageResult, TextDataset
+from framework.interfaces import Stage, StageContext, StageResult, TextDataset
 from framework.models import context_length, count_parameters
 from framework.stages.common import (
     SampleSettings,
@@ -20,6 +20,7 @@ from framework.stages.common import (
     check_optimizer_keys,
     check_stage_values,
     export_causal_lm,
+    lm_loss,
     log_samples,
 )
 from framework.stages.lm_module import CausalLMModule
@@ -103,6 +104,7 @@ class PretrainStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), seq_len=self.seq_len)
+        loss = lm_loss(cfg, self.name)
         train_texts, val_texts = self.load_corpus(cfg)
         tokenizer, model = build_tokenizer_and_model(cfg, train_texts)
         n_ctx = context_length(model)
@@ -116,7 +118,7 @@ class PretrainStage(Stage):
         data.setup()
         ctx.run.log_params({"data.train_tokens": str(data.token_counts()["train"]),
                             "data.val_tokens": str(data.token_counts()["val"]), "model.n_params": str(n_params)})
-        module = CausalLMModule(model, instantiate_plugin(cfg.loss, "loss", Loss), self.optimizer, self.scheduler)
+        module = CausalLMModule(model, loss, self.optimizer, self.scheduler)
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
                                 limit_val_batches=self.val_batches or 1.0)
         if ctx.ckpt_path is None:  # the starting point, logged as step 0, so "how far did val loss fall" is on record

@@ -30,7 +30,6 @@ from framework.interfaces import (
     Expert,
     ImitationAlgorithm,
     ImitationContext,
-    Loss,
     Stage,
     StageContext,
     StageResult,
@@ -45,6 +44,7 @@ from framework.stages.common import (
     check_optimizer_keys,
     check_stage_values,
     export_causal_lm,
+    lm_loss,
     log_samples,
     read_section,
 )
@@ -147,6 +147,7 @@ class SFTStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), max_length=self.max_length)
+        loss = lm_loss(cfg, self.name)
         algorithm: ImitationAlgorithm = instantiate_plugin(cfg.imitation, "imitation", ImitationAlgorithm)
         task: Task | None = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
         dataset: DemonstrationDataset = instantiate_plugin(cfg.dataset, "dataset", DemonstrationDataset)
@@ -211,7 +212,7 @@ class SFTStage(Stage):
                                    tokenizer.pad_token_id, int(cfg.seed), self.num_workers)
         ctx.run.log_params({"data.train_demonstrations": str(len(train_examples)),
                             "data.val_demonstrations": str(len(val_examples))})
-        module = CausalLMModule(model, instantiate_plugin(cfg.loss, "loss", Loss), self.optimizer, self.scheduler,
+        module = CausalLMModule(model, loss, self.optimizer, self.scheduler,
                                 evaluator=evaluator)
         trainer = build_trainer(ctx, callbacks=[RoundMetrics()], every_n_steps=self.checkpoint_every_n_steps,
                                 limit_val_batches=(self.val_batches or 1.0) if val_examples else 0,

@@ -125,8 +125,11 @@ class WeightedSum(RewardFunction):
             self.components.append((name, float(spec.get("weight", 1.0)), reward))
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        from framework.reward import reward_scores
+
         total = [0.0] * len(completions)
         for _, weight, reward in self.components:
-            for i, v in enumerate(reward.score(prompts, completions)):
+            # each component's contract checked (a short list would leave zeros, a long one fail by index)
+            for i, v in enumerate(reward_scores(reward, reward.score(prompts, completions), len(completions)).tolist()):
                 total[i] += weight * v
         return total
