@@ -266,9 +266,10 @@ class NonFiniteReward(RLHFError):
     """A reward source returned NaN or inf."""
 
 
-def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> torch.Tensor:
+def reward_scores(source: RewardFunction, scores: Any, n: int, device=None, dtype=torch.float) -> torch.Tensor:
     """What a reward source's `score` returned, checked against its contract (one real number per completion, in
-    order) -> a float tensor [n]. NaN and inf pass here: `checked_scores` saves those samples and stops."""
+    order) -> a tensor [n] of `dtype` (float64 keeps Python floats exact). NaN and inf pass here: `checked_scores`
+    saves those samples and stops."""
     def refuse(what: str) -> RLHFError:
         return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
                          f"must return one real number per completion, in order ({n} here)")
@@ -288,7 +289,7 @@ def reward_scores(source: RewardFunction, scores: Any, n: int, device=None) -> t
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise refuse(f"{value!r} ({type(value).__name__}) for completion {i}")
         values.append(float(value))
-    return torch.tensor(values, dtype=torch.float, device=device)
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def checked_scores(source: RewardFunction, prompts: Sequence[Prompt], texts: Sequence[str], path: Path, when: str,

@@ -208,7 +208,7 @@ def test_synthetic_labeller_follows_bradley_terry():
     assert exact.order == (2, 0, 1) and exact.gold == (0.0, -1.0, 0.3)
     flipped = SyntheticLabeller(gold, tau=0.0, flip_rate=1.0).label(Prompt("p"), ["b", "c", "a"], rng)
     assert flipped.order == (1, 0, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         SyntheticLabeller(gold, tau=-1)
 
 
@@ -372,6 +372,30 @@ def test_a_weighted_sum_of_reward_sources_as_the_command_line_writes_it():
                                           r"reward\.components\.a\.weight\?\): "
                                           r"reward\.components\.a takes reward, weight"):
         instantiate_plugin(misspelt, "reward", RewardFunction)  # it used to weigh the component 1.0
+
+
+def test_the_synthetic_labeller_checks_its_golds_scores_and_settings():
+    """A gold returning NaN used to rank arbitrarily (and record NaN as the gold); a wrong count to fail by index."""
+    from framework.errors import RLHFError
+    from framework.interfaces import RewardFunction
+
+    class Broken(RewardFunction):
+        def __init__(self, out):
+            self.out = out
+
+        def score(self, prompts, completions):
+            return self.out
+
+    prompt, rng = Prompt("hi"), random.Random(0)
+    with pytest.raises(RLHFError, match=r"labeller's gold Broken returned NaN/inf for 1 of 2 responses \(the first: "
+                                        r"'b' to 'hi'\)"):
+        SyntheticLabeller(Broken([1.0, float("nan")])).label(prompt, ["a", "b"], rng)
+    with pytest.raises(RLHFError, match=r"the reward source Broken returned 1 scores"):
+        SyntheticLabeller(Broken([1.0])).label(prompt, ["a", "b"], rng)
+    with pytest.raises(ConfigError, match=r"labeller.tau=-1 must be >= 0"):
+        SyntheticLabeller(Length(), tau=-1)
+    with pytest.raises(ConfigError, match=r"labeller.flip_rate=2 must be in \[0, 1\]"):
+        SyntheticLabeller(Length(), flip_rate=2)
 
 
 def test_a_weighted_sum_checks_each_components_scores():

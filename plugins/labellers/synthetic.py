@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import math
 import random
+
+import torch
 from typing import Sequence
 
+from framework.errors import ConfigError, RLHFError
 from framework.interfaces import Labeller, RewardFunction
 from framework.records import Prompt, Ranking
 
 
 class SyntheticLabeller(Labeller):
     def __init__(self, gold: RewardFunction, tau: float = 0.1, flip_rate: float = 0.0):
-        if tau < 0:
-            raise ValueError("labeller.tau must be >= 0 (0 = noiseless)")
+        if not tau >= 0:
+            raise ConfigError(f"labeller.tau={tau} must be >= 0 (0 = noiseless)")
         if not 0.0 <= flip_rate <= 1.0:
-            raise ValueError("labeller.flip_rate must be in [0, 1]")
+            raise ConfigError(f"labeller.flip_rate={flip_rate} must be in [0, 1]")
         self.gold, self.tau, self.flip_rate = gold, float(tau), float(flip_rate)
 
     def label(self, prompt: Prompt, responses: Sequence[str], rng: random.Random) -> Ranking:
@@ -31,8 +34,17 @@ class SyntheticLabeller(Labeller):
                    rng: random.Random) -> list[Ranking]:
         """All groups' responses scored by the gold in one call (a reward-model gold batches them), then ranked
         group by group: the same random draws, so the same rankings, as labelling one group at a time."""
+        from framework.reward import reward_scores
+
         flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
-        flat = self.gold.score(flat_prompts, [r for g in groups for r in g])
+        texts = [r for g in groups for r in g]
+        flat = reward_scores(self.gold, self.gold.score(flat_prompts, texts), len(texts), dtype=torch.float64).tolist()
+        bad = [i for i, v in enumerate(flat) if not math.isfinite(v)]
+        if bad:  # a ranking by NaN is arbitrary, and the recorded gold would carry it into every metric
+            first = f"{texts[bad[0]][:80]!r} to {flat_prompts[bad[0]].text[:80]!r}"
+            raise RLHFError(f"the labeller's gold {type(self.gold).__name__} returned NaN/inf for {len(bad)} of "
+                            f"{len(texts)} responses (the first: {first}); a ranking needs a finite score for each: "
+                            "fix the gold reward for these responses")
         rankings, start = [], 0
         for prompt, group in zip(prompts, groups):
             scores = flat[start : start + len(group)]

@@ -130,6 +130,7 @@ class WeightedSum(RewardFunction):
         total = [0.0] * len(completions)
         for _, weight, reward in self.components:
             # each component's contract checked (a short list would leave zeros, a long one fail by index)
-            for i, v in enumerate(reward_scores(reward, reward.score(prompts, completions), len(completions)).tolist()):
+            scores = reward_scores(reward, reward.score(prompts, completions), len(completions), dtype=torch.float64)
+            for i, v in enumerate(scores.tolist()):
                 total[i] += weight * v
         return total
