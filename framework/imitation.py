@@ -254,7 +254,12 @@ def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: 
     prompt_ids = [encode(p.text) if encode else encode_prompt(tokenizer, p.text, fmt) for p in prompts]
     responses = rollout(model, tokenizer, prompt_ids, max_new_tokens, stop_id, prompts=prompts, task=task)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    gold = task.golds(prompts, texts)
+    import torch
+
+    from framework.reward import reward_scores
+
+    # the contract of a reward source (a task may wrap one, e.g. a reward model as its gold): one number per text
+    gold = reward_scores(task, task.golds(prompts, texts), len(texts), dtype=torch.float64).tolist()
     metrics = {"eval/gold": sum(gold) / len(gold)}
     if task.exact_score is not None:
         metrics["eval/exact_match"] = sum(g >= task.exact_score for g in gold) / len(gold)

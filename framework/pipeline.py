@@ -181,11 +181,11 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
     commit = git_commit()
     run_name = cfg.logger.get("run_name") or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"stage": stage.name, "git_commit": commit, "mlflow.source.git.commit": commit,
-            "output_dir": str(output_dir.resolve()), **plugin_targets(cfg), **(cfg.logger.get("tags") or {})}
+            "output_dir": str(output_dir.resolve()), **plugin_targets(cfg),
+            **({"pipeline": pipeline} if pipeline else {}),
+            **(cfg.logger.get("tags") or {})}  # the user's tags last, as on the pipeline's own run
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    if pipeline:
-        tags["pipeline"] = pipeline
     tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
     tracked.save_pointer(output_dir)
     print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")

@@ -177,6 +177,7 @@ def test_the_recipe_in_one_command_then_resume_fail_and_compare(run_cli, run_cli
     assert set(children) == set(STAGES) and parent.info.status == "FINISHED"
     for stage, run in children.items():
         assert run.data.metrics, stage
+        assert run.data.tags["pipeline"] == "chatgpt", stage  # as the parent: `rlhf compare --tag pipeline=...`
         assert parent.data.tags[f"artifact.{stage}"] == made[stage]
     assert parent.data.tags["consumed.rl.reward.path"] == made["reward_model"]
     assert parent.data.tags["consumed.rl.policy.path"] == made["sft"]

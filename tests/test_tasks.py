@@ -189,6 +189,15 @@ def test_environment_observations_are_forced_into_rollouts():
     learned, _ = evaluate_task(model, ByteTok(), Learned(length=4), prompts, "plain", 8,
                                encode=lambda t: [ord(c) for c in t])
     assert learned["eval/gold"] == metrics["eval/gold"] and "eval/exact_match" not in learned
+
+    class Short(DriveLane):  # a gold returning too few scores (e.g. a reward source wrapped as the task's gold)
+        def golds(self, prompts, completions):
+            return super().golds(prompts, completions)[:-1]
+
+    from framework.errors import RLHFError
+
+    with pytest.raises(RLHFError, match=r"returned 1 scores; .*\(2 here\)"):  # it was averaged as it came
+        evaluate_task(model, ByteTok(), Short(length=4), prompts, "plain", 8, encode=lambda t: [ord(c) for c in t])
     with pytest.raises(ValueError, match="needs the prompts"):
         rollout(model, ByteTok(), ids, 8, stop_id=0, task=task)
 

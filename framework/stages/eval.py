@@ -122,8 +122,11 @@ class EvalStage(Stage):
         gen_s = time.perf_counter() - started
         flat = [p for p in prompts for _ in range(self.n_samples)]
         texts = [t for group in groups for t in group]
-        proxy_scores = reward_scores(proxy, proxy.score(flat, texts), len(texts)).tolist()
-        gold_scores = reward_scores(gold, gold.score(flat, texts), len(texts)).tolist()
+        import torch
+
+        # float64: the scores as the sources gave them (float32 would round what best_of_n.json records)
+        proxy_scores = reward_scores(proxy, proxy.score(flat, texts), len(texts), dtype=torch.float64).tolist()
+        gold_scores = reward_scores(gold, gold.score(flat, texts), len(texts), dtype=torch.float64).tolist()
         check_finite(ctx.output_dir, flat, texts, {"proxy": (proxy, proxy_scores), "gold": (gold, gold_scores)})
         k = self.n_samples
         rows = []

@@ -326,6 +326,9 @@ class RewardModelStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
+        if self.epochs is None:  # sized by trainer.max_steps: check it before sampling and labelling (minutes)
+            check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"),
+                               max_length=self.max_length)
         loss: Loss = instantiate_plugin(cfg.loss, "loss", Loss)
         if loss.kind != "preference":
             raise ConfigError(f"loss._target_={cfg.loss._target_} is a {loss.kind!r} loss; the reward_model stage "

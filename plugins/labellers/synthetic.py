@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-
-import torch
 from typing import Sequence
 
 from framework.errors import ConfigError, RLHFError
@@ -34,6 +32,8 @@ class SyntheticLabeller(Labeller):
                    rng: random.Random) -> list[Ranking]:
         """All groups' responses scored by the gold in one call (a reward-model gold batches them), then ranked
         group by group: the same random draws, so the same rankings, as labelling one group at a time."""
+        import torch
+
         from framework.reward import reward_scores
 
         flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]

@@ -13,7 +13,7 @@ from framework.errors import ConfigError, refuse_unknown_keys
 from framework.interfaces import RewardFunction
 from framework.models import disable_dropout
 from framework.records import Prompt
-from framework.reward import load_reward_model, score_texts
+from framework.reward import load_reward_model, reward_scores, score_texts
 
 AGGREGATES = ("mean", "min", "mean_minus_std", "mean_minus_var")
 
@@ -125,8 +125,6 @@ class WeightedSum(RewardFunction):
             self.components.append((name, float(spec.get("weight", 1.0)), reward))
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        from framework.reward import reward_scores
-
         total = [0.0] * len(completions)
         for _, weight, reward in self.components:
             # each component's contract checked (a short list would leave zeros, a long one fail by index)
