@@ -97,3 +97,8 @@ def test_user_errors(chat_model, run_cli_here, rlhf_home, tmp_path):
     same = run_cli_here("stage=reward_model", f"model.path={sft_dir}", "dataset=comparisons_jsonl",
                         f"dataset.paths=[{pair}]", check=False)
     assert same.returncode != 0 and f"{pair}:1" in same.stderr
+    # sized by trainer.max_steps (stage.epochs=null): Lightning's "no limit" is refused before any sampling
+    unlimited = run_cli_here("stage=reward_model", f"model.path={sft_dir}", "++stage.epochs=null",
+                             "trainer.max_steps=-1", check=False)
+    assert unlimited.returncode == 2 and "trainer.max_steps=-1" in unlimited.stderr
+    assert "set it > 0" in unlimited.stderr and "Traceback" not in unlimited.stderr

@@ -134,11 +134,16 @@ def check_stage_sizes(val_fraction: float, batch_size: int, **lengths: int) -> N
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
+def check_max_steps(max_steps: int | None) -> None:
+    """A stage sized by `trainer.max_steps` needs a positive one (Lightning's -1, "no limit", is refused)."""
+    if max_steps is None or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
+
+
 def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **lengths: int) -> None:
     """`check_stage_sizes` and the run's step count, checked before any work, with the key to fix."""
     check_stage_sizes(val_fraction, batch_size, **lengths)
-    if max_steps is None or max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
+    check_max_steps(max_steps)
 
 
 def data_shards(ctx: StageContext) -> int:

@@ -39,8 +39,8 @@ from framework.interfaces import (
 from framework.records import Prompt, Ranking
 from framework.reward import RewardModel, encode_scored, export_reward_model, pad_right, score_texts
 from framework.rollout import HFGenerator, SamplingSettings
-from framework.stages.common import (bounded, build_tokenizer_and_model, build_trainer, check_optimizer_keys,
-                                     check_stage_sizes, check_stage_values, data_shards, epoch_batches, log_interval,
+from framework.stages.common import (bounded, build_tokenizer_and_model, build_trainer, check_max_steps,
+                                     check_optimizer_keys, check_stage_sizes, data_shards, epoch_batches, log_interval,
                                      read_section)
 from framework.stages.lm_module import TrainingModule
 from framework.tokenization import load_tokenizer
@@ -327,8 +327,7 @@ class RewardModelStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         if self.epochs is None:  # sized by trainer.max_steps: check it before sampling and labelling (minutes)
-            check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"),
-                               max_length=self.max_length)
+            check_max_steps(cfg.trainer.get("max_steps"))
         loss: Loss = instantiate_plugin(cfg.loss, "loss", Loss)
         if loss.kind != "preference":
             raise ConfigError(f"loss._target_={cfg.loss._target_} is a {loss.kind!r} loss; the reward_model stage "
@@ -384,7 +383,6 @@ class RewardModelStage(Stage):
         max_steps = int(cfg.trainer.get("max_steps") or 0)
         if self.epochs is not None:
             max_steps = max(1, math.ceil(self.epochs * steps_per_epoch))
-        check_stage_values(self.val_fraction, self.batch_size, max_steps, max_length=self.max_length)
         print(f"[rlhf] comparisons: {dataset.describe()}: {len(train)} train ({pairs} pairs) / {len(val)} val; "
               f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} at batch "
               f"{self.batch_size}" + (f" per process ({world} processes)" if world > 1 else ""))
