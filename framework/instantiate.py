@@ -33,10 +33,13 @@ def _import_target(path: str, group: str) -> Any:
         raise ConfigError(f"{group}._target_={path!r}: module {module_name!r} has no {attr!r}.{hint}") from None
 
 
-def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | None = None, **kwargs: Any) -> T:
+def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[type, ...] | None = None,
+                       fix: str | None = None, **kwargs: Any) -> T:
     """Instantiate `node` (which must carry `_target_`), checking that it imports and implements `expected`.
 
     group: the config path of the node, used in every message (e.g. "dataset", "stage").
+    expected: the group's contract, or a tuple of the contracts a group accepts (`algo`: online or offline).
+    fix: what to do instead, said when the target is not of the contract (default: subclass it).
     kwargs: late-bound arguments passed through to the constructor.
     """
     from hydra.errors import InstantiationException
@@ -45,11 +48,10 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | None = 
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"config group {group!r} has no `_target_`; pick an option ({group}=...) or set {group}._target_")
     target = _import_target(str(node._target_), group)
+    contracts = " or ".join(f"{c.__module__}.{c.__name__}" for c in _contracts(expected))
     if expected is not None and isinstance(target, type) and not issubclass(target, expected):
-        raise ConfigError(
-            f"{group}._target_={node._target_!r} is not a {expected.__module__}.{expected.__name__}; "
-            f"plugins of the {group!r} group subclass that contract (see framework/interfaces.py)"
-        )
+        raise ConfigError(f"{group}._target_={node._target_!r} is not a {contracts}; " + (
+            fix or f"plugins of the {group!r} group subclass that contract (see framework/interfaces.py)"))
     try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as err:
@@ -64,5 +66,10 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | None = 
                     f"'~{group}' '+{group}={{_target_: {node._target_}}}' (and your keys inside the braces)")
         raise ConfigError(f"{group}: cannot build {node._target_} with keys {keys}: {cause or err}{hint}") from err
     if expected is not None and not isinstance(obj, expected):
-        raise ConfigError(f"{group}._target_={node._target_!r} returned {type(obj).__name__}, not a {expected.__name__}")
+        raise ConfigError(f"{group}._target_={node._target_!r} returned {type(obj).__name__}, not a {contracts}"
+                          + (f"; {fix}" if fix else ""))
     return obj
+
+
+def _contracts(expected: type | tuple[type, ...] | None) -> tuple[type, ...]:
+    return () if expected is None else expected if isinstance(expected, tuple) else (expected,)

@@ -189,8 +189,13 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("reward_model", "stage.max_length=1", r"stage.max_length=1 must be >= 2 tokens"),
     ("reward_model", "stage.val_fraction=1.0", r"stage.val_fraction=1.0 must be in \[0, 1\)"),
     ("reward_model", "stage.epochs=0", r"stage.epochs=0 must be > 0"),
+    # pretrain's and sft's sizes, checked when built as the reward stage's are (they were checked in run())
+    ("pretrain", "stage.seq_len=1", r"stage.seq_len=1 must be >= 2 tokens"),
+    ("pretrain", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
+    ("sft", "stage.val_fraction=-0.1", r"stage.val_fraction=-0.1 must be in \[0, 1\)"),
+    ("sft", "stage.max_length=0", r"stage.max_length=0 must be >= 2 tokens"),
 ])
-def test_a_wrong_reward_or_sft_setting_is_refused_when_the_stage_is_built(stage, override, message):
+def test_a_wrong_stage_setting_is_refused_when_the_stage_is_built(stage, override, message):
     from hydra import compose, initialize_config_module
 
     from framework.instantiate import instantiate_plugin

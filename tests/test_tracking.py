@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import QUIET, free_port
 from framework.errors import ConfigError, TrackingError
 from framework.instantiate import instantiate_plugin
-from framework.interfaces import TextDataset, TokenizerSource
+from framework.interfaces import PolicyAlgorithm, PreferenceAlgorithm, TextDataset, TokenizerSource
 from framework.tracking import check_reachable, flatten_config, open_run, plugin_targets, resolve_tracking_uri
 
 
@@ -85,6 +85,16 @@ def test_instantiate_plugin_checks_targets():
     with pytest.raises(ConfigError, match="cannot build"):
         instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "bogus": 1}),
                            "dataset", TextDataset)
+    # a group with two contracts (algo: online or offline) names both, and a fix given by the stage replaces the
+    # generic one; the class is refused before it is built
+    with pytest.raises(ConfigError, match=r"algo._target_='plugins.datasets.chitchat.ChitchatCorpus' is not a "
+                                          r"framework.interfaces.PolicyAlgorithm or "
+                                          r"framework.interfaces.PreferenceAlgorithm; plugins of the 'algo' group"):
+        instantiate_plugin(OmegaConf.create({"_target_": "plugins.datasets.chitchat.ChitchatCorpus", "bogus": 1}),
+                           "algo", (PolicyAlgorithm, PreferenceAlgorithm))
+    with pytest.raises(ConfigError, match=r"is not a framework.interfaces.TokenizerSource; use tokenizer=bpe$"):
+        instantiate_plugin(good, "tokenizer", TokenizerSource, fix="use tokenizer=bpe")
+    assert isinstance(instantiate_plugin(good, "dataset", (TokenizerSource, TextDataset)), TextDataset)
     # a user's class under another option's keys (algo._target_=... keeps PPO's): the fix is a node of its own
     with pytest.raises(ConfigError, match=r"algo: cannot build fractions.Fraction with keys \['clip', 'epochs'\]: "
                                           r".*unexpected keyword argument.*start a node of your own: '~algo' "

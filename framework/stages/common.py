@@ -140,12 +140,6 @@ def check_max_steps(max_steps: int | None) -> None:
         raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
 
 
-def check_stage_values(val_fraction: float, batch_size: int, max_steps: int, **lengths: int) -> None:
-    """`check_stage_sizes` and the run's step count, checked before any work, with the key to fix."""
-    check_stage_sizes(val_fraction, batch_size, **lengths)
-    check_max_steps(max_steps)
-
-
 def data_shards(ctx: StageContext) -> int:
     """Into how many shares Lightning's distributed sampler splits a stage's training data: the processes
     `cfg.trainer` trains on (devices x nodes, as Lightning resolves them), or 1 with

@@ -134,11 +134,9 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     settings: OfflineSettings = stage.offline
     batch_size, epochs, max_length, val_fraction = (settings.batch_size, settings.epochs, settings.max_length,
                                                     settings.val_fraction)
-    dataset = instantiate_plugin(cfg.dataset, "dataset", None)
-    if not isinstance(dataset, ComparisonDataset):
-        raise ConfigError(f"algo={type(algorithm).__name__} trains on comparisons, but dataset._target_="
-                          f"{cfg.dataset._target_} is not a comparison dataset: dataset=comparisons_jsonl "
-                          "dataset.paths=[...], or dataset=policy_comparisons labeller=synthetic")
+    dataset = instantiate_plugin(cfg.dataset, "dataset", ComparisonDataset,
+                                 fix=f"algo={type(algorithm).__name__} trains on comparisons: dataset=comparisons_jsonl "
+                                     "dataset.paths=[...], or dataset=policy_comparisons labeller=synthetic")
     task = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
     labeller = None
     if dataset.needs_policy:

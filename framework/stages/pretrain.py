@@ -17,8 +17,9 @@ from framework.stages.common import (
     SampleSettings,
     build_tokenizer_and_model,
     build_trainer,
+    check_max_steps,
     check_optimizer_keys,
-    check_stage_values,
+    check_stage_sizes,
     export_causal_lm,
     lm_loss,
     log_samples,
@@ -86,6 +87,7 @@ class PretrainStage(Stage):
         self.name = name
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.val_batches, self.num_workers = val_batches, num_workers
+        check_stage_sizes(val_fraction, batch_size, seq_len=seq_len)
         self.optimizer = dict(optimizer or {"lr": 3e-3})
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)
@@ -103,7 +105,7 @@ class PretrainStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
-        check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), seq_len=self.seq_len)
+        check_max_steps(cfg.trainer.get("max_steps"))
         loss = lm_loss(cfg, self.name)
         train_texts, val_texts = self.load_corpus(cfg)
         tokenizer, model = build_tokenizer_and_model(cfg, train_texts)

@@ -528,12 +528,9 @@ class RLStage(Stage):
         path, key = policy_path(cfg)
         if not path:
             raise ConfigError("stage=rl optimises a trained policy: give policy.path=<the SFT model dir>")
-        algorithm = instantiate_plugin(cfg.algo, "algo", None)
+        algorithm = instantiate_plugin(cfg.algo, "algo", (PolicyAlgorithm, PreferenceAlgorithm))
         if isinstance(algorithm, PreferenceAlgorithm):  # offline (DPO, IPO): trains on comparisons, no rollouts
             return run_offline(self, ctx, algorithm, str(path), key)
-        if not isinstance(algorithm, PolicyAlgorithm):
-            raise ConfigError(f"algo._target_={cfg.algo._target_} is neither a PolicyAlgorithm nor a "
-                              "PreferenceAlgorithm (framework/interfaces.py)")
         reward: RewardFunction = instantiate_plugin(cfg.reward, "reward", RewardFunction)
         if not cfg.get("task"):
             raise ConfigError("stage=rl draws its prompts from a task: add task=friendly_reply (or sort, addition, ...)")

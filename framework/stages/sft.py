@@ -41,8 +41,9 @@ from framework.stages.common import (
     bounded,
     build_tokenizer_and_model,
     build_trainer,
+    check_max_steps,
     check_optimizer_keys,
-    check_stage_values,
+    check_stage_sizes,
     export_causal_lm,
     lm_loss,
     log_samples,
@@ -136,6 +137,7 @@ class SFTStage(Stage):
         check_format(format)
         self.name, self.format, self.max_length = name, format, max_length
         self.batch_size, self.val_fraction, self.val_batches = batch_size, val_fraction, val_batches
+        check_stage_sizes(val_fraction, batch_size, max_length=max_length)
         self.num_workers = num_workers
         self.optimizer = dict(optimizer or {"lr": 1e-3})
         self.scheduler = dict(scheduler or {})
@@ -146,7 +148,7 @@ class SFTStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
-        check_stage_values(self.val_fraction, self.batch_size, cfg.trainer.get("max_steps"), max_length=self.max_length)
+        check_max_steps(cfg.trainer.get("max_steps"))
         loss = lm_loss(cfg, self.name)
         algorithm: ImitationAlgorithm = instantiate_plugin(cfg.imitation, "imitation", ImitationAlgorithm)
         task: Task | None = instantiate_plugin(cfg.task, "task", Task) if cfg.get("task") else None
