@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_main, timed_fit  # noqa: E402
+from peer import bench_main, peer_adamw, timed_fit  # noqa: E402
 
 STEPS, WARMUP, BATCH, LR, MAX_LEN = 100, 10, 16, 1e-4, 128
 
@@ -40,7 +40,7 @@ def run_ours(data: Path) -> dict:
     pairs = encode_pairs(tok, list(JsonlComparisons(str(data / "pref.jsonl")).comparisons()), "plain", MAX_LEN)
     loader = DataLoader(ListDataset(pairs), batch_size=BATCH, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_pairs, pad_id=tok.pad_token_id))
-    module = PreferenceModule(policy, reference, DPO(beta=0.1), {"lr": LR, "weight_decay": 0.0},
+    module = PreferenceModule(policy, reference, DPO(beta=0.1), peer_adamw(LR),
                               {"warmup_steps": 0, "min_lr_ratio": 1.0})
     return timed_fit(module, STEPS, WARMUP, BATCH, "pairs", train_dataloaders=loader)
 

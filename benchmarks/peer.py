@@ -15,6 +15,13 @@ from typing import Callable
 PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peer-baseline" / "trl"
 
 
+def peer_adamw(lr: float) -> dict:
+    """The peer's optimizer, for our side: transformers' TrainingArguments defaults (AdamW, betas 0.9/0.999, eps
+    1e-8) with weight decay 0 and a constant lr. Our stages default to betas 0.9/0.95, which learns more slowly over
+    a benchmark's few steps (the speed is the same either way)."""
+    return {"lr": lr, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}
+
+
 def repeats(text: str) -> int:
     """argparse type of `--repeats`: a whole number of at least 1 (the tables take medians over the repeats)."""
     import argparse

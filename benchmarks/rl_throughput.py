@@ -39,12 +39,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_root, ensure_data, print_table, repeats, run_trl  # noqa: E402
+from peer import bench_root, ensure_data, peer_adamw, print_table, repeats, run_trl  # noqa: E402
 
 STEPS, WARMUP, PROMPTS, GENERATIONS, NEW, LR = 60, 5, 16, 4, 32, 5e-4
-# the peer's optimizer: transformers' TrainingArguments defaults (AdamW, betas 0.9/0.999, eps 1e-8) with weight
-# decay 0 and a constant lr; our stages default to betas 0.9/0.95, which learns more slowly over 60 steps here
-PEER_ADAMW = {"lr": LR, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}
+PEER_ADAMW = peer_adamw(LR)
 KEYS = ("episodes_per_s", "gen_share", "reward_first10", "reward_last10")
 
 

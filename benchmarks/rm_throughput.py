@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_main, timed_fit  # noqa: E402
+from peer import bench_main, peer_adamw, timed_fit  # noqa: E402
 
 STEPS, WARMUP, BATCH, LR, MAX_LEN = 100, 10, 16, 5e-4, 128
 
@@ -35,7 +35,7 @@ def run_ours(data: Path) -> dict:
     rm = RewardModel.from_causal_lm(load_causal_lm(str(data / "init_policy")), LastToken())
     groups = encode_rankings(tok, list(JsonlComparisons(str(data / "pref.jsonl")).comparisons()), "plain", MAX_LEN)
     dm = ComparisonDataModule(groups, [], BATCH, tok.pad_token_id)
-    module = RewardModule(rm, BradleyTerry(), {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0})
+    module = RewardModule(rm, BradleyTerry(), peer_adamw(LR), {"warmup_steps": 0, "min_lr_ratio": 1.0})
     return timed_fit(module, STEPS, WARMUP, BATCH, "pairs", datamodule=dm)
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import bench_main, timed_fit  # noqa: E402
+from peer import bench_main, peer_adamw, timed_fit  # noqa: E402
 
 STEPS, WARMUP, BATCH, LR, MAX_LEN = 100, 10, 16, 5e-4, 128
 
@@ -40,7 +40,7 @@ def run_ours(data: Path) -> dict:
     examples = encode_demonstrations(tok, JsonlDemonstrations(str(data / "sft.jsonl")).demonstrations(), "plain", MAX_LEN)
     ctx = ImitationContext(examples, [], None, model, tok, tok.eos_token_id, 0, None, 0)
     dm = ImitationDataModule(BehaviourCloning(), lambda: ctx, [], BATCH, STEPS, tok.pad_token_id, 0)
-    module = CausalLMModule(model, LMCrossEntropy(), {"lr": LR, "weight_decay": 0.0}, {"warmup_steps": 0, "min_lr_ratio": 1.0})
+    module = CausalLMModule(model, LMCrossEntropy(), peer_adamw(LR), {"warmup_steps": 0, "min_lr_ratio": 1.0})
     return timed_fit(module, STEPS, WARMUP, BATCH, "sequences", datamodule=dm)
 
 

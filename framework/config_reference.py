@@ -86,27 +86,61 @@ def show(value: Any) -> str:
     return f"`{text}`" if text else '`""`'
 
 
-def help_index(conf: Path) -> dict[str, str]:
-    """{global dotted key: help} from every file, so that a key set again elsewhere (an experiment, a pipeline)
-    shows the help of its definition."""
-    index: dict[str, str] = {}
-    paths = sorted(conf.rglob("*.yaml"), key=lambda p: ("@package _global_" in p.read_text(), str(p)))
-    for path in paths:  # definitions first, then the _global_ files (experiments, pipelines) that set them again
+def help_index(conf: Path) -> dict[str, dict[str, str]]:
+    """{option: {global dotted key: help}} from every file that defines keys (the root config as "config", a group's
+    option as "group/option"), so that a key set again in a `_global_` file (an experiment, a pipeline) shows the
+    help of the option that defines it: the one that file picks for the group, else the root config's default."""
+    index: dict[str, dict[str, str]] = {}
+    for path in sorted(conf.rglob("*.yaml")):
         text = path.read_text()
+        if "@package _global_" in text:
+            continue
         group = path.parent.relative_to(conf).as_posix()
-        prefix = "" if "@package _global_" in text or group == "." else group.split("/")[0] + "."
-        for key, value in comments(text)[1].items():
-            index.setdefault(prefix + key, value)
+        prefix = "" if group == "." else group.split("/")[0] + "."
+        name = path.stem if group == "." else f"{group}/{path.stem}"
+        index[name] = {prefix + key: value for key, value in comments(text)[1].items()}
+        index[f"_picks:{name}"] = picked_options(yaml.safe_load(text) or {})  # stage/sft picks a dataset, ...
     return index
 
 
-def describe_file(path: Path, title: str, index: dict[str, str], prefix: str = "") -> list[str]:
+def picked_options(data: dict) -> dict[str, str]:
+    """{group: option} from a file's `defaults` list (`override /stage: sft` -> stage: sft)."""
+    picks = {}
+    for entry in data.get("defaults", []) or []:
+        if isinstance(entry, dict):
+            (key, value), = entry.items()
+            if value is not None:
+                picks[key.replace("override ", "").lstrip("/").split("@")[0]] = str(value)
+    return picks
+
+
+def definition_help(key: str, index: dict[str, dict[str, str]], picks: dict[str, str]) -> str | None:
+    """The help of a `_global_` file's key at its definition: the root config's, else the option of its group that
+    is picked (by the file, else by an option it picks, else by the root config)."""
+    group = key.split(".", 1)[0]
+    effective = dict(index["_picks:config"])
+    for picked_group, option in picks.items():
+        effective.update(index.get(f"_picks:{picked_group}/{option}", {}))
+    effective.update(picks)
+    for name in ("config", f"{group}/{effective.get(group)}"):
+        text = index.get(name, {}).get(key)
+        if text:
+            return text
+    return None
+
+
+def describe_file(path: Path, title: str, index: dict[str, dict[str, str]], group: str = "") -> list[str]:
+    """group: the option's group ("" for the root config)."""
     text = path.read_text()
     header, helps = comments(text)
     data = yaml.safe_load(text) or {}
     glob = "@package _global_" in text
-    if glob:
-        prefix = ""
+    picks_of = picked_options(data)
+    prefix = group.split("/")[0] + "." if group else ""
+    for entry in data.get("defaults", []) or []:  # an option that extends another of its group (trainer/ddp: cpu)
+        if isinstance(entry, str) and entry != "_self_" and not glob:
+            for key, value in index.get(f"{group}/{entry}", {}).items():
+                helps.setdefault(key.removeprefix(prefix), value)
     lines = [f"### {title}", ""]
     if header:
         lines += [header, ""]
@@ -119,15 +153,19 @@ def describe_file(path: Path, title: str, index: dict[str, str], prefix: str = "
     if rows:
         where = "keys at the root of the config" if glob else "keys"
         lines += [f"| {where} | default | help |", "|---|---|---|"]
-        lines += [f"| `{k}` | {show(v)} | {escape(key_help(k, helps, index, prefix))} |" for k, v in rows]
+        lines += [f"| `{k}` | {show(v)} | {escape(key_help(k, helps, index, picks_of if glob else None))} |"
+                  for k, v in rows]
         lines.append("")
     return lines
 
 
-def key_help(key: str, helps: dict[str, str], index: dict[str, str], prefix: str) -> str:
-    """The key's own comment, else its definition's, else its parent's (a one-key mapping), else a stock text."""
+def key_help(key: str, helps: dict[str, str], index: dict[str, dict[str, str]], picks: dict[str, str] | None) -> str:
+    """The key's own comment, else (in a `_global_` file, `picks` its picked options) its definition's, else its
+    parent's (a one-key mapping), else a stock text. A group's option never borrows a sibling option's comment:
+    the same key can mean another thing there (`batch_size` of eval is not the reward model's)."""
     parent = key.rsplit(".", 1)[0] if "." in key else None
-    text = helps.get(key) or index.get(prefix + key) or (helps.get(parent) if parent else None)
+    text = (helps.get(key) or (definition_help(key, index, picks) if picks is not None else None)
+            or (helps.get(parent) if parent else None))
     if text:
         return text
     if key.endswith("_target_"):
@@ -149,7 +187,7 @@ def render(conf: Path = CONF) -> str:
         name = group.relative_to(conf).as_posix()
         lines += [f"## Group `{name}`", ""]
         for option in sorted(group.glob("*.yaml")):
-            lines += describe_file(option, f"`{name}={option.stem}`", index, name.split("/")[0] + ".")
+            lines += describe_file(option, f"`{name}={option.stem}`", index, name)
     return "\n".join(lines).rstrip() + "\n"
 
 

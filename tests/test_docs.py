@@ -82,3 +82,33 @@ def test_config_reference_is_up_to_date():
 
     assert (REPO / "docs" / "config-reference.md").read_text() == render(), \
         "docs/config-reference.md is stale: run `make config-reference`"
+
+
+def test_config_reference_takes_help_from_where_a_key_is_defined(tmp_path):
+    """A key without a comment shows the help of its definition: in an experiment, the option of its group that the
+    experiment picks (or an option it picks picks, or the root config); in an option that extends another of its
+    group, that one's. Never a sibling option's: `batch_size` means another thing in each stage."""
+    from framework.config_reference import render
+
+    conf = tmp_path / "conf"
+    for name, text in {
+        "config.yaml": "defaults:\n  - _self_\n  - stage: a\nseed: 0   # the seed\n",
+        "stage/a.yaml": "defaults:\n  - override /data@_global_.data: big\nbatch_size: 8   # prompts per batch\n",
+        "stage/b.yaml": "batch_size: 4\n",
+        "stage/c.yaml": "defaults:\n  - a\nbatch_size: 2\n",
+        "data/big.yaml": "n: 10   # rows read\n",
+        "data/small.yaml": "n: 1\n",
+        "experiment/x.yaml": "# @package _global_\ndefaults:\n  - override /stage: b\nstage:\n  batch_size: 3\nseed: 1\n",
+        "experiment/y.yaml": "# @package _global_\ndefaults:\n  - override /stage: a\nstage:\n  batch_size: 5\n"
+                             "data:\n  n: 7\n",
+    }.items():
+        (conf / name).parent.mkdir(parents=True, exist_ok=True)
+        (conf / name).write_text(text)
+    sections = {s.split("\n", 1)[0]: s for s in render(conf).split("### ")}
+    assert "| `batch_size` | `4` |  |" in sections["`stage=b`"]  # not a's "prompts per batch"
+    assert "| `batch_size` | `2` | prompts per batch |" in sections["`stage=c`"]  # c extends a
+    assert "| `n` | `1` |  |" in sections["`data=small`"]
+    assert "| `stage.batch_size` | `3` |  |" in sections["`experiment=x`"]  # x picks stage b
+    assert "| `seed` | `1` | the seed |" in sections["`experiment=x`"]
+    assert "| `stage.batch_size` | `5` | prompts per batch |" in sections["`experiment=y`"]
+    assert "| `data.n` | `7` | rows read |" in sections["`experiment=y`"]  # y picks stage a, which picks data big
