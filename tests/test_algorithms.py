@@ -113,8 +113,42 @@ def test_dpo_and_ipo_losses_by_hand():
     assert smooth.item() == pytest.approx(expected, rel=1e-6)
     ipo = DPO(beta=0.5, loss_type="ipo")
     assert ipo.average_logprobs and ipo.loss(pc, pr, rc, rr)[0].item() == pytest.approx((h - 1.0) ** 2)
+    # at beta 0.5 the target 1 / (2 beta) = 1 and a wrong 1 / beta = 2 are as far from h = 1.5: beta 0.25 tells them
+    # apart (target 2, not 4)
+    assert DPO(beta=0.25, loss_type="ipo").loss(pc, pr, rc, rr)[0].item() == pytest.approx((h - 2.0) ** 2)
     # summed log-probs of the labelled (response) tokens only: logits at t predict labels at t + 1
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
     labels = torch.tensor([[-100, 0, 1]])
     assert sequence_logps(logits, labels).item() == pytest.approx(math.log(0.5) + math.log(0.1), rel=1e-5)
     assert sequence_logps(logits, labels, average=True).item() == pytest.approx((math.log(0.5) + math.log(0.1)) / 2)
+
+
+def test_ppo_losses_by_hand():
+    """The clipped policy loss (the max of the two surrogates' losses), the clipped value loss (the max of the two
+    squared errors, clipped around the rollout's values), vf_coef and approx KL (1/2 the mean squared log-ratio),
+    against a hand computation with every ratio e^0.5 (outside the clip range) and every value moved by +1."""
+    roll = rollout([1.0, -0.5, 0.3, 2.0])
+    ppo = PPO(clip=0.2, value_clip=0.2, vf_coef=0.1)
+    exp = ppo.make_experience(roll, 0.0, "k1")
+    adv, ret, mask = exp["advantages"], exp["returns"], roll.response_mask.float()
+
+    def mean(x):
+        return ((x * mask).sum() / mask.sum()).item()
+
+    ratio = torch.exp(torch.tensor(0.5))
+    loss, m = ppo.loss(roll.logprobs + 0.5, roll.values + 1.0, exp)
+    policy = mean(torch.max(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2)))
+    value = 0.5 * mean(torch.max((roll.values + 1.0 - ret) ** 2, (roll.values + 0.2 - ret) ** 2))
+    assert m["loss/policy"].item() == pytest.approx(policy, rel=1e-5)
+    assert m["loss/value"].item() == pytest.approx(value, rel=1e-5)
+    assert loss.item() == pytest.approx(policy + 0.1 * value, rel=1e-5)
+    assert m["policy/approxkl"].item() == pytest.approx(0.5 * 0.5 ** 2, rel=1e-6)
+
+
+def test_ppo_whiten_rewards_scales_without_shifting_the_mean():
+    roll = rollout([1.0, -0.5, 0.3, 2.0])
+    exp = PPO(whiten_rewards=True).make_experience(roll, 0.2, "k1")
+    mask = roll.response_mask
+    rewards = whiten(token_rewards(roll.scores, (roll.logprobs - roll.ref_logprobs) * mask, mask, 0.2), mask,
+                     shift_mean=False)
+    assert torch.allclose(exp["returns"], gae(rewards, roll.values, mask, 1.0, 0.95)[1])

@@ -20,9 +20,9 @@ from framework.records import Prompt
 from framework.rollout import SamplingSettings
 from framework.reward import NonFiniteReward
 from framework.stages.rl import (PolicyWithValue, RLModule, RLStage, disable_dropout, response_positions,
-                                trim_left_padding)
+                                stop_mask, trim_left_padding)
 from framework.rl import token_logprobs
-from plugins.algorithms.group import GRPO
+from plugins.algorithms.group import GRPO, Reinforce
 from plugins.algorithms.ppo import PPO
 from plugins.datasets.chitchat import ChitchatCorpus
 from plugins.tokenizers.bpe import ByteLevelBPETrainer
@@ -601,3 +601,65 @@ def test_the_gradient_reaching_the_optimizer_is_clipped(tokenizer, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
     assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-4)
+
+
+def test_stop_mask_keeps_the_stop_token_and_nothing_after_it():
+    mask, ended = stop_mask(torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8], [3, 1, 1, 1]]), 3)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]] and ended.tolist() == [True, False, True]
+
+
+def test_a_rollout_with_early_stops_masks_after_the_stop_token(tokenizer, tmp_path, monkeypatch):
+    """The tiny policy rarely stops within 8 tokens by itself: the sampler is nudged towards the stop token, so that
+    responses of different lengths (the early-stop branch) are in one rollout."""
+    from framework.rollout import InverseCDFSampler
+
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path)
+    sample = InverseCDFSampler.__call__
+
+    def likely_stop(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, mod.stop_id] += 4.0
+        return sample(self, input_ids, scores)
+
+    monkeypatch.setattr(InverseCDFSampler, "__call__", likely_stop)
+    torch.manual_seed(1)
+    roll = mod.rollout(PROMPTS)
+    lengths = roll.response_mask.sum(-1)
+    assert roll.ended.any() and (lengths < roll.response_ids.size(1)).any()
+    for ids, mask, ended in zip(roll.response_ids, roll.response_mask, roll.ended):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        if ended:
+            assert ids[n - 1] == mod.stop_id and (ids[n:] == tokenizer.pad_token_id).all()
+
+
+def test_the_single_update_path_takes_log_probs_at_the_sampling_temperature(tokenizer, tmp_path):
+    """GRPO at 1 epoch x 1 minibatch reuses the rollout's log-probs; with the policy equal to the reference, the
+    KL is 0 only if both are taken at the same temperature (0.7 here)."""
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path)
+    metrics = fit(mod, iterations=1).callback_metrics
+    assert metrics["objective/kl"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_adaptive_controller_gets_the_summed_kl_and_the_episodes(tokenizer, tmp_path):
+    kl = {"controller": "adaptive", "coef": 0.15, "target": 1.0, "horizon": 10, "estimator": "k1"}
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path, kl=kl)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in mod.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen, update = [], mod.kl_ctl.update
+    mod.kl_ctl.update = lambda kl, n: (seen.append((kl, n)), update(kl, n))
+    metrics = fit(mod, iterations=1).callback_metrics
+    assert metrics["objective/kl"].item() != 0.0
+    assert seen == [(pytest.approx(metrics["objective/kl"].item(), rel=1e-5), 8)]  # 4 prompts x 2 samples
+
+
+def test_the_algorithms_state_is_restored_from_the_checkpoint(tokenizer, tmp_path):
+    mod = module(tokenizer, Reinforce(), Length(), tmp_path)
+    mod.algorithm.baseline = 1.25
+    checkpoint = {}
+    mod.on_save_checkpoint(checkpoint)
+    resumed = module(tokenizer, Reinforce(), Length(), tmp_path)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.algorithm.baseline == 1.25
