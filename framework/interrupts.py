@@ -3,7 +3,7 @@
 A bare KeyboardInterrupt can land inside a tracking-store write (an SQLite transaction, an HTTP request to the
 MLflow server) and leave the run's store in a state where even marking the run KILLED fails. While a Lightning
 fit/validate loop runs, the first Ctrl-C is therefore only recorded; `StopOnInterrupt` raises KeyboardInterrupt
-at the next batch boundary, where Lightning's own interrupt handling (and `OnExceptionCheckpoint`) takes over.
+at the next batch boundary, where Lightning's own interrupt handling (and our `exception_checkpoint`) takes over.
 A second Ctrl-C, or one outside a training loop, interrupts at once as usual.
 """
 

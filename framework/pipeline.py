@@ -96,17 +96,43 @@ def _with_new_defaults(saved, current):
     return filled
 
 
-def _mid_iteration(ckpt: Path) -> bool:
-    """Whether an RL checkpoint file was written in the middle of an iteration (`written_mid_iteration`)."""
+def _checkpoint_state(ckpt: Path) -> dict | None:
     import torch
-
-    from framework.stages.rl import written_mid_iteration
 
     try:
         state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # not ours to judge: the stage's own loading reports what is wrong with it
-        return False
-    return isinstance(state, dict) and written_mid_iteration(state)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _mid_iteration(ckpt: Path) -> bool:
+    """Whether an RL checkpoint file was written in the middle of an iteration (`written_mid_iteration`)."""
+    from framework.stages.rl import written_mid_iteration
+
+    state = _checkpoint_state(ckpt)
+    return state is not None and written_mid_iteration(state)
+
+
+def _global_step(ckpt: Path) -> int | None:
+    """The optimizer steps a checkpoint file holds (an older version of ours saved one on an error at step 0)."""
+    state = _checkpoint_state(ckpt)
+    return None if state is None else state.get("global_step")
+
+
+def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None) -> None:
+    """A run writes its checkpoints to `<output_dir>/checkpoints`: when that folder already holds an earlier run's
+    (`hydra.run.dir=` given twice), a new run would overwrite them, so it is refused unless it continues from one of
+    them."""
+    ckpts = output_dir / "checkpoints"
+    held = sorted(p.name for p in ckpts.glob("*.ckpt"))
+    if not held or (ckpt_path and Path(ckpt_path).resolve().parent == ckpts.resolve()):
+        return
+    last = ckpts / ("last.ckpt" if "last.ckpt" in held else held[-1])
+    raise ConfigError(f"{output_dir} already holds the checkpoints of an earlier run ({', '.join(held[:3])}"
+                      f"{', ...' if len(held) > 3 else ''}), which a new run there would overwrite: choose another "
+                      f"hydra.run.dir (or leave it out for a new dated folder), or continue that run with "
+                      f"ckpt_path={last}")
 
 
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
@@ -127,6 +153,9 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
         if ckpt.name == "on_exception.ckpt" and _mid_iteration(ckpt):
             print(f"[rlhf] resume: skipping {ckpt}: an error wrote it in the middle of an RL iteration")
             skipped.append(ckpt)
+            continue
+        if ckpt.name == "on_exception.ckpt" and _global_step(ckpt) == 0:  # an error before the first step
+            print(f"[rlhf] resume: skipping {ckpt}: an error wrote it before the first step (no progress in it)")
             continue
         return ckpt
     if skipped:
@@ -170,6 +199,7 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
     if cfg.get("resume") and not ckpt_path:
         ckpt_path = str(find_resume_checkpoint(root, cfg, stage.name))
     resume_run_id = (read_pointer(Path(ckpt_path).parent.parent) or {}).get("run_id") if ckpt_path else None
+    refuse_a_used_run_dir(output_dir, ckpt_path)
     if ckpt_path:
         print(f"[rlhf] resuming from {ckpt_path}" + (f" (MLflow run {resume_run_id})" if resume_run_id else ""))
 

@@ -136,6 +136,89 @@ def test_resume_skips_an_rl_checkpoint_written_in_the_middle_of_an_iteration(tmp
     assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "rl") == partial
 
 
+def test_resume_skips_an_exception_checkpoint_from_before_the_first_step(tmp_path, capsys):
+    """An older version saved on_exception.ckpt on an error at step 0: being the newest, resume=true started over
+    from it and left the earlier run's progress behind."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from framework.pipeline import find_resume_checkpoint
+
+    cfg = {"seed": 0, "stage": {"name": "pretrain"}}
+    progress = saved_run(tmp_path, "a", cfg)
+    torch.save({"global_step": 20}, progress)
+    os.utime(progress, (1e9, 1e9))
+    nothing = saved_run(tmp_path, "b", cfg, "on_exception.ckpt")
+    torch.save({"global_step": 0}, nothing)
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "pretrain") == progress
+    assert "before the first step" in capsys.readouterr().out
+    torch.save({"global_step": 3}, nothing)  # an error after some steps: the newest progress
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create(cfg), "pretrain") == nothing
+
+
+def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
+    """`hydra.run.dir=` given twice: the second run would overwrite the first's checkpoints (and, with Lightning's
+    OnExceptionCheckpoint among the callbacks, silently continue from them); it may only continue from one."""
+    from framework.errors import ConfigError
+    from framework.pipeline import refuse_a_used_run_dir
+
+    refuse_a_used_run_dir(tmp_path, None)  # a new folder
+    (tmp_path / "checkpoints").mkdir()
+    refuse_a_used_run_dir(tmp_path, None)  # an empty checkpoint folder
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step20.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"{tmp_path} already holds the checkpoints of an earlier run \(last.ckpt, "
+                                          rf"step20.ckpt\).*another hydra.run.dir.*ckpt_path={tmp_path}/checkpoints/"
+                                          r"last.ckpt"):
+        refuse_a_used_run_dir(tmp_path, None)
+    with pytest.raises(ConfigError, match="already holds"):
+        refuse_a_used_run_dir(tmp_path, str(tmp_path / "elsewhere" / "last.ckpt"))
+    refuse_a_used_run_dir(tmp_path, str(tmp_path / "checkpoints" / "step20.ckpt"))  # continuing it
+
+
+def test_the_exception_checkpoint_holds_progress_only_and_never_resumes_by_itself(tmp_path):
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from framework.stages.common import exception_checkpoint
+
+    class Fails(pl.LightningModule):
+        def __init__(self, at: int | None):
+            super().__init__()
+            self.at, self.layer, self.started_at = at, torch.nn.Linear(2, 1), None
+
+        def on_train_start(self):
+            self.started_at = self.trainer.global_step
+
+        def training_step(self, batch, i):
+            if self.trainer.global_step == self.at:
+                raise RuntimeError("boom")
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(at, max_steps=4):
+        module = Fails(at)
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[exception_checkpoint(tmp_path)],
+                             default_root_dir=tmp_path, enable_checkpointing=False)
+        try:
+            trainer.fit(module, DataLoader(torch.ones(8, 2), batch_size=1))
+        except RuntimeError:
+            pass
+        return module
+
+    ckpt = tmp_path / "on_exception.ckpt"
+    fit(at=0)
+    assert not ckpt.exists()  # nothing trained: nothing to resume
+    fit(at=2)
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    assert fit(at=None).started_at == 0  # a new fit beside it starts at step 0 (Lightning's class resumed it)
+    assert not ckpt.exists()  # a fit that ends well removes it
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_default(tmp_path):
     """A GRPO run saved before `algo.kl_estimator` existed (k3 was hard-coded) resumes under today's config, where
     the key holds GRPO's default; a value other than the default, or another plugin, still does not match."""

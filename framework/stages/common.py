@@ -196,6 +196,28 @@ def nothing_trained_notice(lengthen: str):
     return NothingTrainedNotice()
 
 
+def exception_checkpoint(dirpath: Path, filename: str = "on_exception.ckpt"):
+    """A Lightning callback that saves the training state when fit stops on an exception or Ctrl-C, as Lightning's
+    `OnExceptionCheckpoint` does, but only once a step has been taken (a step-0 file holds no progress, and
+    `resume=true`, which takes the newest checkpoint, would start over from it), and without the side effect of
+    that class: while one is among the callbacks, Lightning turns `fit(ckpt_path=None)` into "last", so a new run
+    in a folder that holds an earlier run's checkpoints would silently continue it."""
+    from pytorch_lightning import Callback
+
+    class ExceptionCheckpoint(Callback):
+        ckpt_path = str(Path(dirpath) / filename)
+
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            if trainer.global_step > 0:
+                trainer.save_checkpoint(self.ckpt_path)
+
+        def teardown(self, trainer, pl_module, stage: str) -> None:  # a fit that ends well leaves no such file
+            if stage == "fit":
+                trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+    return ExceptionCheckpoint()
+
+
 def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overrides: Mapping[str, Any] | None = None,
                   lengthen: str = "raise trainer.max_steps and resume again", **defaults: Any):
     """`cfg.trainer` + our logger and checkpoint callbacks; checkpoints go to <output_dir>/checkpoints.
@@ -204,13 +226,13 @@ def build_trainer(ctx: StageContext, callbacks: list, every_n_steps: int, overri
     overrides: Trainer arguments the stage has resolved from its own settings (e.g. max_steps from stage.epochs).
     lengthen: how to make the run longer, said when a resumed run has nothing left to train.
     """
-    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt_dir = ctx.output_dir / "checkpoints"
     checkpointing = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                         every_n_train_steps=every_n_steps, save_last=True, save_top_k=1),
-        OnExceptionCheckpoint(dirpath=ckpt_dir),
+        exception_checkpoint(ckpt_dir),
         stop_callback(),
         nothing_trained_notice(lengthen),
     ]
