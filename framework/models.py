@@ -6,6 +6,7 @@ users with a network; tests use local paths).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -44,6 +45,22 @@ def resolve_model_path(path: str, allow_download: bool = False, key: str = "mode
 
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@contextlib.contextmanager
+def readable_saved_dir(key: str, path: str | Path, what: str = "model"):
+    """Errors from reading a saved model folder's files (a truncated config.json, weights or head file: OSError,
+    JSON, safetensors or unpickling errors) as a ConfigError that names the setting that gave the folder."""
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, json.JSONDecodeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read the saved {what} ({type(err).__name__}: {err}). The "
+                          f"folder is incomplete or damaged: export it again, or point {key} at another one") from err
 
 
 @functools.cache
@@ -159,7 +176,8 @@ def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.pa
 
     ref = resolve_model_path(path, allow_download, key)
     local = not allow_download or Path(ref).is_dir()
-    config = AutoConfig.from_pretrained(ref, local_files_only=local)
+    with readable_saved_dir(key, path):
+        config = AutoConfig.from_pretrained(ref, local_files_only=local)
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
         raise ConfigError(
@@ -167,14 +185,13 @@ def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.pa
             "AutoModelForCausalLM directory (a pretraining or SFT `model/` export)"
         )
     try:
-        return fused_activations(AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs))
+        with readable_saved_dir(key, path, "model weights"):
+            return fused_activations(AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs))
     except ValueError as err:
         raise ConfigError(
             f"{key}={path!r} holds a {type(config).__name__} that is not a causal LM ({err}); "
             "stages that generate need an AutoModelForCausalLM directory"
         ) from err
-    except OSError as err:
-        raise ConfigError(f"{key}={path!r}: cannot load the model weights: {err}") from err
 
 
 class CausalLMFactory(ModelSource):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -196,6 +197,10 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file")
+    if ckpt_path and not zipfile.is_zipfile(ckpt_path):  # torch.save's format; a model's weights file is not one
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a training checkpoint (the .ckpt files a run writes to "
+                          "<run>/checkpoints/); an exported model folder is a starting point instead: model.path= "
+                          "(policy.path= for stage=rl)")
     if cfg.get("resume") and not ckpt_path:
         ckpt_path = str(find_resume_checkpoint(root, cfg, stage.name))
     resume_run_id = (read_pointer(Path(ckpt_path).parent.parent) or {}).get("run_id") if ckpt_path else None

@@ -22,7 +22,7 @@ from torch import nn
 
 from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
-from framework.models import fused_activations, no_cache
+from framework.models import fused_activations, no_cache, readable_saved_dir
 from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
@@ -133,24 +133,31 @@ def export_reward_model(rm: RewardModel, head: RewardHead, head_spec: Mapping[st
     return out_dir
 
 
-def reward_info(path: str | Path) -> dict:
+def reward_info(path: str | Path, key: str = "reward.path") -> dict:
     """The `rlhf_reward` entry of a reward-model dir's config.json ({} for a plain transformers classifier)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{path}: not a reward model directory (no config.json)")
-    return dict(json.loads(config_file.read_text()).get(CONFIG_KEY) or {})
+    with readable_saved_dir(key, path, "reward model's config.json"):
+        return dict(json.loads(config_file.read_text()).get(CONFIG_KEY) or {})
 
 
-def load_reward_model(path: str | Path) -> tuple[nn.Module, "PreTrainedTokenizerBase", dict]:
+def load_reward_model(path: str | Path, key: str = "reward.path") -> tuple[nn.Module, "PreTrainedTokenizerBase", dict]:
     """(model with `.reward(input_ids, attention_mask)`, tokenizer, rlhf_reward info) from a reward-model dir: ours
-    in either layout, or any `...ForSequenceClassification` dir with num_labels=1 (then gain 1, bias 0)."""
+    in either layout, or any `...ForSequenceClassification` dir with num_labels=1 (then gain 1, bias 0). key: the
+    setting that gave the path, named when a file in it cannot be read."""
+    path = Path(path).expanduser()
+    info = reward_info(path, key)
+    with readable_saved_dir(key, path, "reward model"):
+        return _load_reward_model(path, info)
+
+
+def _load_reward_model(path: Path, info: dict) -> tuple[nn.Module, "PreTrainedTokenizerBase", dict]:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from framework.instantiate import instantiate_plugin
     from framework.tokenization import load_tokenizer
 
-    path = Path(path).expanduser()
-    info = reward_info(path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     tokenizer = load_tokenizer(path)
     architectures = list(getattr(config, "architectures", None) or [])
@@ -176,11 +183,12 @@ def load_reward_model(path: str | Path) -> tuple[nn.Module, "PreTrainedTokenizer
     return rm, tokenizer, info
 
 
-def critic_from_reward_model(path: str | Path) -> tuple[nn.Module, nn.Linear, "PreTrainedTokenizerBase"]:
+def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path"
+                             ) -> tuple[nn.Module, nn.Linear, "PreTrainedTokenizerBase"]:
     """A separate PPO critic initialised from a reward model (OpenRLHF's default): (the RM's transformer, a per-token
     value layer = the RM's scoring layer with its normalisation folded in, the RM's tokenizer). The value at every
     token is then the normalised reward the RM would give the sequence cut there."""
-    rm, tokenizer, _ = load_reward_model(path)
+    rm, tokenizer, _ = load_reward_model(path, key)
     if isinstance(rm, SequenceClassifierReward):
         model = rm.model
         trunk = model.base_model

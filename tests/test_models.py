@@ -55,6 +55,20 @@ def test_loads_a_saved_dir_and_rejects_a_non_causal_lm(tmp_path):
         load_causal_lm(str(tmp_path / "encoder"))
 
 
+def test_a_damaged_model_dir_is_named_with_its_setting(tmp_path):
+    """A truncated config.json or weights file (a copy cut short, a full disk) is a ConfigError naming the setting
+    and the fix, not a transformers or safetensors traceback."""
+    model = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=64).build(FakeTok())
+    for damaged in ("config.json", "model.safetensors"):
+        out = tmp_path / damaged
+        model.save_pretrained(out)
+        data = (out / damaged).read_bytes()
+        (out / damaged).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ConfigError, match=rf"policy.path='{out}': cannot read the saved model.*incomplete or "
+                                              r"damaged: export it again, or point policy.path at another one"):
+            load_causal_lm(str(out), key="policy.path")
+
+
 def test_a_loaded_model_trains_with_its_dropout_on(tmp_path):
     """from_pretrained hands out eval mode and Lightning keeps it at fit start, so the model source must switch a
     loaded model to train mode, or fine-tuning a model saved with dropout would silently run without it."""

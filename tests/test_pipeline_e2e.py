@@ -176,6 +176,13 @@ def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
     refuse_a_used_run_dir(tmp_path, str(tmp_path / "checkpoints" / "step20.ckpt"))  # continuing it
 
 
+def test_ckpt_path_must_be_a_training_checkpoint(run_cli_here, tmp_path):
+    weights = tmp_path / "model.safetensors"  # an export's weights given as a checkpoint: an easy mistake
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    proc = run_cli_here("experiment=smoke", f"ckpt_path={weights}", check=False)
+    assert proc.returncode == 2 and "is not a training checkpoint" in proc.stderr and "model.path=" in proc.stderr
+
+
 def test_the_exception_checkpoint_holds_progress_only_and_never_resumes_by_itself(tmp_path):
     import pytorch_lightning as pl
     import torch

@@ -186,6 +186,15 @@ def test_a_reward_model_dir_is_not_a_causal_lm(tiny_lm_and_tokenizer, tmp_path):
         load_causal_lm(str(out))
     with pytest.raises(ConfigError, match="not a reward model"):
         load_reward_model(tmp_path / "missing")
+    # a damaged export: its config.json, its weights (the message names the setting that gave the folder)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=rf"algo.critic_path='{out}': cannot read the saved reward model "
+                                          r"\(SafetensorError"):
+        load_reward_model(out, "algo.critic_path")
+    (out / "config.json").write_text('{"model_type": "gpt2", ')
+    with pytest.raises(ConfigError, match=rf"reward.path='{out}': cannot read the saved reward model's config.json"):
+        load_reward_model(out)
 
 
 class Fixed:

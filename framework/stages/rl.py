@@ -615,7 +615,8 @@ class RLStage(Stage):
         if not path:
             raise ConfigError("algo.critic=separate initialises the critic from a reward model: give "
                               "algo.critic_path=<reward model dir>, or use reward=learned reward.path=<dir>")
-        trunk, value, critic_tokenizer = critic_from_reward_model(path)
+        trunk, value, critic_tokenizer = critic_from_reward_model(
+            path, "algo.critic_path" if algorithm.critic_path else "reward.path")
         if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"algo.critic=separate: the reward model at {path} uses another tokenizer than the "
                               "policy; a critic reads the policy's tokens, so it needs the same vocabulary (use "
