@@ -6,11 +6,12 @@ Lightning, transformers and MLflow are imported when a stage actually runs.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from framework.errors import RLHFError
 
@@ -30,6 +31,13 @@ def _hydra_entry(cfg: DictConfig) -> None:
     except MissingMandatoryValue as err:  # a `???` in conf/ that nobody filled in
         key = getattr(err, "full_key", None) or "a required value"
         print(f"\nerror: {key} is required and was not given: pass {key}=<value> on the command line", file=sys.stderr)
+        sys.exit(2)
+    except InterpolationToMissingValueError as err:  # the same, reached through another key (`policy.path` of
+        # model=pretrained is `${model.path}`)
+        found = re.search(r"Missing mandatory value: ([\w.\[\]-]+)", str(err))
+        key, via = (found.group(1) if found else "a required value"), getattr(err, "full_key", None)
+        print(f"\nerror: {key} is required and was not given" + (f" ({via} is taken from it)" if via else "")
+              + f": pass {key}=<value> on the command line", file=sys.stderr)
         sys.exit(2)
 
 

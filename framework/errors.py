@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import math
+import numbers
+from typing import Any, Iterable
 
 
 class RLHFError(Exception):
@@ -30,6 +32,39 @@ def refuse_unknown_keys(section: str, keys: Iterable[str], allowed: Iterable[str
         hints.append(f"{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
     raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: {section} takes "
                       f"{', '.join(allowed)}; fix the spelling or remove the override")
+
+
+def range_words(at_least=None, above=None, below=None, at_most=None) -> str:
+    """'in [0, 1)', '> 0', '>= 1', ... for a range given by its optional bounds."""
+    start = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
+    end = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
+    if start and end:
+        return f"in {start}, {end}"
+    return (f">= {at_least}" if at_least is not None else f"> {above}" if above is not None
+            else f"< {below}" if below is not None else f"<= {at_most}")
+
+
+def checked_number(key: str, value: Any, whole: bool = False, at_least: float | None = None,
+                   above: float | None = None, below: float | None = None, at_most: float | None = None,
+                   note: str = "", default: Any = None, allow_none: bool = False) -> Any:
+    """`value` of the setting `key` as an int (`whole`) or a float, or a ConfigError naming the key: not a finite
+    number (booleans and strings are not), a fraction where a whole number is needed, or outside the range given by
+    the optional bounds (>= at_least or > above; < below or <= at_most). `note` ends the message of a value out of
+    range (what 0 means, an example); `default` is named in the message of a value of the wrong kind. None passes
+    when `allow_none`."""
+    if value is None and allow_none:
+        return None
+    told = f" (default {default})" if default is not None else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is not a finite number{told}")
+    if whole and value != int(value):
+        raise ConfigError(f"{key}={value!r} must be a whole number{told}")
+    value = int(value) if whole else float(value)
+    if ((at_least is not None and value < at_least) or (above is not None and value <= above)
+            or (below is not None and value >= below) or (at_most is not None and value > at_most)):
+        raise ConfigError(f"{key}={value:g} must be {range_words(at_least, above, below, at_most)}"
+                          + (f" ({note})" if note else ""))
+    return value
 
 
 class DataError(RLHFError):

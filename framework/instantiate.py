@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
+import typing
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +36,63 @@ def _import_target(path: str, group: str) -> Any:
         raise ConfigError(f"{group}._target_={path!r}: module {module_name!r} has no {attr!r}.{hint}") from None
 
 
+# annotations whose values are checked before a plugin is built (a `stage.batch_size=abc` typo otherwise fails
+# inside the constructor with "'<' not supported between 'str' and 'int'", naming no key)
+_NUMBER_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false"}
+
+
+@functools.cache
+def _number_parameters(target: type) -> dict[str, frozenset[str]]:
+    """{parameter: the kinds it takes} for the parameters of `target`'s constructor annotated with int, float or
+    bool only (and None): `int | None`, `float`, `Optional[int]`, ... Others (strings, mappings, unions with other
+    types, unreadable annotations) are not checked here."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return {}
+    kinds = {}
+    for name, parameter in parameters.items():
+        annotation = parameter.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        if not isinstance(annotation, str):
+            args = typing.get_args(annotation) or (annotation,)
+            annotation = " | ".join("None" if a is type(None) else getattr(a, "__name__", "?") for a in args)
+        annotation = annotation.replace("typing.", "")
+        if annotation.startswith("Optional[") and annotation.endswith("]"):
+            annotation = annotation[len("Optional["):-1] + " | None"
+        names = frozenset(part.strip() for part in annotation.split("|"))
+        if names & _NUMBER_KINDS.keys() and names <= {*_NUMBER_KINDS, "None"}:
+            kinds[name] = names
+    return kinds
+
+
+def _check_number_values(node: DictConfig, group: str, target: type, given: Any) -> None:
+    """Refuse, by key, a value of the wrong kind for a constructor parameter annotated as a number or a flag (but
+    those the caller gives itself, `given`, which replace the node's)."""
+    for name, kinds in _number_parameters(target).items():
+        if name not in node or name in given:
+            continue
+        try:
+            value = node[name]
+        except Exception:  # an interpolation that only resolves where the plugin is built: not ours to judge here
+            continue
+        if value is None and "None" in kinds:
+            continue
+        if isinstance(value, bool):
+            ok = "bool" in kinds
+        elif isinstance(value, int):
+            ok = bool(kinds & {"int", "float"})
+        elif isinstance(value, float):
+            ok = "float" in kinds  # 16.0 for an int too: the constructor would pass it on as a float
+        else:
+            ok = False
+        if not ok:
+            wanted = " or ".join(_NUMBER_KINDS[k] for k in ("int", "float", "bool") if k in kinds
+                                 and not (k == "int" and "float" in kinds))
+            raise ConfigError(f"{group}.{name}={value!r} must be {wanted}" + (" (or null)" if "None" in kinds else ""))
+
+
 def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[type, ...] | None = None,
                        fix: str | None = None, **kwargs: Any) -> T:
     """Instantiate `node` (which must carry `_target_`), checking that it imports and implements `expected`.
@@ -52,6 +112,8 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[t
     if expected is not None and isinstance(target, type) and not issubclass(target, expected):
         raise ConfigError(f"{group}._target_={node._target_!r} is not a {contracts}; " + (
             fix or f"plugins of the {group!r} group subclass that contract (see framework/interfaces.py)"))
+    if isinstance(target, type):
+        _check_number_values(node, group, target, kwargs)
     try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as err:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, checked_number
 from framework.interfaces import Stage, StageContext, StageResult
 from framework.interrupts import deferred_interrupts
 from framework.tracking import flatten_config, follow_run, git_commit, is_rank_zero, open_run, plugin_targets, read_pointer
@@ -188,6 +188,8 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
 
     from framework.instantiate import instantiate_plugin
 
+    for key in ("seed", "split_seed"):  # read with int() all over: a typo is named here, before any work
+        checked_number(key, cfg.get(key), whole=True, at_least=0)
     seed_everything(int(cfg.seed), workers=True, verbose=False)
     quiet_lightning()
     root = Path(cfg.paths.root).expanduser()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from framework.errors import ConfigError, refuse_unknown_keys
+from framework.errors import ConfigError, checked_number, refuse_unknown_keys
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -199,9 +199,11 @@ def kl_controller_from(kl) -> FixedKL:
     """`kl_controller` from the `kl` config group (a mapping of `KL_KEYS`; any other key, e.g. a misspelt
     `+kl.coeff=`, is refused)."""
     refuse_unknown_keys("kl", kl, KL_KEYS)
-    target, horizon = kl.get("target"), kl.get("horizon")
-    return kl_controller(str(kl.get("controller", "fixed")), float(kl.get("coef", 0.05)),
-                         None if target is None else float(target), 10000 if horizon is None else int(horizon),
+    coef = checked_number("kl.coef", kl.get("coef", 0.05), at_least=0,
+                          note="0: no penalty; a negative one would reward drifting from the reference")
+    target = checked_number("kl.target", kl.get("target"), allow_none=True)
+    horizon = checked_number("kl.horizon", kl.get("horizon"), whole=True, allow_none=True)
+    return kl_controller(str(kl.get("controller", "fixed")), coef, target, 10000 if horizon is None else horizon,
                          str(kl.get("estimator", "k1")))
 
 

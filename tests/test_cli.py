@@ -61,6 +61,21 @@ def test_a_preference_loss_for_a_language_model_stage_is_refused_before_any_work
     assert "corpus:" not in proc.stdout and "demonstrations" not in proc.stdout  # before any data was read
 
 
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "error: seed='abc' is not a finite number"),
+    ("split_seed=1.5", "error: split_seed=1.5 must be a whole number"),
+    ("trainer.max_steps=abc", "error: trainer.max_steps='abc' is not a finite number"),
+    ("trainer.max_steps=-1", "error: trainer.max_steps=-1: stages train for a number of optimizer steps"),
+    # a `???` reached through an interpolation (model=pretrained's path, which policy.path is taken from)
+    ("model=pretrained", "error: model.path is required and was not given (policy.path is taken from it): pass "
+                         "model.path=<value>"),
+])
+def test_a_value_of_the_wrong_kind_is_named_before_any_work(run_cli_here, override, message):
+    proc = run_cli_here("experiment=smoke", override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "corpus:" not in proc.stdout
+
+
 def test_a_required_value_left_out_is_named_with_the_fix(run_cli, tmp_path):
     proc = run_cli("stage=rl", f"policy.path={tmp_path}", *QUIET, check=False)  # reward=learned needs reward.path
     assert proc.returncode == 2

@@ -44,6 +44,17 @@ def test_bad_rows_name_file_and_line(tmp_path, row, message):
         list(JsonlDemonstrations(f).demonstrations())
 
 
+def test_max_demonstrations_takes_the_first_n_and_refuses_less_than_one(tmp_path):
+    from framework.errors import ConfigError
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(5)))
+    assert [d.prompt for d in JsonlDemonstrations(str(f), max_demonstrations=2).demonstrations()] == ["q0", "q1"]
+    for bad in (-1, 0):  # -1 failed in itertools.islice once the rows were read
+        with pytest.raises(ConfigError, match=rf"dataset.max_demonstrations={bad} must be >= 1 \(null: all"):
+            JsonlDemonstrations(str(f), max_demonstrations=bad)
+
+
 def test_bad_rows_skipped_on_request_with_a_count(tmp_path):
     f = write(tmp_path / "d.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}, "{bad"])
     with pytest.warns(UserWarning, match="skipped 2 bad demonstration"):

@@ -208,6 +208,18 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("pretrain", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
     ("sft", "stage.val_fraction=-0.1", r"stage.val_fraction=-0.1 must be in \[0, 1\)"),
     ("sft", "stage.max_length=0", r"stage.max_length=0 must be >= 2 tokens"),
+    # values of the wrong kind, by key (they failed inside the constructor, or after the model was built)
+    ("rl", "stage.iterations=abc", r"stage.iterations='abc' must be a whole number$"),
+    ("rl", "stage.reward_clip=high", r"stage.reward_clip='high' must be a number \(or null\)"),
+    ("rl", "stage.logprobs_from_sampling=1", r"stage.logprobs_from_sampling=1 must be true or false"),
+    ("sft", "stage.batch_size=1.5", r"stage.batch_size=1.5 must be a whole number"),
+    ("reward_model", "stage.epochs=abc", r"stage.epochs='abc' must be a number \(or null\)"),
+    ("pretrain", "stage.optimizer.lr=-1", r"stage.optimizer.lr=-1 must be > 0 \(e.g. 1e-4\)"),
+    ("pretrain", "stage.optimizer.lr=abc", r"stage.optimizer.lr='abc' is not a finite number"),
+    ("sft", "stage.optimizer.betas=[0.9,1.5]", r"stage.optimizer.betas\[1\]=1.5 must be in \[0, 1\)"),
+    ("sft", "stage.optimizer.betas=0.9", r"stage.optimizer.betas=0.9 must be two numbers"),
+    ("reward_model", "stage.scheduler.warmup_steps=-1", r"stage.scheduler.warmup_steps=-1 must be >= 0"),
+    ("rl", "stage.scheduler.min_lr_ratio=2", r"stage.scheduler.min_lr_ratio=2 must be in \[0, 1\]"),
 ])
 def test_a_wrong_stage_setting_is_refused_when_the_stage_is_built(stage, override, message):
     from hydra import compose, initialize_config_module

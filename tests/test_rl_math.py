@@ -142,6 +142,15 @@ def test_kl_controllers():
     assert isinstance(from_config, AdaptiveKL) and from_config.target == 6.0 and from_config.horizon == 10000
     with pytest.raises(ConfigError, match="kl.horizon=0"):
         kl_controller_from({"controller": "adaptive", "target": 6, "horizon": 0})
+    # values of the wrong kind, by key; a negative coefficient would reward drifting from the reference
+    with pytest.raises(ConfigError, match=r"kl.coef=-1 must be >= 0 \(0: no penalty; a negative one would reward"):
+        kl_controller_from({"controller": "fixed", "coef": -1})
+    with pytest.raises(ConfigError, match=r"kl.coef='abc' is not a finite number"):
+        kl_controller_from({"controller": "fixed", "coef": "abc"})
+    with pytest.raises(ConfigError, match=r"kl.horizon=2.5 must be a whole number"):
+        kl_controller_from({"controller": "adaptive", "target": 6, "horizon": 2.5})
+    with pytest.raises(ConfigError, match=r"kl.target='six' is not a finite number"):
+        kl_controller_from({"controller": "adaptive", "target": "six"})
 
 
 @pytest.mark.parametrize("overrides, kind, coef, target", [

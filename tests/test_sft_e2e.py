@@ -1,5 +1,6 @@
 """Stage 2 end to end through the real CLI: BC and DAgger on a task, chitchat SFT from a pretrained export, chat."""
 
+import json
 import subprocess
 import sys
 
@@ -126,6 +127,17 @@ def test_a_task_with_too_few_prompts_for_held_out_scoring(run_cli_here):
                         "expert=task", "stage.format=plain", "tokenizer.vocab_size=260", "model.n_layer=1",
                         "model.n_positions=64", "stage.max_length=32", "trainer.max_steps=4", *QUIET, check=False)
     assert proc.returncode == 2 and "every held-out prompt is also a demonstration" in proc.stderr
+
+
+def test_demonstrations_that_all_fall_into_validation_are_named(run_cli_here, tmp_path):
+    """One demonstration whose hash lands in the validation share used to stop with "no demonstration fits in
+    stage.max_length", which sent the user after the wrong setting."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    proc = run_cli_here("stage=sft", "dataset=jsonl_sft", f"dataset.paths=[{data}]", "stage.val_fraction=0.99",
+                        *QUIET, check=False)
+    assert proc.returncode == 2 and "all 1 demonstrations fell into the validation split" in proc.stderr
+    assert "stage.val_fraction=0 to train on all of them" in proc.stderr
 
 
 def test_task_scored_without_a_validation_split_and_ddp_keeps_the_step_budget(run_cli, rlhf_home):

@@ -143,6 +143,22 @@ def test_writing_plugins_examples_run(tmp_path, chat_model, run_cli, rlhf_home):
     conf = tmp_path / "my_conf" / "reward"
     conf.mkdir(parents=True)
     (conf / "brevity.yaml").write_text("_target_: my_plugins.brevity.Brevity\nwords: 8\n")
+    # the page: a value of the wrong kind for an annotated parameter is refused by its key before the class is built
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from framework.errors import ConfigError
+    from framework.instantiate import instantiate_plugin
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match=r"^reward.words='eight' must be a whole number$"):
+            instantiate_plugin(OmegaConf.create({"_target_": "my_plugins.brevity.Brevity", "words": "eight"}), "reward")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m == "my_plugins" or m.startswith("my_plugins.")]:
+            del sys.modules[name]
     run_cli(f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "stage=rl", f"policy.path={sft_dir}",
             "reward=brevity", "stage.iterations=2", "stage.prompts_per_iteration=4", "stage.max_new_tokens=8",
             "stage.eval.prompts=4", "stage.eval.every_n_iterations=2", *QUIET, env=env)

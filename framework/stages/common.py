@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -11,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig
 
-from framework.errors import ConfigError, refuse_unknown_keys
+from framework.errors import ConfigError, checked_number, refuse_unknown_keys
 from framework.instantiate import instantiate_plugin
 from framework.interrupts import stop_callback
 from framework.interfaces import Loss, ModelSource, StageContext, TokenizerSource
@@ -26,15 +25,6 @@ def bounded(default: int | float, at_least: float | None = None, above: float | 
     means, an example)."""
     return field(default=default, metadata={"at_least": at_least, "above": above, "below": below,
                                             "at_most": at_most, "note": note})
-
-
-def _range_words(low, above, below, at_most) -> str:
-    start = f"[{low}" if low is not None else f"({above}" if above is not None else None
-    end = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
-    if start and end:
-        return f"in {start}, {end}"
-    return (f">= {low}" if low is not None else f"> {above}" if above is not None
-            else f"< {below}" if below is not None else f"<= {at_most}")
 
 
 def read_section(section: str, cls, settings: Mapping | None):
@@ -62,18 +52,9 @@ def read_section(section: str, cls, settings: Mapping | None):
                                   "none)")
             values[f.name] = tuple(value)
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} is not a finite number (default {default})")
-        if isinstance(default, int) and value != int(value):
-            raise ConfigError(f"{key}={value!r} must be a whole number (default {default})")
-        value = type(default)(value)
-        low, above, below, at_most = (f.metadata.get(k) for k in ("at_least", "above", "below", "at_most"))
-        if ((low is not None and value < low) or (above is not None and value <= above)
-                or (below is not None and value >= below) or (at_most is not None and value > at_most)):
-            note = f.metadata.get("note")
-            raise ConfigError(f"{key}={value:g} must be {_range_words(low, above, below, at_most)}"
-                              + (f" ({note})" if note else ""))
-        values[f.name] = value
+        values[f.name] = checked_number(key, value, whole=isinstance(default, int), default=default,
+                                        **{k: f.metadata.get(k) for k in ("at_least", "above", "below", "at_most")},
+                                        note=f.metadata.get("note") or "")
     return cls(**values)
 
 
@@ -125,17 +106,21 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
 
 def check_stage_sizes(val_fraction: float, batch_size: int, **lengths: int) -> None:
     """The sizes every training stage needs to be sane, with the key to fix; a stage checks them when it is built."""
+    checked_number("stage.val_fraction", val_fraction)
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"stage.val_fraction={val_fraction} must be in [0, 1)")
+    checked_number("stage.batch_size", batch_size, whole=True)
     if batch_size < 1:
         raise ConfigError(f"stage.batch_size={batch_size} must be >= 1")
     for key, value in lengths.items():
+        checked_number(f"stage.{key}", value, whole=True)
         if value < 2:
             raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
 
 
 def check_max_steps(max_steps: int | None) -> None:
-    """A stage sized by `trainer.max_steps` needs a positive one (Lightning's -1, "no limit", is refused)."""
+    """A stage sized by `trainer.max_steps` needs a positive whole number (Lightning's -1, "no limit", is refused)."""
+    checked_number("trainer.max_steps", max_steps, whole=True, allow_none=True)
     if max_steps is None or max_steps <= 0:
         raise ConfigError(f"trainer.max_steps={max_steps}: stages train for a number of optimizer steps; set it > 0")
 
@@ -276,6 +261,17 @@ def check_optimizer_keys(optimizer: Mapping[str, Any], scheduler: Mapping[str, A
     `+stage.optimizer.weight_decayy=`); stages call it when built, before any work."""
     refuse_unknown_keys("stage.optimizer", optimizer, OPTIMIZER_KEYS)
     refuse_unknown_keys("stage.scheduler", scheduler, SCHEDULER_KEYS)
+    # their values too, by key: torch would refuse some only when the optimizer is built, after the data and model
+    checked_number("stage.optimizer.lr", optimizer.get("lr"), above=0, note="e.g. 1e-4")
+    checked_number("stage.optimizer.weight_decay", optimizer.get("weight_decay", 0.0), at_least=0)
+    checked_number("stage.optimizer.eps", optimizer.get("eps", 1e-8), above=0)
+    betas = optimizer.get("betas", (0.9, 0.95))
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise ConfigError(f"stage.optimizer.betas={betas!r} must be two numbers, e.g. [0.9,0.95]")
+    for i, beta in enumerate(betas):
+        checked_number(f"stage.optimizer.betas[{i}]", beta, at_least=0, below=1)
+    checked_number("stage.scheduler.warmup_steps", scheduler.get("warmup_steps", 0), whole=True, at_least=0)
+    checked_number("stage.scheduler.min_lr_ratio", scheduler.get("min_lr_ratio", 0.1), at_least=0, at_most=1)
 
 
 def use_fused_adamw(model: torch.nn.Module, fused: bool | str, precision: str = "32-true",

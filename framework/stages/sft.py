@@ -160,6 +160,10 @@ class SFTStage(Stage):
                                             key=lambda d: f"{d.source}\x00{d.text()}")
         print(f"[rlhf] demonstrations: {dataset.describe()}: {len(demos)} -> {len(train_demos)} train / "
               f"{len(val_demos)} val")
+        if not train_demos:  # the split put every one of a handful into validation
+            raise DataError(f"{dataset.describe()}: all {len(demos)} demonstrations fell into the validation split "
+                            f"(stage.val_fraction={self.val_fraction}); give more demonstrations, or set "
+                            "stage.val_fraction=0 to train on all of them")
 
         tokenizer, model = build_tokenizer_and_model(cfg, [d.text() for d in train_demos])
         n_ctx = context_length(model)

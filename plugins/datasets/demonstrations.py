@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import islice
 from typing import Any, Iterator, Sequence
 
-from framework.errors import DataError
+from framework.errors import DataError, checked_number
 from framework.interfaces import DemonstrationDataset, Task
 from framework.records import ROLES, Demonstration
 from plugins.datasets.chitchat import conversation_turns, load_conversations
@@ -52,7 +52,9 @@ class JsonlDemonstrations(DemonstrationDataset):
     """jsonl rows of {"prompt", "response"} or {"messages": [...]}, validated row by row."""
 
     def __init__(self, paths: Sequence[str] | str, skip_bad_rows: bool = False, max_demonstrations: int | None = None):
-        self.paths, self.skip_bad_rows, self.max_demonstrations = paths, skip_bad_rows, max_demonstrations
+        self.paths, self.skip_bad_rows = paths, skip_bad_rows
+        self.max_demonstrations = checked_number("dataset.max_demonstrations", max_demonstrations, whole=True,
+                                                 at_least=1, allow_none=True, note="null: all of them")
 
     def _rows(self) -> Iterator[tuple[str, int | None, Any, str | None]]:
         for path in expand_paths(self.paths):
@@ -72,7 +74,9 @@ class HFDiskDemonstrations(DemonstrationDataset):
 
     def __init__(self, path: str, split: str = "train", skip_bad_rows: bool = False,
                  max_demonstrations: int | None = None):
-        self.path, self.split, self.skip_bad_rows, self.max_demonstrations = path, split, skip_bad_rows, max_demonstrations
+        self.path, self.split, self.skip_bad_rows = path, split, skip_bad_rows
+        self.max_demonstrations = checked_number("dataset.max_demonstrations", max_demonstrations, whole=True,
+                                                 at_least=1, allow_none=True, note="null: all of them")
 
     def demonstrations(self) -> Iterator[Demonstration]:
         ds = load_saved_dataset(self.path, self.split)
