@@ -7,6 +7,10 @@ the same run to a real `mlflow server`. Uses `MlflowClient` with explicit run id
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
+import http.client
 import json
 import os
 import subprocess
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.errors import TrackingError
+from framework.errors import ConfigError, TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,6 +42,53 @@ def resolve_tracking_uri(configured: str | None, root: str | Path) -> str:
     return default_tracking_uri(root)
 
 
+# the URI schemes of the stores MLflow can use: a server, a database (sqlite is the local default), Databricks
+SERVER_SCHEMES = ("http", "https")
+STORE_SCHEMES = (*SERVER_SCHEMES, "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def uri_forms(root: str | Path | None = None) -> str:
+    """The tracking URIs we accept, for an error message; with `root`, the local default spelt out."""
+    local = default_tracking_uri(root) if root is not None else "sqlite:///<paths.root>/mlflow.db"
+    return (f"give http(s)://host:port of a running `mlflow server`, or logger.tracking_uri=null for the local store "
+            f"{local} (the default)")
+
+
+def _uri_name(uri: str) -> str:
+    """How the user gave `uri`: logger.tracking_uri defaults to $MLFLOW_TRACKING_URI."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI") == uri
+    return f"logger.tracking_uri={uri!r}" + (" (from $MLFLOW_TRACKING_URI)" if from_env else "")
+
+
+def check_tracking_uri(uri: str, root: str | Path | None = None) -> None:
+    """Raise a ConfigError, before anything is trained, when `uri` is not a store MLflow can use: a typo in the
+    scheme (`htp://`), a bad port (`http://host:abc`), or a plain path / file: URI (MLflow's retired file store,
+    which it refuses unless MLFLOW_ALLOW_FILE_STORE=true). root: paths.root, to spell out the local default."""
+    from urllib.parse import urlsplit
+
+    if uri in ("databricks", "databricks-uc", "uc"):  # a bare "databricks": the default Databricks profile
+        return
+    name, forms = _uri_name(uri), uri_forms(root)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as err:
+        raise ConfigError(f"{name} is not a valid URL ({err}): {forms}") from None
+    scheme = parts.scheme.lower()
+    if len(scheme) <= 1 or scheme == "file":  # a path (a one-letter scheme is a Windows drive: C:\\...)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        folder = Path(parts.path if scheme == "file" else uri).expanduser()
+        raise ConfigError(f"{name} is a folder for MLflow's retired file store, which MLflow refuses: {forms}, or "
+                          f"sqlite:///{folder.resolve() / 'mlflow.db'} for a database in that folder")
+    if scheme.split("+")[0] not in STORE_SCHEMES:  # postgresql+psycopg2://... names a driver
+        close = difflib.get_close_matches(scheme, STORE_SCHEMES, n=1)
+        guess = f" (did you mean {close[0]}://?)" if close else ""
+        raise ConfigError(f"{name} has an unknown scheme {scheme + ':'!r}{guess}: {forms}")
+    if scheme in SERVER_SCHEMES and not parts.hostname:
+        raise ConfigError(f"{name} names no host: {forms}")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any training, when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -50,13 +101,53 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         if err.code in (401, 403):
             return  # reachable; auth is mlflow's business (MLFLOW_TRACKING_USERNAME/TOKEN)
         raise TrackingError(f"MLflow server at {uri} answered HTTP {err.code} to {probe}; is it an MLflow server?") from None
-    except (urllib.error.URLError, OSError) as err:
+    except (http.client.InvalidURL, ValueError) as err:  # a URL urllib cannot send: `http://host:abc`, a space
+        raise ConfigError(f"{_uri_name(uri)} is not a valid URL ({err}): {uri_forms()}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         raise TrackingError(
             f"cannot reach the MLflow tracking server at {uri} ({reason}). Nothing was trained. Start it "
             f"(`mlflow server --host 127.0.0.1 --port <port>`), fix logger.tracking_uri / MLFLOW_TRACKING_URI, or add "
             "logger.fallback_to_local=true to log to the local store instead"
         ) from None
+
+
+def _server_gone(err: BaseException) -> bool:
+    """Whether `err` is MLflow's REST client saying that a request got no answer (refused, reset, timed out, its
+    retries used up), as opposed to an answer from the server (a bad parameter, a missing run)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(err)
+    return isinstance(err, MlflowException) and text.startswith("API request to ") and " failed with " in text
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = {id(err)}
+    while (nxt := err.__cause__ or err.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        err = nxt
+    return err
+
+
+class _GuardedClient:
+    """An `MlflowClient` whose calls raise `run`'s TrackingError when the server stops answering (see
+    `TrackedRun.server_errors`); everything else, answers and other errors, passes through unchanged."""
+
+    def __init__(self, client: "MlflowClient", run: "TrackedRun"):
+        self._client = client
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with self._run.server_errors():
+                return attr(*args, **kwargs)
+
+        return guarded
 
 
 def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -109,11 +200,41 @@ class TrackedRun:
 
     """
 
-    def __init__(self, client: "MlflowClient", run_id: str, tracking_uri: str, experiment_id: str):
-        self.client = client
+    def __init__(self, client: "MlflowClient", run_id: str, tracking_uri: str, experiment_id: str,
+                 in_pipeline: bool = False):
+        self.client = _GuardedClient(client, self) if tracking_uri.startswith(("http://", "https://")) else client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
+        self.in_pipeline = in_pipeline  # a stage of `pipeline=...`: the pipeline prints how to continue
+        self.output_dir: Path | None = None  # the run's folder (checkpoints/), known once save_pointer wrote there
+        self._server_gone_said = False
+
+    @contextlib.contextmanager
+    def server_errors(self):
+        """Turn MLflow's traceback for a server that stopped answering during the run into one TrackingError that
+        says so, where the checkpoints are kept, and how to continue."""
+        try:
+            yield
+        except Exception as err:
+            if not _server_gone(err):
+                raise
+            reason = str(_root_cause(err))[:300]
+            if self._server_gone_said:  # said in full once (e.g. by the failing metric), then briefly
+                raise TrackingError(f"the MLflow tracking server at {self.tracking_uri} is not answering "
+                                    f"({reason})") from err
+            self._server_gone_said = True
+            kept = (f"the checkpoints are kept under {self.output_dir / 'checkpoints'}" if self.output_dir
+                    else "what the run wrote so far is kept")
+            if self.in_pipeline:
+                how = ("start the server again and run the `pipeline.start_at=...` command printed above, or run it "
+                       "with logger.fallback_to_local=true to log to the local store instead")
+            else:
+                how = ("start the server again and continue with `resume=true` (the same MLflow run goes on), or "
+                       "continue without the server with `resume=true logger.fallback_to_local=true` (the rest is "
+                       "logged as a new run in the local store)")
+            raise TrackingError(f"the MLflow tracking server at {self.tracking_uri} stopped answering during the "
+                                f"run ({reason}); {kept}: {how}") from err
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Log params; on a resumed run, keys already logged keep their first value and changes become tags."""
@@ -157,9 +278,19 @@ class TrackedRun:
         the run FINISHED at the end of every validate()/fit(), also before training has started."""
         from pytorch_lightning.loggers import MLFlowLogger
 
+        run = self
+
         class RunLogger(MLFlowLogger):
             def finalize(self, status: str = "success") -> None:
                 pass
+
+            def log_hyperparams(self, params: Any) -> None:
+                with run.server_errors():
+                    super().log_hyperparams(params)
+
+            def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+                with run.server_errors():
+                    super().log_metrics(metrics, step)
 
         return RunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, log_model=False)
 
@@ -168,6 +299,7 @@ class TrackedRun:
 
     def save_pointer(self, output_dir: Path) -> None:
         """Write `mlflow_run.json` in the run's output dir so a resumed run can continue this MLflow run."""
+        self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_FILE).write_text(
             json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
@@ -219,30 +351,38 @@ def open_run(
 ) -> TrackedRun:
     """Resolve and check the store, then start (or reopen, on resume) the run for one stage."""
     uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"), root)
+    check_tracking_uri(uri, root)
     try:
         check_reachable(uri, float(logger_cfg.get("connect_timeout_s", 5)))
     except TrackingError as err:
         if not logger_cfg.get("fallback_to_local", False):
             raise
         uri = default_tracking_uri(root)
-        warnings.warn(f"{err}\nfalling back to the local store {uri} (logger.fallback_to_local=true)", stacklevel=2)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        note = ""
+        if resume_run_id:  # that run is on the server: the resumed run goes on as a new local one
+            tags = {**tags, "resumed_from_run_id": resume_run_id}
+            note = f"; MLflow run {resume_run_id} is on that server, so the resumed run is logged as a new run"
+            resume_run_id = None
+        warnings.warn(f"{err}\nfalling back to the local store {uri} (logger.fallback_to_local=true){note}",
+                      stacklevel=2)
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, if it goes away
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     artifact_root = None
     if not uri.startswith(("http://", "https://", "databricks")):
         artifact_root = (Path(root).expanduser().resolve() / "mlartifacts").as_uri()
+    in_pipeline = "pipeline" in tags
     try:
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)  # opens (and creates or migrates) a database store
         if resume_run_id:
             run = client.get_run(resume_run_id)
             client.update_run(resume_run_id, status="RUNNING")
-            return TrackedRun(client, resume_run_id, uri, run.info.experiment_id)
+            return TrackedRun(client, resume_run_id, uri, run.info.experiment_id, in_pipeline)
         exp_id = _get_or_create_experiment(client, str(logger_cfg.get("experiment_name") or "rlhf-lab"), artifact_root)
         run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items() if v is not None})
     except Exception as err:  # mlflow raises MlflowException, OSError, sqlalchemy errors...
         raise TrackingError(f"cannot write to the MLflow store {uri}: {err}") from err
-    return TrackedRun(client, run.info.run_id, uri, exp_id)
+    return TrackedRun(client, run.info.run_id, uri, exp_id, in_pipeline)

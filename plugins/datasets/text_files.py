@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import re
@@ -42,9 +43,14 @@ def expand_paths(patterns: Sequence[str] | str) -> list[Path]:
 
 
 def read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (line number, parsed row, problem) for each non-blank line; problem is None or says why it is bad."""
+    """Yield (line number, parsed row, problem) for each non-blank line; problem is None or says why it is bad.
+
+    A UTF-8 byte order mark (Windows editors write one) is skipped. A file whose first line opens a JSON array is
+    one JSON document, not JSON Lines: that raises a DataError, also under skip_bad_rows, which would drop it all."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -53,9 +59,16 @@ def read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line), None
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                yield lineno, None, f"invalid JSON ({err.msg})"
+                row, problem = None, f"invalid JSON ({err.msg})"
+            else:
+                problem = None
+            if lineno == 1 and line.lstrip().startswith("["):
+                raise DataError(f"{problem + '; ' if problem else ''}the file starts a JSON array, expected one "
+                                "JSON object per line (JSON Lines): write each element on its own line, e.g. "
+                                "`jq -c '.[]' in.json > out.jsonl`", str(path), lineno)
+            yield lineno, row, problem
 
 
 def read_jsonl_field(path: Path, field: str, skip_bad_rows: bool) -> Iterator[tuple[int, str]]:
@@ -132,7 +145,7 @@ class TextFiles(TextDataset):
                         yield Text(text, source=f"{path}:{lineno}")
             elif suffix in TEXT_SUFFIXES:
                 try:
-                    content = path.read_text(encoding="utf-8")
+                    content = path.read_text(encoding="utf-8-sig")  # -sig: without a byte order mark
                 except UnicodeDecodeError as err:
                     raise DataError(f"not UTF-8 text ({err})", str(path)) from None
                 blocks = re.split(r"\n\s*\n", content) if self.split_on_blank_lines else [content]

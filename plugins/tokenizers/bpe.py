@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from framework.errors import ConfigError
 from framework.interfaces import TokenizerSource
 from framework.tokenization import SPECIAL_TOKENS, load_tokenizer, wrap_tokenizer
 
@@ -21,6 +22,31 @@ def corpus_key(corpus: Sequence[str], settings: dict) -> str:
         h.update(doc.encode("utf-8"))
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def check_cache_dir(cache_dir: Path, folder: Path) -> None:
+    """Create `folder` (under paths.cache_dir) or raise a ConfigError naming paths.cache_dir: a file where a folder
+    should be, a folder that cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = _first_file(folder) or folder
+        raise ConfigError(f"paths.cache_dir={str(cache_dir)!r}: {blocker} is a file, not a folder; set "
+                          "paths.cache_dir (or $RLHF_CACHE_DIR) to a folder") from None
+    except OSError as err:
+        raise ConfigError(f"paths.cache_dir={str(cache_dir)!r}: cannot create {folder} ({err.strerror}); set "
+                          "paths.cache_dir (or $RLHF_CACHE_DIR) to a folder you can write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"paths.cache_dir={str(cache_dir)!r}: cannot write in {folder} (permission denied); set "
+                          "paths.cache_dir (or $RLHF_CACHE_DIR) to a folder you can write")
+
+
+def _first_file(path: Path) -> Path | None:
+    """The first existing non-folder on the way down to `path` (a file where a folder should be)."""
+    for part in reversed([path, *path.parents]):
+        if part.exists() and not part.is_dir():
+            return part
+    return None
 
 
 class ByteLevelBPETrainer(TokenizerSource):
@@ -59,8 +85,8 @@ class ByteLevelBPETrainer(TokenizerSource):
         if (target / "tokenizer.json").exists():
             self.last_trained = False
             return load_tokenizer(target)
+        check_cache_dir(cache_dir, target.parent)  # before training, not after it
         tokenizer = self.train(corpus)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         tokenizer.save_pretrained(str(tmp))
         try:
