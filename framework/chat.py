@@ -9,10 +9,13 @@ turn. When the history outgrows the context, the oldest turns are dropped.
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import sys
+from pathlib import Path
 from typing import TextIO
 
-from framework.errors import ConfigError, RLHFError
+from framework.errors import ConfigError, DataError, RLHFError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,9 +30,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-interactive", action="store_true", help="read user turns from stdin without prompting")
     parser.add_argument("--separate", action="store_true", help="batch mode: each line is its own conversation")
     parser.add_argument("--system", default=None, help="a system message to start each conversation with")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the longest reply, in tokens (>= 1)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature (> 0; --greedy for deterministic replies)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -40,7 +44,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.model = value
     if not args.model:
         parser.error("give the model to chat with: rlhf chat model.path=DIR")
+    # refused here, not by `generate` with a traceback (or, for --top-p, not at all)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: give at least 1 (the longest reply, in tokens)")
+    if not math.isfinite(args.temperature) or args.temperature < 0 or (args.temperature == 0 and not args.greedy):
+        parser.error(f"--temperature {args.temperature:g}: give a number > 0"
+                     + ("; for deterministic replies use --greedy instead of --temperature 0"
+                        if args.temperature == 0 else ""))
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        parser.error(f"--top-p {args.top_p:g}: give a number in (0, 1] (1 samples from the whole distribution)")
     return args
+
+
+def read_prompts(path: str) -> TextIO:
+    """The --prompts file, read and decoded whole before the model loads, so a bad file stops the chat before any
+    turn: UTF-8 (with or without a byte-order mark), one user turn a line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"--prompts {path}: cannot read it ({err.strerror or err}); give a text file with one user "
+                          "turn a line") from None
+    try:
+        return io.StringIO(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"--prompts is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}): save it as "
+                        f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > prompts-utf8.txt`", path, line) from None
 
 
 class ChatSession:
@@ -99,6 +128,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     from framework.rollout import SamplingSettings
     from framework.tokenization import load_tokenizer
 
+    prompts = read_prompts(args.prompts) if args.prompts else None
     tokenizer = load_tokenizer(args.model)
     if not tokenizer.chat_template:
         raise ConfigError(f"{args.model!r}: the tokenizer has no chat template")
@@ -109,7 +139,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, sampling)
 
     interactive = not (args.prompts or args.no_interactive) and stdin.isatty()
-    lines = open(args.prompts, encoding="utf-8") if args.prompts else stdin
+    lines = prompts if prompts is not None else stdin
     if interactive:
         print(f"chatting with {args.model} (/reset starts over, /quit or Ctrl-D ends)", file=stdout)
     try:
@@ -141,8 +171,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
                 print(f"(history trimmed: the oldest {dropped} turn(s) no longer fit the context)", file=stdout)
             print(f"bot> {reply}", file=stdout, flush=True)
     finally:
-        if args.prompts:
-            lines.close()
+        if prompts is not None:
+            prompts.close()
     return 0
 
 

@@ -11,6 +11,7 @@ run, and for RL runs the gold reward against sqrt(KL). The PNGs go to a folder a
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
@@ -18,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 from framework.errors import ConfigError, RLHFError, TrackingError
 from framework.plots import plot_figure, save_plot
-from framework.tracking import check_reachable, default_tracking_uri
+from framework.tracking import check_reachable, check_tracking_uri, default_tracking_uri
 
 # metrics shown when --metrics is not given, in this order, when the runs have them
 DEFAULT_METRICS = (
@@ -51,16 +53,119 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def local_root() -> Path:
+    return Path(os.environ.get("RLHF_HOME", "outputs")).expanduser()
+
+
 def tracking_uri(args: argparse.Namespace) -> str:
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        root = Path(os.environ.get("RLHF_HOME", "outputs")).expanduser()
-        uri = default_tracking_uri(root)
+    if args.tracking_uri:
+        uri, source = args.tracking_uri, "--tracking-uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    else:
+        root = local_root()
         if not (root / "mlflow.db").is_file():
             raise ConfigError(f"no local MLflow store at {root / 'mlflow.db'}: set RLHF_HOME to the folder your runs "
                               "wrote to, or give --tracking-uri")
-    check_reachable(uri)
+        return default_tracking_uri(root)
+    uri = check_uri_form(uri, source)
+    check_server(uri, source)
     return uri
+
+
+def check_uri_form(uri: str, source: str) -> str:
+    """Refuse, before MLflow sees them, the stores it would refuse with a traceback (a folder: MLflow's file store;
+    a misspelt scheme, a bad port: `check_tracking_uri`) or silently create empty (a SQLite file that does not
+    exist): there would be nothing to compare. Returns the URI with its scheme in lower case (`HTTP://...` is a
+    server too)."""
+    example = default_tracking_uri(local_root())
+    forms = f"give the SQLite store your runs wrote to (sqlite:///<absolute path>/mlflow.db, e.g. {example}) or " \
+            "an MLflow server (http://host:port)"
+    check_tracking_uri(uri, name=f"{source} {uri}", forms=forms)
+    scheme = urlsplit(uri).scheme.lower()
+    uri = scheme + uri[len(scheme):]
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise ConfigError(f"{source} {uri}: an SQLite store is sqlite:///<path> (three slashes, then the path: "
+                              f"four for an absolute one); {forms}")
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        if db in ("", ":memory:"):
+            raise ConfigError(f"{source} {uri}: an in-memory SQLite store holds no runs to compare; {forms}")
+        path = Path(db)
+        if not path.is_file():
+            hint = ""
+            if not path.is_absolute() and Path("/" + db).is_file():
+                hint = f" (did you mean sqlite:////{db}? an absolute path takes four slashes)"
+            raise ConfigError(f"{source} {uri}: no SQLite store at {path.resolve()}, so nothing to compare (MLflow "
+                              f"would create an empty one); {forms}{hint}")
+    return uri
+
+
+def check_server(uri: str, source: str) -> None:
+    """For an http(s) store: fail fast, with the fix for this command, when the server does not answer."""
+    try:
+        check_reachable(uri)
+    except TrackingError as err:
+        if err.__context__ is None or "cannot reach" not in str(err):
+            raise  # it answered, with an HTTP error: the message says so
+        reason = getattr(err.__context__, "reason", err.__context__)
+        local = f"leave out {source}" if source == "--tracking-uri" else f"unset {source}"
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}): start it (`mlflow server "
+            f"--backend-store-uri {default_tracking_uri(local_root())} --port <port>`) and give its address with "
+            f"--tracking-uri http://127.0.0.1:<port>, or {local} to read the local store "
+            f"{local_root() / 'mlflow.db'} directly") from None
+
+
+def open_store(uri: str):
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as err:  # MlflowException (unsupported scheme), sqlalchemy errors (not a database)...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot open the MLflow store {uri}: {first}; give --tracking-uri as "
+                          "sqlite:///<absolute path>/mlflow.db or http://host:port") from None
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot become a folder, before the store is read and anything is printed or written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file of that name exists (it is kept); give a folder for the table and "
+                          "plots, new or existing")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder; give a folder for the table and plots")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied); give a folder you can write to")
+
+
+def quoted(value: str, what: str) -> str:
+    """`value` as an MLflow filter string literal: MLflow has no escapes, so quote with the mark it does not hold."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{what}: MLflow's filter strings cannot match a value holding both ' and \"; select the runs "
+                      "with --runs <id>,<id> instead")
+
+
+def check_present(kind: str, wanted: list[str], present: set[str]) -> None:
+    """Refuse names that none of the selected runs has (a misspelt --metrics/--params would show only "-")."""
+    missing = [name for name in wanted if name not in present]
+    if not missing:
+        return
+    names = []
+    for name in missing:
+        close = difflib.get_close_matches(name, sorted(present), n=1)
+        names.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    have = sorted(present)
+    listing = ", ".join(have[:15]) + (f", ... ({len(have)} in all)" if len(have) > 15 else "")
+    kind_word = "metrics" if kind == "--metrics" else "params"
+    raise ConfigError(f"{kind}: {', '.join(names)} {'is' if len(missing) == 1 else 'are'} in none of the selected "
+                      f"runs; " + (f"their {kind_word}: {listing}" if have else f"they logged no {kind_word}"))
 
 
 def find_runs(client, args: argparse.Namespace) -> list:
@@ -72,18 +177,24 @@ def find_runs(client, args: argparse.Namespace) -> list:
             except Exception as err:
                 raise ConfigError(f"--runs: no run {run_id!r} in the store ({type(err).__name__})") from None
         return runs
-    exp = client.get_experiment_by_name(args.experiment)
+    try:
+        exp = client.get_experiment_by_name(args.experiment)
+        names = [e.name for e in client.search_experiments()] if exp is None else []
+    except Exception as err:
+        raise TrackingError(f"cannot read the MLflow store: {err}") from None
     if exp is None:
-        names = [e.name for e in client.search_experiments()]
         raise ConfigError(f"no MLflow experiment {args.experiment!r} (there are: {', '.join(names) or 'none'})")
     clauses = [args.filter] if args.filter else []
     for tag in args.tag:
         key, sep, value = tag.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ConfigError(f"--tag {tag!r}: write KEY=VALUE")
-        clauses.append(f"tags.`{key}` = '{value}'")
+        if "`" in key:
+            raise ConfigError(f"--tag {tag!r}: a tag name cannot hold a backquote (`) in an MLflow filter; select "
+                              "the runs with --runs <id>,<id> instead")
+        clauses.append(f"tags.`{key}` = {quoted(value, f'--tag {tag!r}')}")
     if args.stage:
-        clauses.append(f"tags.stage = '{args.stage}'")
+        clauses.append(f"tags.stage = {quoted(args.stage, f'--stage {args.stage!r}')}")
     try:
         runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses),
                                   order_by=["attributes.start_time DESC"], max_results=args.max_runs)
@@ -189,16 +300,20 @@ def plot_gold_vs_kl(runs: list, histories: dict, out: Path) -> Path | None:
 def compare(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    from mlflow import MlflowClient
-
+    out = Path(args.out or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out(out)
     uri = tracking_uri(args)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_store(uri)
     runs = find_runs(client, args)
     if not runs:
         raise ConfigError(f"no runs match in {uri} (experiment {args.experiment!r}"
                           + "".join(f", tag {t}" for t in args.tag) + (f", stage {args.stage}" if args.stage else "")
                           + (f", filter {args.filter!r}" if args.filter else "") + ")")
     params, metrics = choose_params(runs, args.params), choose_metrics(runs, args.metrics)
+    if args.metrics:
+        check_present("--metrics", metrics, {k for r in runs for k in r.data.metrics})
+    if args.params:
+        check_present("--params", params, {k for r in runs for k in r.data.params})
     histories = {}
     for r in runs:
         for m in set(metrics) | {"eval/gold_reward", "eval/kl"}:
@@ -206,22 +321,39 @@ def compare(argv: Sequence[str]) -> int:
                 hist = client.get_metric_history(r.info.run_id, m)
                 histories[(r.info.run_id, m)] = sorted((h.step, h.value) for h in hist)
     lines = table(runs, params, metrics, histories)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create that folder ({err.strerror or err}); give a folder you can "
+                          "write to") from None
     print(f"[rlhf] compare: {len(runs)} run(s) from {uri}\n" + "\n".join(lines))
-
-    out = Path(args.out or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.txt").write_text("\n".join(lines) + "\n")
-    pngs = plot_metrics(runs, metrics, histories, out)
-    gold_kl = plot_gold_vs_kl(runs, histories, out)
+    try:
+        (out / "table.txt").write_text("\n".join(lines) + "\n")
+        pngs = plot_metrics(runs, metrics, histories, out)
+        gold_kl = plot_gold_vs_kl(runs, histories, out)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err}); give a folder you can write "
+                          "to") from None
     pngs += [gold_kl] if gold_kl else []
     print(f"[rlhf] compare: wrote {len(pngs)} plot(s) and table.txt to {out}")
     if not args.no_log:
-        exp_id = runs[0].info.experiment_id
-        run = client.create_run(exp_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"stage": "compare", "compared_runs": ",".join(r.info.run_id for r in runs)})
-        for path in [*pngs, out / "table.txt"]:
-            client.log_artifact(run.info.run_id, str(path))
-        client.set_terminated(run.info.run_id)
+        run = None
+        try:
+            exp_id = runs[0].info.experiment_id
+            run = client.create_run(exp_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                                    tags={"stage": "compare", "compared_runs": ",".join(r.info.run_id for r in runs)})
+            for path in [*pngs, out / "table.txt"]:
+                client.log_artifact(run.info.run_id, str(path))
+            client.set_terminated(run.info.run_id)
+        except Exception as err:  # a read-only store or artifact folder: the files in --out stay
+            if run is not None:
+                try:
+                    client.set_terminated(run.info.run_id, "FAILED")
+                except Exception:
+                    pass
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(f"the table and plots are in {out}, but logging them to {uri} failed ({first}); "
+                                "fix the store's permissions, or add --no-log") from None
         print(f"[rlhf] compare: logged to MLflow run {run.info.run_id} (open with: mlflow ui --backend-store-uri {uri})")
     return 0
 

@@ -60,15 +60,18 @@ def _uri_name(uri: str) -> str:
     return f"logger.tracking_uri={uri!r}" + (" (from $MLFLOW_TRACKING_URI)" if from_env else "")
 
 
-def check_tracking_uri(uri: str, root: str | Path | None = None) -> None:
+def check_tracking_uri(uri: str, root: str | Path | None = None, name: str | None = None,
+                       forms: str | None = None) -> None:
     """Raise a ConfigError, before anything is trained, when `uri` is not a store MLflow can use: a typo in the
     scheme (`htp://`), a bad port (`http://host:abc`), or a plain path / file: URI (MLflow's retired file store,
-    which it refuses unless MLFLOW_ALLOW_FILE_STORE=true). root: paths.root, to spell out the local default."""
+    which it refuses unless MLFLOW_ALLOW_FILE_STORE=true). root: paths.root, to spell out the local default; name:
+    how the URI was given (default `logger.tracking_uri=...`); forms: the URIs that work, for the message (default
+    the training command's)."""
     from urllib.parse import urlsplit
 
     if uri in ("databricks", "databricks-uc", "uc"):  # a bare "databricks": the default Databricks profile
         return
-    name, forms = _uri_name(uri), uri_forms(root)
+    name, forms = name or _uri_name(uri), forms or uri_forms(root)
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535

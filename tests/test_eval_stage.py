@@ -7,7 +7,6 @@ import random
 from types import SimpleNamespace
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from conftest import QUIET, mlflow_runs
@@ -96,20 +95,6 @@ class NaNOnFirst(RewardFunction):
 class InfGold(FriendlyReply):  # a task whose gold returns inf for the last two samples
     def golds(self, prompts, completions):
         return [0.0] * (len(completions) - 2) + [float("inf")] * 2
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    from framework.models import CausalLMFactory
-    from framework.stages.common import export_causal_lm
-    from plugins.datasets.chitchat import ChitchatCorpus
-    from plugins.tokenizers.bpe import ByteLevelBPETrainer
-
-    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
-    tok = ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
-    torch.manual_seed(0)
-    lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=128).build(tok)
-    return str(export_causal_lm(lm, tok, tmp_path_factory.mktemp("policy")))
 
 
 def run_eval(policy, tmp_path, reward="test_eval_stage.ReplyLength",
