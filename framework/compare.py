@@ -81,9 +81,8 @@ def check_uri_form(uri: str, source: str) -> str:
     example = default_tracking_uri(local_root())
     forms = f"give the SQLite store your runs wrote to (sqlite:///<absolute path>/mlflow.db, e.g. {example}) or " \
             "an MLflow server (http://host:port)"
-    check_tracking_uri(uri, name=f"{source} {uri}", forms=forms)
-    scheme = urlsplit(uri).scheme.lower()
-    uri = scheme + uri[len(scheme):]
+    uri = check_tracking_uri(uri, name=f"{source} {uri}", forms=forms)
+    scheme = urlsplit(uri).scheme
     if scheme == "sqlite":
         if not uri.startswith("sqlite:///"):
             raise ConfigError(f"{source} {uri}: an SQLite store is sqlite:///<path> (three slashes, then the path: "

@@ -6,6 +6,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -56,20 +57,24 @@ def _number_parameters(target: type) -> dict[str, frozenset[str]]:
         if annotation is inspect.Parameter.empty:
             continue
         if not isinstance(annotation, str):
-            args = typing.get_args(annotation) or (annotation,)
+            # only a union is unpacked: tuple[float, float] or list[int] is a sequence, not a number
+            union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            args = typing.get_args(annotation) if union else (annotation,)
             annotation = " | ".join("None" if a is type(None) else getattr(a, "__name__", "?") for a in args)
         annotation = annotation.replace("typing.", "")
         if annotation.startswith("Optional[") and annotation.endswith("]"):
             annotation = annotation[len("Optional["):-1] + " | None"
         names = frozenset(part.strip() for part in annotation.split("|"))
         if names & _NUMBER_KINDS.keys() and names <= {*_NUMBER_KINDS, "None"}:
-            kinds[name] = names
+            kinds[name] = names | ({"None"} if parameter.default is None else set())  # `n: int = None`
     return kinds
 
 
-def _check_number_values(node: DictConfig, group: str, target: type, given: Any) -> None:
+def _check_number_values(node: DictConfig, group: str, target: type, given: Any) -> dict[str, int]:
     """Refuse, by key, a value of the wrong kind for a constructor parameter annotated as a number or a flag (but
-    those the caller gives itself, `given`, which replace the node's)."""
+    those the caller gives itself, `given`, which replace the node's). Returns the whole numbers written as floats
+    for int parameters (`trainer.max_steps=1e4`), as ints, for the constructor."""
+    whole = {}
     for name, kinds in _number_parameters(target).items():
         if name not in node or name in given:
             continue
@@ -84,13 +89,16 @@ def _check_number_values(node: DictConfig, group: str, target: type, given: Any)
         elif isinstance(value, int):
             ok = bool(kinds & {"int", "float"})
         elif isinstance(value, float):
-            ok = "float" in kinds  # 16.0 for an int too: the constructor would pass it on as a float
+            ok = "float" in kinds or ("int" in kinds and value.is_integer())
+            if ok and "float" not in kinds:
+                whole[name] = int(value)
         else:
             ok = False
         if not ok:
             wanted = " or ".join(_NUMBER_KINDS[k] for k in ("int", "float", "bool") if k in kinds
                                  and not (k == "int" and "float" in kinds))
             raise ConfigError(f"{group}.{name}={value!r} must be {wanted}" + (" (or null)" if "None" in kinds else ""))
+    return whole
 
 
 def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[type, ...] | None = None,
@@ -113,7 +121,7 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[t
         raise ConfigError(f"{group}._target_={node._target_!r} is not a {contracts}; " + (
             fix or f"plugins of the {group!r} group subclass that contract (see framework/interfaces.py)"))
     if isinstance(target, type):
-        _check_number_values(node, group, target, kwargs)
+        kwargs = {**_check_number_values(node, group, target, kwargs), **kwargs}
     try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as err:

@@ -48,6 +48,17 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @contextlib.contextmanager
+def fetched_from_hub(key: str, path: str, what: str = "model"):
+    """Errors from fetching a model from the Hugging Face Hub (`allow_download=true`: a misspelt id, no network) as a
+    ConfigError that names the setting, not as a damaged local folder."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{key}={path!r}: cannot fetch the {what} from the Hugging Face Hub ({err}); check the id "
+                          "and the network, or give a local model folder") from err
+
+
+@contextlib.contextmanager
 def readable_saved_dir(key: str, path: str | Path, what: str = "model"):
     """Errors from reading a saved model folder's files (a truncated config.json, weights or head file: OSError,
     JSON, safetensors or unpickling errors) as a ConfigError that names the setting that gave the folder."""
@@ -176,7 +187,8 @@ def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.pa
 
     ref = resolve_model_path(path, allow_download, key)
     local = not allow_download or Path(ref).is_dir()
-    with readable_saved_dir(key, path):
+    readable = readable_saved_dir if Path(ref).is_dir() else fetched_from_hub  # a local folder, or a Hub id
+    with readable(key, path):
         config = AutoConfig.from_pretrained(ref, local_files_only=local)
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
@@ -185,7 +197,7 @@ def load_causal_lm(path: str, allow_download: bool = False, key: str = "model.pa
             "AutoModelForCausalLM directory (a pretraining or SFT `model/` export)"
         )
     try:
-        with readable_saved_dir(key, path, "model weights"):
+        with readable(key, path, "model weights"):
             return fused_activations(AutoModelForCausalLM.from_pretrained(ref, local_files_only=local, **kwargs))
     except ValueError as err:
         raise ConfigError(

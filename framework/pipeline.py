@@ -4,6 +4,7 @@ each stage gets its own tracked MLflow run (nested under the pipeline's run when
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 import zipfile
@@ -121,19 +122,31 @@ def _global_step(ckpt: Path) -> int | None:
     return None if state is None else state.get("global_step")
 
 
-def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None) -> None:
+def requeued_checkpoint(output_dir: Path) -> str | None:
+    """A job SLURM requeued (preempted or timed out; SLURM_RESTART_COUNT > 0) runs again with the same overrides in
+    the same folder: it continues from that folder's last.ckpt, as Lightning's OnExceptionCheckpoint made it do."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and last.is_file():
+        print(f"[rlhf] SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
+              f"continuing from {last}")
+        return str(last)
+    return None
+
+
+def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None, pipeline: str | None = None) -> None:
     """A run writes its checkpoints to `<output_dir>/checkpoints`: when that folder already holds an earlier run's
     (`hydra.run.dir=` given twice), a new run would overwrite them, so it is refused unless it continues from one of
-    them."""
+    them. pipeline: the name of the pipeline the stage runs in (a stage's ckpt_path= is not the fix there)."""
     ckpts = output_dir / "checkpoints"
     held = sorted(p.name for p in ckpts.glob("*.ckpt"))
     if not held or (ckpt_path and Path(ckpt_path).resolve().parent == ckpts.resolve()):
         return
     last = ckpts / ("last.ckpt" if "last.ckpt" in held else held[-1])
+    fix = (f"choose another hydra.run.dir for pipeline={pipeline} (or leave it out for a new dated folder)"
+           if pipeline else f"choose another hydra.run.dir (or leave it out for a new dated folder), or continue that "
+           f"run with ckpt_path={last}")
     raise ConfigError(f"{output_dir} already holds the checkpoints of an earlier run ({', '.join(held[:3])}"
-                      f"{', ...' if len(held) > 3 else ''}), which a new run there would overwrite: choose another "
-                      f"hydra.run.dir (or leave it out for a new dated folder), or continue that run with "
-                      f"ckpt_path={last}")
+                      f"{', ...' if len(held) > 3 else ''}), which a new run there would overwrite: {fix}")
 
 
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
@@ -205,8 +218,11 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
                           "(policy.path= for stage=rl)")
     if cfg.get("resume") and not ckpt_path:
         ckpt_path = str(find_resume_checkpoint(root, cfg, stage.name))
-    resume_run_id = (read_pointer(Path(ckpt_path).parent.parent) or {}).get("run_id") if ckpt_path else None
-    refuse_a_used_run_dir(output_dir, ckpt_path)
+    pointer = (read_pointer(Path(ckpt_path).parent.parent) or {}) if ckpt_path else {}
+    resume_run_id, resume_store = pointer.get("run_id"), pointer.get("tracking_uri")
+    if not ckpt_path:
+        ckpt_path = requeued_checkpoint(output_dir)
+    refuse_a_used_run_dir(output_dir, ckpt_path, pipeline)
     if ckpt_path:
         print(f"[rlhf] resuming from {ckpt_path}" + (f" (MLflow run {resume_run_id})" if resume_run_id else ""))
 
@@ -223,7 +239,8 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
             **(cfg.logger.get("tags") or {})}  # the user's tags last, as on the pipeline's own run
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id)
+    tracked = open_run(cfg.logger, root, run_name, tags, resume_run_id=resume_run_id, resume_store=resume_store)
+    resume_run_id = resume_run_id if tracked.run_id == resume_run_id else None  # None: a new run in another store
     tracked.save_pointer(output_dir)
     print(f"[rlhf] MLflow: {tracked.tracking_uri}  run {tracked.run_id}")
     if tracked.tracking_uri.startswith("sqlite:///"):

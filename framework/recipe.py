@@ -146,6 +146,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     unknown = [s for s in [pipe.get("start_at"), pipe.get("stop_after"), *given] if s is not None and s not in stages]
     if unknown:
         raise ConfigError(f"pipeline: unknown stage name(s) {unknown}; this pipeline's stages are {stages}")
+    if cfg.get("ckpt_path"):  # the user's overrides reach every stage: one stage's checkpoint would reach all
+        raise ConfigError(f"ckpt_path= names one stage's checkpoint, and pipeline={pipe.name} passes its overrides to "
+                          "every stage: continue a stopped pipeline with the command it printed "
+                          "(pipeline.start_at=<stage> and the inputs made so far)")
     first = stages.index(pipe.start_at) if pipe.get("start_at") else 0
     last = stages.index(pipe.stop_after) if pipe.get("stop_after") else len(stages) - 1
     if last < first:

@@ -42,9 +42,17 @@ def resolve_tracking_uri(configured: str | None, root: str | Path) -> str:
     return default_tracking_uri(root)
 
 
-# the URI schemes of the stores MLflow can use: a server, a database (sqlite is the local default), Databricks
+# the URI schemes of the stores MLflow can use: a server, a database (sqlite is the local default), Databricks; and
+# those MLflow plugins register (`store_schemes`)
 SERVER_SCHEMES = ("http", "https")
 STORE_SCHEMES = (*SERVER_SCHEMES, "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def store_schemes() -> tuple[str, ...]:
+    """STORE_SCHEMES and the schemes of the tracking stores installed MLflow plugins register (`azureml`, ...)."""
+    from importlib.metadata import entry_points
+
+    return (*STORE_SCHEMES, *(e.name for e in entry_points(group="mlflow.tracking_store")))
 
 
 def uri_forms(root: str | Path | None = None) -> str:
@@ -61,16 +69,16 @@ def _uri_name(uri: str) -> str:
 
 
 def check_tracking_uri(uri: str, root: str | Path | None = None, name: str | None = None,
-                       forms: str | None = None) -> None:
+                       forms: str | None = None) -> str:
     """Raise a ConfigError, before anything is trained, when `uri` is not a store MLflow can use: a typo in the
     scheme (`htp://`), a bad port (`http://host:abc`), or a plain path / file: URI (MLflow's retired file store,
     which it refuses unless MLFLOW_ALLOW_FILE_STORE=true). root: paths.root, to spell out the local default; name:
     how the URI was given (default `logger.tracking_uri=...`); forms: the URIs that work, for the message (default
-    the training command's)."""
+    the training command's). Returns `uri` with its scheme in lower case."""
     from urllib.parse import urlsplit
 
     if uri in ("databricks", "databricks-uc", "uc"):  # a bare "databricks": the default Databricks profile
-        return
+        return uri
     name, forms = name or _uri_name(uri), forms or uri_forms(root)
     try:
         parts = urlsplit(uri)
@@ -80,16 +88,18 @@ def check_tracking_uri(uri: str, root: str | Path | None = None, name: str | Non
     scheme = parts.scheme.lower()
     if len(scheme) <= 1 or scheme == "file":  # a path (a one-letter scheme is a Windows drive: C:\\...)
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
-            return
+            return uri
         folder = Path(parts.path if scheme == "file" else uri).expanduser()
         raise ConfigError(f"{name} is a folder for MLflow's retired file store, which MLflow refuses: {forms}, or "
                           f"sqlite:///{folder.resolve() / 'mlflow.db'} for a database in that folder")
-    if scheme.split("+")[0] not in STORE_SCHEMES:  # postgresql+psycopg2://... names a driver
-        close = difflib.get_close_matches(scheme, STORE_SCHEMES, n=1)
+    known = store_schemes()
+    if scheme.split("+")[0] not in known:  # postgresql+psycopg2://... names a driver
+        close = difflib.get_close_matches(scheme, known, n=1)
         guess = f" (did you mean {close[0]}://?)" if close else ""
         raise ConfigError(f"{name} has an unknown scheme {scheme + ':'!r}{guess}: {forms}")
     if scheme in SERVER_SCHEMES and not parts.hostname:
         raise ConfigError(f"{name} names no host: {forms}")
+    return scheme + uri[len(scheme):]  # HTTP://host is a server too
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -120,8 +130,9 @@ def _server_gone(err: BaseException) -> bool:
     retries used up), as opposed to an answer from the server (a bad parameter, a missing run)."""
     from mlflow.exceptions import MlflowException
 
-    text = str(err)
-    return isinstance(err, MlflowException) and text.startswith("API request to ") and " failed with " in text
+    text = str(err)  # "failed with error code 401 != 200" is an answer (e.g. an auth proxy's page): not gone
+    return isinstance(err, MlflowException) and text.startswith("API request to ") and (
+        " failed with exception " in text or " failed with timeout exception " in text)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -141,6 +152,8 @@ class _GuardedClient:
         self._run = run
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # `_client` itself before __init__ set it (copy, unpickling), and private names
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
@@ -351,23 +364,25 @@ def open_run(
     run_name: str,
     tags: Mapping[str, Any],
     resume_run_id: str | None = None,
+    resume_store: str | None = None,
 ) -> TrackedRun:
-    """Resolve and check the store, then start (or reopen, on resume) the run for one stage."""
-    uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"), root)
-    check_tracking_uri(uri, root)
+    """Resolve and check the store, then start (or reopen, on resume) the run for one stage. resume_store: the store
+    that holds `resume_run_id` (the checkpoint's mlflow_run.json); in another store the resumed run goes on as a new
+    run there, tagged `resumed_from_run_id`."""
+    uri = check_tracking_uri(resolve_tracking_uri(logger_cfg.get("tracking_uri"), root), root)
     try:
         check_reachable(uri, float(logger_cfg.get("connect_timeout_s", 5)))
     except TrackingError as err:
         if not logger_cfg.get("fallback_to_local", False):
             raise
         uri = default_tracking_uri(root)
-        note = ""
-        if resume_run_id:  # that run is on the server: the resumed run goes on as a new local one
-            tags = {**tags, "resumed_from_run_id": resume_run_id}
-            note = f"; MLflow run {resume_run_id} is on that server, so the resumed run is logged as a new run"
-            resume_run_id = None
-        warnings.warn(f"{err}\nfalling back to the local store {uri} (logger.fallback_to_local=true){note}",
-                      stacklevel=2)
+        warnings.warn(f"{err}\nfalling back to the local store {uri} (logger.fallback_to_local=true)", stacklevel=2)
+    if resume_run_id and resume_store and resume_store != uri:
+        # e.g. the server's run continued locally while the server was down, or a local run resumed with the server
+        warnings.warn(f"MLflow run {resume_run_id} is in {resume_store}, not in {uri}: the resumed run is logged there "
+                      "as a new run, tagged resumed_from_run_id", stacklevel=2)
+        tags = {**tags, "resumed_from_run_id": resume_run_id}
+        resume_run_id = None
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, if it goes away
     from mlflow import MlflowClient

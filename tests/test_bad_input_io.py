@@ -47,7 +47,26 @@ def test_a_uri_from_the_environment_says_so(monkeypatch):
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:///x/mlflow.db",
                                  "postgresql+psycopg2://user@host/db", "databricks"])
 def test_good_tracking_uris_pass(uri):
-    check_tracking_uri(uri)
+    assert check_tracking_uri(uri) == uri
+
+
+def test_an_upper_case_scheme_and_a_plugin_store_pass(monkeypatch):
+    import importlib.metadata
+
+    from framework import tracking
+
+    assert check_tracking_uri("HTTP://127.0.0.1:5000") == "http://127.0.0.1:5000"  # then checked as a server
+    real = importlib.metadata.entry_points
+
+    def with_plugin(group=None, **kw):
+        if group == "mlflow.tracking_store":
+            return [importlib.metadata.EntryPoint("azureml", "azureml.mlflow:Store", group)]
+        return real(group=group, **kw)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", with_plugin)
+    assert "azureml" in tracking.store_schemes()
+    assert check_tracking_uri("azureml://region.api.azureml.ms/mlflow/v1.0/x") == \
+        "azureml://region.api.azureml.ms/mlflow/v1.0/x"
 
 
 def test_the_file_store_passes_when_mlflow_is_told_to_allow_it(monkeypatch, tmp_path):
@@ -123,17 +142,46 @@ def test_an_answer_from_the_server_is_not_mistaken_for_a_server_gone():
     run = TrackedRun(Client(), "x", "http://127.0.0.1:5000", "1")
     with pytest.raises(MlflowException, match="not found"):
         run.set_tags({"a": "b"})
+    # an answer that is not MLflow's JSON (an auth proxy's login page after a token expired) is an answer too
+    Client.set_tag = lambda self, *args: (_ for _ in ()).throw(MlflowException(
+        "API request to endpoint /api/2.0/mlflow/runs/set-tag failed with error code 401 != 200. Response body: "
+        "'<html>login</html>'"))
+    with pytest.raises(MlflowException, match="error code 401"):
+        run.set_tags({"a": "b"})
+    import copy
+
+    assert copy.copy(run.client)._client is run.client._client  # the wrapper copies (no recursion on _client)
 
 
 def test_resume_with_fallback_to_local_starts_a_new_local_run(tmp_path):
     """The hint's `resume=true logger.fallback_to_local=true`: the run to resume is on the server, so a new local
     run takes over, tagged with the one it continues."""
-    cfg = OmegaConf.create({"tracking_uri": f"http://127.0.0.1:{free_port()}", "fallback_to_local": True,
-                            "connect_timeout_s": 1, "experiment_name": "x"})
-    with pytest.warns(UserWarning, match="logged as a new run"):
-        run = open_run(cfg, tmp_path, "r", {"stage": "t"}, resume_run_id="0123456789abcdef")
+    server = f"http://127.0.0.1:{free_port()}"
+    cfg = OmegaConf.create({"tracking_uri": server, "fallback_to_local": True, "connect_timeout_s": 1,
+                            "experiment_name": "x"})
+    with pytest.warns(UserWarning, match="logged there as a new run"):
+        run = open_run(cfg, tmp_path, "r", {"stage": "t"}, resume_run_id="0123456789abcdef", resume_store=server)
     assert run.tracking_uri == default_tracking_uri(tmp_path)
     assert run.client.get_run(run.run_id).data.tags["resumed_from_run_id"] == "0123456789abcdef"
+    run.end("KILLED")
+    # resumed again while the server is still down: the checkpoint's pointer now names the local run, which goes on
+    with pytest.warns(UserWarning, match="falling back to the local store"):
+        again = open_run(cfg, tmp_path, "r", {"stage": "t"}, resume_run_id=run.run_id, resume_store=run.tracking_uri)
+    assert again.run_id == run.run_id
+    again.end()
+
+
+def test_a_run_resumed_in_another_store_goes_on_as_a_new_run_there(tmp_path):
+    """The pointer names a run in one store and the resumed run logs to another (the server back after a local
+    stretch, or another logger.tracking_uri): reopening that run id there failed with 'cannot write to the store'."""
+    first = open_run(OmegaConf.create({"tracking_uri": None}), tmp_path / "a", "r", {"stage": "t"})
+    first.end("KILLED")
+    other = default_tracking_uri(tmp_path / "b")
+    with pytest.warns(UserWarning, match=f"is in {first.tracking_uri}, not in {other}"):
+        run = open_run(OmegaConf.create({"tracking_uri": other}), tmp_path / "b", "r", {"stage": "t"},
+                       resume_run_id=first.run_id, resume_store=first.tracking_uri)
+    assert run.run_id != first.run_id
+    assert run.client.get_run(run.run_id).data.tags["resumed_from_run_id"] == first.run_id
     run.end()
 
 

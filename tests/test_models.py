@@ -69,6 +69,15 @@ def test_a_damaged_model_dir_is_named_with_its_setting(tmp_path):
             load_causal_lm(str(out), key="policy.path")
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_not_called_a_damaged_folder():
+    from framework.models import fetched_from_hub
+
+    with pytest.raises(ConfigError, match=r"model.path='gpt3-typo': cannot fetch the model from the Hugging Face Hub "
+                                          r"\(404 not found\); check the id and the network"):
+        with fetched_from_hub("model.path", "gpt3-typo"):
+            raise OSError("404 not found")
+
+
 def test_a_loaded_model_trains_with_its_dropout_on(tmp_path):
     """from_pretrained hands out eval mode and Lightning keeps it at fit start, so the model source must switch a
     loaded model to train mode, or fine-tuning a model saved with dropout would silently run without it."""
@@ -214,7 +223,7 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("rl", "stage.logprobs_from_sampling=1", r"stage.logprobs_from_sampling=1 must be true or false"),
     ("sft", "stage.batch_size=1.5", r"stage.batch_size=1.5 must be a whole number"),
     ("reward_model", "stage.epochs=abc", r"stage.epochs='abc' must be a number \(or null\)"),
-    ("pretrain", "stage.optimizer.lr=-1", r"stage.optimizer.lr=-1 must be > 0 \(e.g. 1e-4\)"),
+    ("pretrain", "stage.optimizer.lr=-1", r"stage.optimizer.lr=-1 must be >= 0 \(e.g. 1e-4\)"),
     ("pretrain", "stage.optimizer.lr=abc", r"stage.optimizer.lr='abc' is not a finite number"),
     ("sft", "stage.optimizer.betas=[0.9,1.5]", r"stage.optimizer.betas\[1\]=1.5 must be in \[0, 1\)"),
     ("sft", "stage.optimizer.betas=0.9", r"stage.optimizer.betas=0.9 must be two numbers"),

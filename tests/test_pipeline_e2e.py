@@ -174,6 +174,31 @@ def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds"):
         refuse_a_used_run_dir(tmp_path, str(tmp_path / "elsewhere" / "last.ckpt"))
     refuse_a_used_run_dir(tmp_path, str(tmp_path / "checkpoints" / "step20.ckpt"))  # continuing it
+    # in a pipeline the user's ckpt_path= would reach every stage: not the fix offered there
+    with pytest.raises(ConfigError, match="choose another hydra.run.dir for pipeline=chatgpt") as err:
+        refuse_a_used_run_dir(tmp_path, None, "chatgpt")
+    assert "ckpt_path" not in str(err.value)
+
+
+def test_a_job_slurm_requeued_continues_from_its_folders_last_checkpoint(tmp_path, monkeypatch):
+    from framework.pipeline import requeued_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert requeued_checkpoint(tmp_path) is None  # a new job: refused by refuse_a_used_run_dir instead
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert requeued_checkpoint(tmp_path / "new") is None  # requeued before its first checkpoint: starts over
+
+
+def test_a_pipeline_refuses_ckpt_path(run_cli_here, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    import torch
+
+    torch.save({"global_step": 1}, ckpt)
+    proc = run_cli_here("pipeline=chatgpt", f"ckpt_path={ckpt}", check=False)
+    assert proc.returncode == 2 and "passes its overrides to every stage" in proc.stderr
 
 
 def test_ckpt_path_must_be_a_training_checkpoint(run_cli_here, tmp_path):

@@ -195,6 +195,15 @@ def test_a_reward_model_dir_is_not_a_causal_lm(tiny_lm_and_tokenizer, tmp_path):
     (out / "config.json").write_text('{"model_type": "gpt2", ')
     with pytest.raises(ConfigError, match=rf"reward.path='{out}': cannot read the saved reward model's config.json"):
         load_reward_model(out)
+    # through the plugins that wrap a reward model, by the setting the user gave
+    from plugins.rewards.learned import RewardEnsemble
+    from plugins.tasks.learned_gold import RewardModelGold
+    from plugins.tasks.sort import SortDigits
+
+    with pytest.raises(ConfigError, match=rf"reward.paths\[0\]='{out}': cannot read"):
+        RewardEnsemble([str(out), str(out)])
+    with pytest.raises(ConfigError, match=rf"task.path='{out}': cannot read"):
+        RewardModelGold(SortDigits(), str(out))
 
 
 class Fixed:

@@ -454,13 +454,12 @@ class FailsMidIteration(PPO):
 
 
 def test_a_checkpoint_written_in_the_middle_of_an_iteration_is_marked_and_never_continued(tokenizer, tmp_path):
-    from pytorch_lightning.callbacks import OnExceptionCheckpoint
-
     from framework.pipeline import _mid_iteration
+    from framework.stages.common import exception_checkpoint
 
     mod = module(tokenizer, FailsMidIteration(), Length(), tmp_path)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[OnExceptionCheckpoint(dirpath=tmp_path)])
+                         enable_model_summary=False, callbacks=[exception_checkpoint(tmp_path)])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
     ckpt = tmp_path / "on_exception.ckpt"

@@ -126,3 +126,26 @@ def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_p
     assert compare(["--tag", "stage=rl", "--out", str(out)]) == 2
     assert "no runs match" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("compare-*"))
+
+
+class Annotated:  # no `from __future__ import annotations` in effect for the check: real types and strings both
+    def __init__(self, steps: int = 1, scale: float | None = None, flag: bool = False, n: int = None,
+                 betas: tuple[float, float] = (0.9, 0.95), sizes: "list[int] | None" = None):
+        self.steps, self.scale, self.flag, self.n, self.betas, self.sizes = steps, scale, flag, n, betas, sizes
+
+
+def test_number_parameters_are_checked_by_key_before_the_class_is_built():
+    def build(**keys):
+        return instantiate_plugin(OmegaConf.create({"_target_": "test_tracking.Annotated", **keys}), "algo")
+
+    built = build(steps=1e4, scale=2, flag=True, n=None, betas=[0.9, 0.99], sizes=[1, 2])
+    assert built.steps == 10000 and type(built.steps) is int  # a whole number written as a float (1e4)
+    assert built.scale == 2 and built.n is None and built.betas == [0.9, 0.99] and built.sizes == [1, 2]
+    for keys, message in [({"steps": "abc"}, r"algo.steps='abc' must be a whole number$"),
+                          ({"steps": 2.5}, r"algo.steps=2.5 must be a whole number$"),
+                          ({"steps": True}, r"algo.steps=True must be a whole number$"),
+                          ({"scale": "x"}, r"algo.scale='x' must be a number \(or null\)$"),
+                          ({"flag": 1}, r"algo.flag=1 must be true or false$"),
+                          ({"n": "many"}, r"algo.n='many' must be a whole number \(or null\)$")]:
+        with pytest.raises(ConfigError, match=message):
+            build(**keys)

@@ -262,9 +262,9 @@ def check_optimizer_keys(optimizer: Mapping[str, Any], scheduler: Mapping[str, A
     refuse_unknown_keys("stage.optimizer", optimizer, OPTIMIZER_KEYS)
     refuse_unknown_keys("stage.scheduler", scheduler, SCHEDULER_KEYS)
     # their values too, by key: torch would refuse some only when the optimizer is built, after the data and model
-    checked_number("stage.optimizer.lr", optimizer.get("lr"), above=0, note="e.g. 1e-4")
+    checked_number("stage.optimizer.lr", optimizer.get("lr"), at_least=0, note="e.g. 1e-4")
     checked_number("stage.optimizer.weight_decay", optimizer.get("weight_decay", 0.0), at_least=0)
-    checked_number("stage.optimizer.eps", optimizer.get("eps", 1e-8), above=0)
+    checked_number("stage.optimizer.eps", optimizer.get("eps", 1e-8), at_least=0)
     betas = optimizer.get("betas", (0.9, 0.95))
     if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
         raise ConfigError(f"stage.optimizer.betas={betas!r} must be two numbers, e.g. [0.9,0.95]")

@@ -33,11 +33,13 @@ class LearnedReward(RewardFunction):
     name = "learned"
 
     def __init__(self, path: str, batch_size: int = 64, allow_unnormalized: bool = False, format: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, key: str = "reward.path"):
+        # key: the setting that gave `path`, named when its files cannot be read (set by the plugins that wrap this
+        # one: task.path for task=rm_gold, reward.paths[i] for an ensemble member)
         if not path:
             raise ConfigError("reward=learned needs reward.path=<a reward model dir>")
         self.path = str(Path(path).expanduser())
-        self.model, self.tokenizer, info = load_reward_model(self.path)
+        self.model, self.tokenizer, info = load_reward_model(self.path, key)
         disable_dropout(self.model)  # scored in eval mode anyway; this keeps it so whatever calls .train()
         if not info.get("normalized_on") and not allow_unnormalized:
             raise ConfigError(f"reward model {self.path} has no normalisation (rlhf_reward.normalized_on in its "
@@ -86,7 +88,8 @@ class RewardEnsemble(RewardFunction):
                               f"{len(paths)}: reward.paths='[<rm1>,<rm2>]' (for one, reward=learned reward.path=<dir>)")
         if aggregate not in AGGREGATES:
             raise ConfigError(f"reward.aggregate={aggregate!r}; expected one of {AGGREGATES}")
-        self.members = [LearnedReward(p, allow_unnormalized=allow_unnormalized) for p in paths]
+        self.members = [LearnedReward(p, allow_unnormalized=allow_unnormalized, key=f"reward.paths[{i}]")
+                        for i, p in enumerate(paths)]
         self.aggregate, self.lam = aggregate, lam
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:

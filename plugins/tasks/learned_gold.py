@@ -30,7 +30,7 @@ class RewardModelGold(Task):
         if not path:
             raise ConfigError("task=rm_gold needs task.path=<the gold reward model dir>")
         self.base = base
-        self.reward = LearnedReward(path, batch_size=batch_size)
+        self.reward = LearnedReward(path, batch_size=batch_size, key="task.path")
         self.name = base.name  # the same prompts (a task draws them by its name) and the same policy-sample cache
 
     def prompts(self, n: int, seed: int) -> list[Prompt]:
