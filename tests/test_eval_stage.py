@@ -17,20 +17,30 @@ from plugins.tasks.chitchat_reply import FriendlyReply
 
 
 def brute(proxy, gold, n):
+    """Best-of-n over every n-subset; of samples tied at a subset's best proxy score, one at random (the mean)."""
     subsets = list(itertools.combinations(range(len(proxy)), n))
-    best = [max(s, key=lambda i: (proxy[i], -i)) for s in subsets]
-    return sum(proxy[i] for i in best) / len(best), sum(gold[i] for i in best) / len(best)
+    proxies, golds = [], []
+    for s in subsets:
+        top = max(proxy[i] for i in s)
+        tied = [i for i in s if proxy[i] == top]
+        proxies.append(top)
+        golds.append(sum(gold[i] for i in tied) / len(tied))
+    return sum(proxies) / len(subsets), sum(golds) / len(subsets)
 
 
 def test_best_of_n_estimator_matches_brute_force():
     assert best_of_n([0.1, 0.5, 0.3], [1.0, 2.0, 3.0], 2) == pytest.approx(((0.5 + 0.3 + 0.5) / 3, 7 / 3))
     rng = random.Random(0)
-    for _ in range(20):
+    for trial in range(40):
         k = rng.randint(1, 8)
-        proxy = [rng.random() for _ in range(k)]
+        # half the trials draw from three values, so that proxy scores tie (a length-like proxy does)
+        proxy = [rng.random() if trial % 2 else float(rng.randint(0, 2)) for _ in range(k)]
         gold = [rng.gauss(0, 1) for _ in range(k)]
         for n in range(1, k + 1):
             assert best_of_n(proxy, gold, n) == pytest.approx(brute(proxy, gold, n))
+    # two tied best samples: either is best-of-2 as often, whatever their order
+    assert best_of_n([1.0, 1.0, 0.0], [0.0, 5.0, 1.0], 2)[1] == pytest.approx((2.5 + 0.0 + 5.0) / 3)
+    assert best_of_n([1.0, 1.0, 0.0], [5.0, 0.0, 1.0], 2)[1] == pytest.approx((2.5 + 5.0 + 0.0) / 3)
     assert sum(bon_weights(64, 16)) == pytest.approx(1.0)
     assert bon_kl(1) == 0.0 and bon_kl(64) == pytest.approx(math.log(64) - 63 / 64)
     with pytest.raises(ValueError):
@@ -170,3 +180,27 @@ def test_policy_path_names_the_setting_that_gave_it():
     assert policy_path(OmegaConf.create({"policy": {"path": "/p"}, "model": {"path": "/m"}})) == ("/p", "policy.path")
     assert policy_path(OmegaConf.create({"policy": {"path": None}, "model": {"path": "/m"}})) == ("/m", "model.path")
     assert policy_path(OmegaConf.create({"model": {}})) == (None, "policy.path")
+
+
+def _length_gold_task():  # a task whose gold is the proxy (test_eval_stage.ReplyLength): bon/gold == bon/proxy
+    from plugins.tasks.chitchat_reply import FriendlyReply
+
+    class Task(FriendlyReply):
+        def golds(self, prompts, completions):
+            return [len(c) / 10 for c in completions]
+
+    return Task
+
+
+LengthGoldTask = _length_gold_task()
+
+
+def test_bon_gold_is_read_from_the_same_samples_as_the_proxy(tiny_policy, tmp_path):
+    """Kills: the gold scores of prompt i sliced differently from its proxy scores (e.g. gold[i : i + k])."""
+    import json
+
+    run_eval(tiny_policy, tmp_path, reward="test_eval_stage.ReplyLength", task="test_eval_stage.LengthGoldTask")
+    rows = json.loads((tmp_path / "eval" / "best_of_n.json").read_text())["rows"]
+    assert len({r["proxy"] for r in rows}) > 1  # the samples differ in length: the check below can fail
+    for r in rows:
+        assert r["gold"] == pytest.approx(r["proxy"], abs=1e-12), r

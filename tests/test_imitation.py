@@ -1,6 +1,7 @@
 """Response-only masking, truncation, trajectory labelling, DAgger bookkeeping, teacher-LM expert."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,20 +9,23 @@ import torch
 from framework.errors import ConfigError, DataError, ExpertError
 from framework.imitation import (
     IGNORE_INDEX,
+    PromptEncoder,
     encode_demonstration,
     encode_demonstrations,
     encode_prompt,
+    label_trajectory,
     rollout,
     stop_token_id,
     trajectory_example,
 )
 from framework.interfaces import Example, ImitationContext
 from framework.models import CausalLMFactory
-from framework.records import Demonstration
+from framework.records import Demonstration, Prompt
 from plugins.experts.task import TaskExpert
 from plugins.experts.teacher_lm import TeacherLM
 from plugins.imitation.bc import BehaviourCloning
 from plugins.imitation.dagger import DAgger
+from plugins.losses.lm import LMCrossEntropy
 from plugins.tasks.sort import SortDigits
 from plugins.tokenizers.bpe import ByteLevelBPETrainer
 
@@ -189,3 +193,83 @@ def test_dagger_mix_takes_its_rollouts_from_the_demonstration_budget():
     assert imitation["rollouts_per_round"] == 166 and imitation["first_round_demos"] == 0.5
     algo = DAgger(**{k: v for k, v in imitation.items() if k != "_target_"})
     assert [algo.beta(i) for i in (1, 2, 3)] == [0.5, 0.25, 0.125]
+
+
+# the gaps a mutation audit of stage 2 found (each test fails on a plausible bug the suite let through)
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_prompt_encoder_cuts_long_prompts_from_the_left(tok, fmt):
+    """Kills: PromptEncoder keeping ids[:room] (the chat prompt would lose its assistant header)."""
+    text = "hello there, " + " ".join(str(i) for i in range(40)) + " how are you?"  # head != tail
+    full = encode_prompt(tok, text, fmt)
+    enc = PromptEncoder(tok, fmt, context=40, max_new_tokens=8)
+    assert len(full) > enc.room == 32
+    assert enc(text) == full[-32:] and enc.truncated == 1
+    assert enc("fine") == encode_prompt(tok, "fine", fmt) and enc.truncated == 1
+    if fmt == "chat":
+        assert tok.decode(enc(text)).endswith("<|im_start|>assistant\n")
+
+
+def test_collate_examples_takes_no_loss_on_padding():
+    """Kills: padding labelled with pad_id instead of IGNORE_INDEX (loss and val metrics on pads)."""
+    from framework.stages.sft import collate_examples
+
+    b = collate_examples([Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [IGNORE_INDEX, 5])], pad_id=9)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_val_token_accuracy_scores_next_token_predictions():
+    """Kills: val/token_accuracy comparing logits[t] with labels[t] (unshifted)."""
+    from framework.stages.lm_module import CausalLMModule
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    class NextToken(torch.nn.Module):  # logits at t put all mass on ids[t + 1]: a perfect next-token predictor
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.full((1, 4, 6), -10.0)
+            for t in range(3):
+                logits[0, t, input_ids[0, t + 1]] = 10.0
+            return SimpleNamespace(logits=logits)
+
+    module = CausalLMModule(NextToken(), LMCrossEntropy(), {"lr": 1e-3}, {})
+    batch = {"input_ids": ids, "labels": torch.tensor([[IGNORE_INDEX, 2, 3, 4]]), "attention_mask": torch.ones_like(ids)}
+    with pytest.warns(UserWarning):  # self.log without a Trainer
+        module.validation_step(batch, 0)
+    assert module.val_correct.compute().item() == 1.0
+
+
+class FixedExpert:
+    """An expert whose label of state t is 100 + t, whatever the learner did."""
+
+    def next_token_labels(self, prompt, prompt_ids, response_ids):
+        return [100 + t for t in range(len(response_ids) + 1)]
+
+
+def test_dagger_trajectories_are_labelled_with_the_experts_tokens_not_the_learners():
+    """Kills: label_trajectory training on the learner's own tokens, or dropping the first (not the last) label of a
+    trajectory that stopped (the latter is otherwise caught only by the 35 s SFT e2e test)."""
+    stop = 7
+    cut = label_trajectory(FixedExpert(), Prompt("p"), [1, 2], [20, 21], stop)  # hit the length limit
+    assert cut.input_ids == [1, 2, 20, 21, 0]
+    assert cut.labels == [IGNORE_INDEX, IGNORE_INDEX, 100, 101, 102]
+    stopped = label_trajectory(FixedExpert(), Prompt("p"), [1, 2], [20, stop], stop)  # no state after the stop
+    assert stopped.input_ids == [1, 2, 20, stop]
+    assert stopped.labels == [IGNORE_INDEX, IGNORE_INDEX, 100, 101]
+
+
+def test_dagger_rounds_roll_out_on_fresh_prompt_draws(monkeypatch):
+    """Kills: the rollout prompts' RNG seeded without the round (every round revisits the same prompts)."""
+    import plugins.imitation.dagger as dagger
+
+    drawn = []
+    monkeypatch.setattr(dagger, "rollout", lambda model, tok, prompt_ids, *a, **k: (drawn.append(prompt_ids),
+                                                                                    [[] for _ in prompt_ids])[1])
+    monkeypatch.setattr(dagger, "label_trajectory", lambda *a: Example([1], [1]))
+    prompts = [Prompt(str(i)) for i in range(50)]
+    ctx = ImitationContext(demonstrations=[Example([1], [1])], prompts=prompts, encode_prompt=lambda p: [int(p.text)],
+                           model=None, tokenizer=None, stop_id=0, max_new_tokens=4, expert=FixedExpert(), seed=0)
+    algo = dagger.DAgger(rounds=3, rollouts_per_round=8)
+    for i in range(3):
+        algo.round_dataset(i, ctx)
+    assert len(drawn) == 2 and drawn[0] != drawn[1]

@@ -573,3 +573,73 @@ def test_a_reward_model_as_the_gold_keeps_the_base_task_and_scores_in_batches(ti
     assert TaskGold(task).score(prompts, RESPONSES) == pytest.approx(expected, abs=1e-5)  # through golds(), batched
     assert [task.gold(p, r) for p, r in zip(prompts, RESPONSES)] == pytest.approx(expected, abs=1e-5)
     assert task.golds(prompts, RESPONSES) != base.golds(prompts, RESPONSES)
+
+
+# the gaps a mutation audit of stage 3 found (each test fails on a plausible bug the suite let through)
+def mask_of(rows):
+    return {"rank_mask": torch.tensor(rows, dtype=torch.bool)}
+
+
+def test_centring_penalises_the_squared_mean_of_the_real_responses_only():
+    """Kills: |mean| instead of mean^2 (the existing test's group mean is 1, where they agree) and a group mean
+    taken over padding columns too."""
+    r = torch.tensor([[3.0, 1.0, 100.0]])  # a pair padded to K = 3: group mean 2
+    plain, _ = BradleyTerry()(r, mask_of([[True, True, False]]))
+    centred, m = BradleyTerry(center_coef=0.5)(r, mask_of([[True, True, False]]))
+    assert m["center_penalty"].item() == pytest.approx(4.0)
+    assert centred.item() == pytest.approx(plain.item() + 0.5 * 4.0, rel=1e-6)
+
+
+def test_a_tie_is_not_a_correct_preference():
+    """Kills: accuracy counting diff >= 0 (a constant reward model would score 100%)."""
+    _, m = BradleyTerry()(torch.tensor([[1.0, 1.0], [2.0, 0.0]]), mask_of([[True, True]] * 2))
+    assert m["accuracy"].item() == pytest.approx(0.5)
+
+
+def test_flip_rate_reverses_that_share_of_rankings():
+    """Kills: a flip probability other than flip_rate (e.g. flip_rate ** 2); the existing test only uses 1.0."""
+    from plugins.labellers.synthetic import SyntheticLabeller
+
+    class Fixed:
+        def score(self, prompts, completions):
+            return [{"a": 1.0, "b": 0.0}[c] for c in completions]
+
+    labeller, rng = SyntheticLabeller(Fixed(), tau=0.0, flip_rate=0.3), random.Random(0)
+    flipped = sum(labeller.label(Prompt("p"), ["a", "b"], rng).order == (1, 0) for _ in range(4000)) / 4000
+    assert flipped == pytest.approx(0.3, abs=0.03)
+
+
+class FixedRewards(torch.nn.Module):
+    """A stand-in reward model: each flattened response's reward is given, [N, members]."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values, dtype=torch.float)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask):
+        return self.values + 0 * self.w
+
+
+def reward_batch(sizes):
+    from framework.stages.reward import collate_groups, Group
+
+    groups = [Group([[1, 2]] * k, None, None) for k in sizes]
+    return collate_groups(groups, pad_id=0)
+
+
+def test_reward_validation_metrics_read_each_groups_real_responses():
+    """Kills: val/accuracy counting ties, val/reward_rejected_mean read at column K-1 of a padded group, and the
+    calibration target flipped (confident and right must be calibrated)."""
+    from framework.stages.reward import RewardModule
+
+    # a ranking of 3 (rewards 5, 0, -5) and a pair (5, -5) padded to 3: rejected = the last real response of each
+    module = RewardModule(FixedRewards([[5.0], [0.0], [-5.0], [5.0], [-5.0]]), BradleyTerry(), {"lr": 1e-3}, {})
+    module.validation_step(reward_batch([3, 2]), 0)
+    assert module.val_rejected.compute().tolist() == [-5.0, -5.0]
+    assert module.val_chosen.compute().tolist() == [5.0, 5.0]
+    assert module.val_accuracy.compute().item() == 1.0
+    assert module.val_calibration.compute().item() < 0.05  # P(right) = sigmoid(5..10) and right every time
+    ties = RewardModule(FixedRewards([[1.0], [1.0]]), BradleyTerry(), {"lr": 1e-3}, {})
+    ties.validation_step(reward_batch([2]), 0)
+    assert ties.val_accuracy.compute().item() == 0.0

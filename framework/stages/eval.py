@@ -32,10 +32,18 @@ def bon_weights(n_samples: int, n: int) -> list[float]:
 
 
 def best_of_n(proxy: Sequence[float], gold: Sequence[float] | None, n: int) -> tuple[float, float | None]:
-    """Expected (proxy, gold) of the best-of-n sample of one prompt from its N samples (of samples with equal proxy
-    scores, the later one counts as the better)."""
+    """Expected (proxy, gold) of the best-of-n sample of one prompt from its N samples. Of samples tied on the proxy,
+    best-of-n picks one at random: tied samples share the weight of the ranks they take (a rule by position would
+    bias the gold towards whichever sample came first or last)."""
     order = sorted(range(len(proxy)), key=lambda i: proxy[i])
     w = bon_weights(len(proxy), n)
+    start = 0
+    while start < len(order):  # each run of equal proxy scores takes the mean of its ranks' weights
+        end = start
+        while end + 1 < len(order) and proxy[order[end + 1]] == proxy[order[start]]:
+            end += 1
+        w[start:end + 1] = [sum(w[start:end + 1]) / (end + 1 - start)] * (end + 1 - start)
+        start = end + 1
     p = sum(wi * proxy[i] for wi, i in zip(w, order))
     g = None if gold is None else sum(wi * gold[i] for wi, i in zip(w, order))
     return p, g
