@@ -155,21 +155,27 @@ def chat_model(tmp_path_factory, tokenizer_cache):
 
 
 @pytest.fixture(scope="session")
-def tiny_policy(tmp_path_factory) -> str:
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE of 400 tokens (with the chat template) trained on 200 chitchat documents."""
+    from plugins.datasets.chitchat import ChitchatCorpus
+    from plugins.tokenizers.bpe import ByteLevelBPETrainer
+
+    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
+    return ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, tokenizer) -> str:
     """An untrained 1-layer policy with the BPE tokenizer (and its chat template), exported as a stage exports one:
     for the tests that need a model dir but not a trained one (eval, chat)."""
     import torch
 
     from framework.models import CausalLMFactory
     from framework.stages.common import export_causal_lm
-    from plugins.datasets.chitchat import ChitchatCorpus
-    from plugins.tokenizers.bpe import ByteLevelBPETrainer
 
-    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
-    tok = ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
     torch.manual_seed(0)
-    lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=128).build(tok)
-    return str(export_causal_lm(lm, tok, tmp_path_factory.mktemp("policy")))
+    lm = CausalLMFactory(arch="gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=128).build(tokenizer)
+    return str(export_causal_lm(lm, tokenizer, tmp_path_factory.mktemp("policy")))
 
 
 def mlflow_runs(home: Path, experiment: str = "rlhf-lab"):

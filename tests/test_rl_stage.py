@@ -24,16 +24,8 @@ from framework.stages.rl import (PolicyWithValue, RLModule, RLStage, disable_dro
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO, Reinforce
 from plugins.algorithms.ppo import PPO
-from plugins.datasets.chitchat import ChitchatCorpus
-from plugins.tokenizers.bpe import ByteLevelBPETrainer
 
 PROMPTS = [Prompt(t) for t in ["hi there", "what do you do for fun?", "hello", "how was your day today?"]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    corpus = [t.text for t in ChitchatCorpus(max_documents=200).texts()]
-    return ByteLevelBPETrainer(vocab_size=400).build(corpus, tmp_path_factory.mktemp("tok"))
 
 
 def tiny_lm(tokenizer, seed=0):
@@ -607,12 +599,11 @@ def test_stop_mask_keeps_the_stop_token_and_nothing_after_it():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]] and ended.tolist() == [True, False, True]
 
 
-def test_a_rollout_with_early_stops_masks_after_the_stop_token(tokenizer, tmp_path, monkeypatch):
-    """The tiny policy rarely stops within 8 tokens by itself: the sampler is nudged towards the stop token, so that
-    responses of different lengths (the early-stop branch) are in one rollout."""
+def rollout_with_early_stops(mod, monkeypatch):
+    """A rollout of PROMPTS with the sampler nudged towards the stop token (+4 on its logit): the tiny policy rarely
+    stops within 8 tokens by itself."""
     from framework.rollout import InverseCDFSampler
 
-    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path)
     sample = InverseCDFSampler.__call__
 
     def likely_stop(self, input_ids, scores):
@@ -622,7 +613,14 @@ def test_a_rollout_with_early_stops_masks_after_the_stop_token(tokenizer, tmp_pa
 
     monkeypatch.setattr(InverseCDFSampler, "__call__", likely_stop)
     torch.manual_seed(1)
-    roll = mod.rollout(PROMPTS)
+    return mod.rollout(PROMPTS)
+
+
+def test_a_rollout_with_early_stops_masks_after_the_stop_token(tokenizer, tmp_path, monkeypatch):
+    """The tiny policy rarely stops within 8 tokens by itself: the sampler is nudged towards the stop token, so that
+    responses of different lengths (the early-stop branch) are in one rollout."""
+    mod = module(tokenizer, GRPO(generations=2), Length(), tmp_path)
+    roll = rollout_with_early_stops(mod, monkeypatch)
     lengths = roll.response_mask.sum(-1)
     assert roll.ended.any() and (lengths < roll.response_ids.size(1)).any()
     for ids, mask, ended in zip(roll.response_ids, roll.response_mask, roll.ended):
