@@ -146,7 +146,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
         while True:
             if interactive:
                 print("you> ", end="", file=stdout, flush=True)
-            line = lines.readline()
+            try:
+                line = lines.readline()
+            except UnicodeDecodeError as err:  # piped text in another encoding (decoded a chunk at a time)
+                raise DataError(f"standard input is not UTF-8 ({err.reason} at byte 0x{err.object[err.start]:02x}): "
+                                "pipe UTF-8 text, e.g. through `iconv -f latin1 -t utf-8`, or give --prompts "
+                                "<a UTF-8 file>") from None
             if not line:
                 break
             text = line.strip()

@@ -131,7 +131,7 @@ def check_out(out: Path) -> None:
     """Refuse an --out that cannot become a folder, before the store is read and anything is printed or written."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file of that name exists (it is kept); give a folder for the table and "
-                          "plots, new or existing")
+                          "plots (a new one, or one without a table.txt)")
     parent = out.absolute()
     while not parent.exists():
         parent = parent.parent
@@ -139,6 +139,9 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: {parent} is a file, not a folder; give a folder for the table and plots")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied); give a folder you can write to")
+    if (out / "table.txt").exists():  # an earlier comparison: its table and plots would be overwritten
+        raise ConfigError(f"--out {out} already holds a comparison (table.txt), which this one would overwrite; give "
+                          "a new folder (or leave --out out for a dated one)")
 
 
 def quoted(value: str, what: str) -> str:

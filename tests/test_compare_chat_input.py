@@ -97,6 +97,12 @@ def test_compare_refuses_a_metric_or_param_no_run_has(store, capsys):
     # the names they have still work
     assert compare(["--metrics", "eval/kl", "--params", "seed", "--no-log", "--out", str(store / "ok")]) == 0
     assert "eval/kl (final)" in (store / "ok" / "table.txt").read_text()
+    # a second comparison into the same folder would overwrite the first's table and plots
+    first = (store / "ok" / "table.txt").read_text()
+    capsys.readouterr()
+    err = refused(capsys, "--metrics", "eval/gold_reward", "--no-log", "--out", str(store / "ok"))
+    assert f"--out {store / 'ok'} already holds a comparison (table.txt)" in err
+    assert (store / "ok" / "table.txt").read_text() == first
 
 
 def test_compare_keeps_the_table_and_plots_when_logging_them_fails(store, capsys, monkeypatch):
@@ -163,3 +169,15 @@ def test_chat_prompts_must_be_utf8(tiny_policy, tmp_path, capsys):
     assert chat(["--model", tiny_policy, "--prompts", str(good), "--greedy", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "user> café" and out.count("bot> ") == 2
+    # text piped in another encoding: one error line, not a traceback (the stream decodes a chunk at a time, so the
+    # error comes when the chunk holding the bad byte is read)
+    import io
+
+    from framework.chat import parse_args, run_chat
+    from framework.errors import DataError
+
+    piped = io.TextIOWrapper(io.BytesIO("hello\ncafé\n".encode("latin-1")), encoding="utf-8")
+    answered = io.StringIO()
+    args = parse_args(["--model", tiny_policy, "--no-interactive", "--greedy", "--max-new-tokens", "2"])
+    with pytest.raises(DataError, match=r"standard input is not UTF-8 .*byte 0xe9.*iconv -f latin1"):
+        run_chat(args, piped, answered)
