@@ -102,18 +102,10 @@ def check_uri_form(uri: str, source: str) -> str:
 
 def check_server(uri: str, source: str) -> None:
     """For an http(s) store: fail fast, with the fix for this command, when the server does not answer."""
-    try:
-        check_reachable(uri)
-    except TrackingError as err:
-        if err.__context__ is None or "cannot reach" not in str(err):
-            raise  # it answered, with an HTTP error: the message says so
-        reason = getattr(err.__context__, "reason", err.__context__)
-        local = f"leave out {source}" if source == "--tracking-uri" else f"unset {source}"
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at {uri} ({reason}): start it (`mlflow server "
-            f"--backend-store-uri {default_tracking_uri(local_root())} --port <port>`) and give its address with "
-            f"--tracking-uri http://127.0.0.1:<port>, or {local} to read the local store "
-            f"{local_root() / 'mlflow.db'} directly") from None
+    local = f"leave out {source}" if source == "--tracking-uri" else f"unset {source}"
+    check_reachable(uri, fix=f"Start it (`mlflow server --backend-store-uri {default_tracking_uri(local_root())} "
+                             f"--port <port>`) and give its address with --tracking-uri http://127.0.0.1:<port>, or "
+                             f"{local} to read the local store {local_root() / 'mlflow.db'} directly")
 
 
 def open_store(uri: str):

@@ -99,27 +99,15 @@ def _with_new_defaults(saved, current):
 
 
 def _checkpoint_state(ckpt: Path) -> dict | None:
+    """A checkpoint file's contents (memory-mapped), or None when it does not load: the stage's own loading then
+    reports what is wrong with it."""
     import torch
 
     try:
         state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # not ours to judge: the stage's own loading reports what is wrong with it
+    except Exception:
         return None
     return state if isinstance(state, dict) else None
-
-
-def _mid_iteration(ckpt: Path) -> bool:
-    """Whether an RL checkpoint file was written in the middle of an iteration (`written_mid_iteration`)."""
-    from framework.stages.rl import written_mid_iteration
-
-    state = _checkpoint_state(ckpt)
-    return state is not None and written_mid_iteration(state)
-
-
-def _global_step(ckpt: Path) -> int | None:
-    """The optimizer steps a checkpoint file holds (an older version of ours saved one on an error at step 0)."""
-    state = _checkpoint_state(ckpt)
-    return None if state is None else state.get("global_step")
 
 
 def requeued_checkpoint(output_dir: Path) -> str | None:
@@ -152,6 +140,8 @@ def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None, pipeline: str
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
     """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same config as `cfg`
     in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
+    from framework.stages.rl import written_mid_iteration
+
     candidates, mismatched = [], []
     for sub in ("runs", "multiruns"):
         for name in CHECKPOINT_NAMES:
@@ -164,11 +154,12 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 (mismatched if diff else candidates).append((ckpt, diff))
     skipped = []
     for ckpt, _ in sorted(candidates, key=lambda c: c[0].stat().st_mtime, reverse=True):
-        if ckpt.name == "on_exception.ckpt" and _mid_iteration(ckpt):
+        state = _checkpoint_state(ckpt) if ckpt.name == "on_exception.ckpt" else None
+        if state is not None and written_mid_iteration(state):
             print(f"[rlhf] resume: skipping {ckpt}: an error wrote it in the middle of an RL iteration")
             skipped.append(ckpt)
             continue
-        if ckpt.name == "on_exception.ckpt" and _global_step(ckpt) == 0:  # an error before the first step
+        if state is not None and state.get("global_step") == 0:  # an older version saved one on an error at step 0
             print(f"[rlhf] resume: skipping {ckpt}: an error wrote it before the first step (no progress in it)")
             continue
         return ckpt
@@ -218,11 +209,10 @@ def run_stage(cfg: DictConfig, parent_run_id: str | None = None, pipeline: str |
                           "(policy.path= for stage=rl)")
     if cfg.get("resume") and not ckpt_path:
         ckpt_path = str(find_resume_checkpoint(root, cfg, stage.name))
-    pointer = (read_pointer(Path(ckpt_path).parent.parent) or {}) if ckpt_path else {}
-    resume_run_id, resume_store = pointer.get("run_id"), pointer.get("tracking_uri")
-    if not ckpt_path:
-        ckpt_path = requeued_checkpoint(output_dir)
+    ckpt_path = ckpt_path or requeued_checkpoint(output_dir)
     refuse_a_used_run_dir(output_dir, ckpt_path, pipeline)
+    pointer = (read_pointer(Path(ckpt_path).parent.parent) or {}) if ckpt_path else {}  # the MLflow run it goes on
+    resume_run_id, resume_store = pointer.get("run_id"), pointer.get("tracking_uri")
     if ckpt_path:
         print(f"[rlhf] resuming from {ckpt_path}" + (f" (MLflow run {resume_run_id})" if resume_run_id else ""))
 

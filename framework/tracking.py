@@ -102,8 +102,9 @@ def check_tracking_uri(uri: str, root: str | Path | None = None, name: str | Non
     return scheme + uri[len(scheme):]  # HTTP://host is a server too
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any training, when an http(s) tracking server does not answer."""
+def check_reachable(uri: str, timeout_s: float = 5.0, fix: str | None = None) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer. fix: what to do then, for
+    the message (default: the training command's)."""
     if not uri.startswith(("http://", "https://")):
         return
     probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
@@ -118,11 +119,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"{_uri_name(uri)} is not a valid URL ({err}): {uri_forms()}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at {uri} ({reason}). Nothing was trained. Start it "
-            f"(`mlflow server --host 127.0.0.1 --port <port>`), fix logger.tracking_uri / MLFLOW_TRACKING_URI, or add "
-            "logger.fallback_to_local=true to log to the local store instead"
-        ) from None
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}). " + (fix or (
+            "Nothing was trained. Start it (`mlflow server --host 127.0.0.1 --port <port>`), fix logger.tracking_uri / "
+            "MLFLOW_TRACKING_URI, or add logger.fallback_to_local=true to log to the local store instead"))) from None
 
 
 def _server_gone(err: BaseException) -> bool:

@@ -20,7 +20,7 @@ from framework.records import Prompt
 from framework.rollout import SamplingSettings
 from framework.reward import NonFiniteReward
 from framework.stages.rl import (PolicyWithValue, RLModule, RLStage, disable_dropout, response_positions,
-                                stop_mask, trim_left_padding)
+                                stop_mask, trim_left_padding, written_mid_iteration)
 from framework.rl import token_logprobs
 from plugins.algorithms.group import GRPO, Reinforce
 from plugins.algorithms.ppo import PPO
@@ -446,7 +446,7 @@ class FailsMidIteration(PPO):
 
 
 def test_a_checkpoint_written_in_the_middle_of_an_iteration_is_marked_and_never_continued(tokenizer, tmp_path):
-    from framework.pipeline import _mid_iteration
+    from framework.pipeline import _checkpoint_state
     from framework.stages.common import exception_checkpoint
 
     mod = module(tokenizer, FailsMidIteration(), Length(), tmp_path)
@@ -455,7 +455,8 @@ def test_a_checkpoint_written_in_the_middle_of_an_iteration_is_marked_and_never_
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(mod, train_dataloaders=DataLoader(ListDataset(PROMPTS), batch_size=4, collate_fn=list))
     ckpt = tmp_path / "on_exception.ckpt"
-    assert torch.load(ckpt, weights_only=False)["rl_state"]["mid_iteration"] and _mid_iteration(ckpt)
+    assert torch.load(ckpt, weights_only=False)["rl_state"]["mid_iteration"]
+    assert written_mid_iteration(_checkpoint_state(ckpt))
     fresh = module(tokenizer, PPO(epochs=1, minibatches=2), Length(), tmp_path)
     with pytest.raises(ConfigError, match="middle of iteration 0.*last.ckpt"):
         fresh.on_load_checkpoint(torch.load(ckpt, weights_only=False))
