@@ -26,7 +26,8 @@ def _hydra_entry(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except RLHFError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
+        if not err.echoed_by_rank:  # said once: rank 0 says what every process of a DDP run found together
+            print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)
     except MissingMandatoryValue as err:  # a `???` in conf/ that nobody filled in
         key = getattr(err, "full_key", None) or "a required value"

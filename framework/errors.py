@@ -9,7 +9,12 @@ from typing import Any, Iterable
 
 
 class RLHFError(Exception):
-    """A problem with the user's input or environment (config, data, paths, servers), not a bug."""
+    """A problem with the user's input or environment (config, data, paths, servers), not a bug.
+
+    echoed_by_rank: set on an error that every process of a data-parallel run raised together, with the same
+    message, to this process's rank: the command prints it once, from rank 0."""
+
+    echoed_by_rank: int | None = None
 
 
 class ConfigError(RLHFError):

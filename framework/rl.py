@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from framework.distributed import sum_over_processes, world_size
 from framework.errors import ConfigError, checked_number, refuse_unknown_keys
 
 
@@ -30,10 +31,38 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
+def rollout_moments(x: torch.Tensor, mask: torch.Tensor | None = None,
+                    unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of `x` over the whole rollout's entries (those in `mask`, or all): under DDP over every
+    process's share, as one process holding the whole rollout would compute them. unbiased: divide by n - 1
+    (torch.var's default) instead of n (tf.moments, as the reference implementations whiten). A collective under
+    torch.distributed (framework/distributed.py): every process calls it at the same point."""
+    if world_size() == 1 and mask is None:
+        return x.mean(), x.var(unbiased=unbiased)
+    if world_size() == 1 and not unbiased:
+        return masked_mean(x, mask), masked_var(x, mask)
+    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    first = sum_over_processes(torch.stack([(x * m).sum(), m.sum()]).double())
+    count = first[1].clamp(min=1)
+    mean = (first[0] / count).to(x.dtype)
+    squares = sum_over_processes((((x - mean) ** 2) * m).sum().double().reshape(1))[0]
+    return mean, (squares / (count - 1 if unbiased else count).clamp(min=1)).to(x.dtype)
+
+
+def rollout_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of `rollout_moments` (one collective fewer)."""
+    if world_size() == 1:
+        return x.mean() if mask is None else masked_mean(x, mask)
+    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    total = sum_over_processes(torch.stack([(x * m).sum(), m.sum()]).double())
+    return (total[0] / total[1].clamp(min=1)).to(x.dtype)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; shift_mean=False adds the mean back (LHP's reward whitening).
+    """(x - mean) / std over the masked entries of the whole rollout (under DDP every process's share:
+    `rollout_moments`, a collective); shift_mean=False adds the mean back (LHP's reward whitening).
     Entries outside the mask are returned as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = rollout_moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
+from framework.distributed import over_processes
 from framework.errors import ConfigError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
@@ -41,12 +42,14 @@ from framework.models import (context_length, count_parameters, disable_dropout,
                               no_cache)
 from framework.records import Prompt
 from framework.reward import TaskGold, checked_scores, critic_from_reward_model
-from framework.rl import AdaptiveKL, kl_controller_from, masked_mean, token_logprobs, token_logprobs_and_entropy
+from framework.rl import (AdaptiveKL, kl_controller_from, masked_mean, rollout_mean, token_logprobs,
+                          token_logprobs_and_entropy)
 from framework.rollout import HFGenerator, SamplingSettings
 from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_optimizer_keys, export_causal_lm,
                                      bounded, policy_path, read_section)
 from framework.stages.preference import OfflineSettings, run_offline
 from framework.tokenization import load_tokenizer
+from framework.tracking import is_rank_zero
 
 
 def written_mid_iteration(checkpoint: dict) -> bool:
@@ -282,7 +285,8 @@ class RLModule(pl.LightningModule):
         raw = checked_scores(self.reward, prompts, texts,
                              (self.sample_dir or Path(".")) / f"nonfinite_rewards_iter{self.iteration}.jsonl",
                              f"at iteration {self.iteration}",
-                             "The policy was not updated with them; the last checkpoint is intact", ids.device)
+                             "The policy was not updated with them; the last checkpoint is intact", ids.device,
+                             all_processes=True)
         score_s = time.perf_counter() - score_started
         scores = raw.clone()
         # clip the source's score, then charge the penalty: a clipped score still pays for never stopping
@@ -300,7 +304,10 @@ class RLModule(pl.LightningModule):
 
     # ----- one iteration -----------------------------------------------------------------------------------------
     def training_step(self, batch: list[Prompt], batch_idx: int) -> None:
-        if self._stop_requested:  # at an iteration boundary: the state is whole, checkpoint it
+        stop = self._stop_requested
+        if self.trainer.world_size > 1:  # every process stops before the same iteration (a Ctrl-C reaches each alone)
+            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:  # at an iteration boundary: the state is whole, checkpoint it
             raise KeyboardInterrupt(f"interrupted after iteration {self.iteration}")
         started = time.perf_counter()
         disable_dropout(self.policy)
@@ -352,11 +359,14 @@ class RLModule(pl.LightningModule):
                     stats.setdefault(k, []).append(v)
         train_s = time.perf_counter() - train_started
 
-        seq_kl = float(experience["seq_kl"].mean())
+        # over the whole rollout (under DDP every process's share): the controller, and so the coefficient, stays
+        # the same on every process
+        seq_kl = float(rollout_mean(experience["seq_kl"]))
+        episodes = n * self.trainer.world_size  # every process samples the same number
         kl_coef = self.kl_ctl.value  # the coefficient this iteration's rewards were shaped with
-        self.kl_ctl.update(seq_kl, n)
+        self.kl_ctl.update(seq_kl, episodes)
         self.iteration += 1
-        self.episodes += n
+        self.episodes += episodes
         self.mid_iteration = False
         total_s = time.perf_counter() - started
         lengths = roll.response_mask.sum(-1).float()
@@ -366,14 +376,15 @@ class RLModule(pl.LightningModule):
             "objective/non_score_reward": float(experience.get("non_score_reward", torch.tensor(0.0)).mean()),
             "objective/rlhf_reward": float(roll.scores.mean()) - kl_coef * seq_kl,
             "response/length": float(lengths.mean()), "response/eos_fraction": float(roll.ended.float().mean()),
-            "time/training_s": train_s, "time/iteration_s": total_s, "episodes_per_s": n / total_s,
-            "episodes": float(self.episodes), "iteration": float(self.iteration),
-            "lr": sched.get_last_lr()[0], **roll.stats,
+            "time/training_s": train_s, "time/iteration_s": total_s, "lr": sched.get_last_lr()[0], **roll.stats,
         }
         log.update({k: sum(v) / len(v) for k, v in stats.items()})
         if first is not None:
             log.update({f"first_minibatch/{k}": v for k, v in first.items() if k.startswith("policy/")})
         log.update({k: float(v) for k, v in experience.items() if k.startswith(("returns/", "advantages/"))})
+        log = over_processes(log)
+        log.update({"episodes_per_s": episodes / log["time/iteration_s"], "episodes": float(self.episodes),
+                    "iteration": float(self.iteration)})
         # logged by iteration (0-based), explicitly: Lightning's own step counter is not the iteration on resume
         # for callbacks (checkpoint monitors, early stopping, ...): written into the trainer's callback metrics
         # directly, as `self.log` would leave them; `self.log` of ~45 step values costs ~18 ms per iteration
@@ -573,7 +584,8 @@ class RLStage(Stage):
                                 overrides={"max_steps": -1, "max_epochs": 1, "gradient_clip_val": None,
                                            "val_check_interval": None, "limit_val_batches": 0,
                                            "check_val_every_n_epoch": None, "log_every_n_steps": 1})
-        if evaluator is not None and ctx.ckpt_path is None:
+        # rank 0 only: under DDP the other processes run this script again (Lightning's launcher) from here
+        if evaluator is not None and ctx.ckpt_path is None and is_rank_zero():
             trainer.logger.log_metrics(evaluator(lm, 0), step=0)
         policy.train()  # dropout is already p = 0 everywhere; train mode only keeps Lightning's bookkeeping quiet
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.ckpt_path)

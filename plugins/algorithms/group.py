@@ -8,7 +8,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.interfaces import PolicyAlgorithm, Rollout
-from framework.rl import ESTIMATORS, kl_estimate, masked_mean
+from framework.rl import ESTIMATORS, kl_estimate, masked_mean, rollout_mean, rollout_moments
 from plugins.algorithms.common import broadcast, clipped_surrogate, sequence_kl
 
 
@@ -78,8 +78,9 @@ class RLOO(_SequenceAlgorithm):
         k = reward.size(-1)
         baseline = (reward.sum(-1, keepdim=True) - reward) / (k - 1)
         adv = (reward - baseline).reshape(-1)
-        if self.normalize_advantages:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        if self.normalize_advantages:  # over the whole rollout (every process's share under DDP)
+            mean, var = rollout_moments(adv, unbiased=True)
+            adv = (adv - mean) / (var.sqrt() + 1e-8)
         return {"old_logprobs": rollout.logprobs, "advantages": broadcast(adv, rollout.response_mask),
                 "mask": rollout.response_mask, "seq_kl": seq_kl, "non_score_reward": -kl_coef * seq_kl}
 
@@ -98,9 +99,10 @@ class Reinforce(_SequenceAlgorithm):
     def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, torch.Tensor]:
         _, seq_kl = sequence_kl(rollout, kl_estimator)
         reward = rollout.scores - kl_coef * seq_kl
-        baseline = float(reward.mean()) if self.baseline is None else self.baseline
+        mean = float(rollout_mean(reward))  # over the whole rollout: the baseline is the same on every process
+        baseline = mean if self.baseline is None else self.baseline
         adv = reward - baseline
-        self.baseline = self.decay * baseline + (1 - self.decay) * float(reward.mean())
+        self.baseline = self.decay * baseline + (1 - self.decay) * mean
         return {"old_logprobs": rollout.logprobs, "advantages": broadcast(adv, rollout.response_mask),
                 "mask": rollout.response_mask, "seq_kl": seq_kl, "non_score_reward": -kl_coef * seq_kl,
                 "advantages/baseline": torch.tensor(baseline)}
