@@ -9,9 +9,13 @@ tensors of the same shape. In a single process they cost nothing and return thei
 
 from __future__ import annotations
 
-from typing import Mapping
+import zlib
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import torch
+
+from framework.errors import RLHFError
 
 
 def _initialised() -> bool:
@@ -28,17 +32,23 @@ def rank() -> int:
     return torch.distributed.get_rank() if _initialised() else 0
 
 
-def collective_device() -> torch.device:
-    """Where the process group's collectives take their tensors: the current GPU under NCCL, else the CPU."""
-    if _initialised() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective takes `t`: an accelerator tensor where it is; a CPU tensor on the CPU when the process
+    group's backend takes CPU tensors (gloo, mpi, or a "cpu:gloo,cuda:nccl" pair), else on the current accelerator
+    (nccl and the other accelerator-only backends)."""
+    if t.device.type != "cpu":
+        return t.device
+    backend = str(torch.distributed.get_backend())
+    if backend in ("gloo", "mpi") or "cpu:" in backend:
+        return t.device
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return t
-    out = t.detach().to(collective_device(), copy=True)
+    out = t.detach().to(collective_device(t), copy=True)
     torch.distributed.all_reduce(out, op=op)
     return out.to(t.device)
 
@@ -63,13 +73,43 @@ def per_process(value: float) -> list[float]:
     return sum_over_processes(slots).tolist()
 
 
+class FailedElsewhere(RLHFError):
+    """Another process of the run failed where this one did not; its own error says why."""
+
+
+@contextmanager
+def failing_together(where: str) -> Iterator[None]:
+    """Run a block that may fail on some processes only (a reward source, an evaluation on rank 0): every process
+    then learns whether any failed, and all stop together; the one that failed raises its own error, the others
+    FailedElsewhere naming it. Without this, a process that stops alone leaves the others waiting for it in their
+    next collective until the process group's timeout. One collective, also when nothing failed."""
+    try:
+        yield
+    except Exception:
+        per_process(1.0)
+        raise
+    failed = [r for r, f in enumerate(per_process(0.0)) if f]
+    if failed:
+        err = FailedElsewhere(f"process {', '.join(map(str, failed))} of {world_size()} stopped {where}; its error "
+                              "is above")
+        err.echoed_by_rank = rank() if rank() not in failed else None
+        raise err
+
+
 def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("time/",)) -> dict[str, float]:
     """Logged values of a step over every process: the mean of each (the processes hold equal shares), except
     the keys starting with one of `slowest`, which take the largest value (the slowest process bounds a step's
-    time). Every process must pass the same keys. In a single process: the values as they are."""
+    time). Every process must pass the same keys: other keys are refused, naming this process's. In a single
+    process: the values as they are."""
     if world_size() == 1:
         return dict(values)
     keys = sorted(values)
+    check = float(zlib.crc32("\n".join(keys).encode()))
+    spread = max_over_processes(torch.tensor([check, -check], dtype=torch.float64)).tolist()
+    if spread[0] != -spread[1]:
+        raise RuntimeError(f"the processes logged different metric names this step; process {rank()} has {keys}. "
+                           "Every process must log the same keys (a policy algorithm's metrics must not depend on "
+                           "its share of the rollout)")
     timed = [k for k in keys if k.startswith(slowest)]
     means = [k for k in keys if k not in timed]
     n = world_size()
@@ -78,4 +118,5 @@ def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("tim
     return {**{k: v / n for k, v in zip(means, summed)}, **dict(zip(timed, largest))}
 
 
-__all__ = ["world_size", "rank", "collective_device", "sum_over_processes", "max_over_processes", "per_process", "over_processes"]
+__all__ = ["world_size", "rank", "collective_device", "sum_over_processes", "max_over_processes", "per_process",
+           "FailedElsewhere", "failing_together", "over_processes"]

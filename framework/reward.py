@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from framework.distributed import per_process, rank, world_size
+from framework.distributed import failing_together, per_process, rank, world_size
 from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
 from framework.models import fused_activations, no_cache, readable_saved_dir
@@ -307,23 +307,26 @@ def checked_scores(source: RewardFunction, prompts: Sequence[Prompt], texts: Seq
     raise NonFiniteReward, the offending samples saved to `path` (jsonl). when / consequence: the message's words
     for where it happened and what it means for the run.
 
-    all_processes: every process of a data-parallel run calls this at the same point (the RL rollout). Each saves
-    its own samples (`path` with `_rank<r>` before its suffix) and every process stops when any one of them found
-    a non-finite score, with the same message: a process stopping alone would leave the others waiting for it."""
-    scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
-    base = Path(path)
+    all_processes: every process of a data-parallel run calls this at the same point (the RL rollout). A process
+    that finds non-finite scores saves its samples to `path` with `_rank<r>` before its suffix, and every process
+    stops when any one found some, with the same message; one whose reward source fails stops them all too
+    (`failing_together`). A process stopping alone would leave the others waiting for it."""
     spread = all_processes and world_size() > 1
-
-    def of_process(r: int) -> Path:
-        return base.with_name(f"{base.stem}_rank{r}{base.suffix}") if spread else base
-
-    path = of_process(rank())
-    bad = save_nonfinite_samples(path, prompts, texts, scores.tolist())
     if not spread:
+        scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
+        bad = save_nonfinite_samples(path, prompts, texts, scores.tolist())
         if bad:
             raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {bad} of "
                                   f"{len(texts)} samples {when}; they are saved in {path}. {consequence}")
         return scores
+    base = Path(path)
+
+    def of_process(r: int) -> Path:
+        return base.with_name(f"{base.stem}_rank{r}{base.suffix}")
+
+    with failing_together(f"in its reward source {when}"):
+        scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
+        bad = save_nonfinite_samples(of_process(rank()), prompts, texts, scores.tolist())
     counts = per_process(bad)
     if any(counts):
         where = "; ".join(f"{int(c)} of {len(texts)} samples on process {r}, saved in {of_process(r)}"

@@ -41,21 +41,32 @@ def rollout_moments(x: torch.Tensor, mask: torch.Tensor | None = None,
         return x.mean(), x.var(unbiased=unbiased)
     if world_size() == 1 and not unbiased:
         return masked_mean(x, mask), masked_var(x, mask)
-    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    first = sum_over_processes(torch.stack([(x * m).sum(), m.sum()]).double())
+    x64 = x.double()
+    m = torch.ones_like(x64) if mask is None else mask.double()
+    first = sum_over_processes(torch.stack([(x64 * m).sum(), m.sum()]))
     count = first[1].clamp(min=1)
-    mean = (first[0] / count).to(x.dtype)
-    squares = sum_over_processes((((x - mean) ** 2) * m).sum().double().reshape(1))[0]
-    return mean, (squares / (count - 1 if unbiased else count).clamp(min=1)).to(x.dtype)
+    mean = first[0] / count
+    squares = sum_over_processes((((x64 - mean) ** 2) * m).sum().reshape(1))[0]
+    return mean.to(x.dtype), (squares / (count - 1 if unbiased else count).clamp(min=1)).to(x.dtype)
 
 
 def rollout_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of `rollout_moments` (one collective fewer)."""
     if world_size() == 1:
         return x.mean() if mask is None else masked_mean(x, mask)
-    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    total = sum_over_processes(torch.stack([(x * m).sum(), m.sum()]).double())
+    x64 = x.double()
+    m = torch.ones_like(x64) if mask is None else mask.double()
+    total = sum_over_processes(torch.stack([(x64 * m).sum(), m.sum()]))
     return (total[0] / total[1].clamp(min=1)).to(x.dtype)
+
+
+def rollout_mean_std(x: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of every entry of `x` over the whole rollout (`rollout_moments`); in a single
+    process exactly x.mean() and x.std()."""
+    if world_size() == 1:
+        return x.mean(), x.std(unbiased=unbiased)
+    mean, var = rollout_moments(x, unbiased=unbiased)
+    return mean, var.sqrt()
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -7,18 +7,11 @@ with one message, each process's samples saved."""
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 
 from conftest import QUIET, mlflow_runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shares(rank: int):
@@ -33,11 +26,11 @@ def _shares(rank: int):
     return x, mask, x[rows], mask[rows], rows
 
 
-def _collectives(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _collectives(rank: int, world: int, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                                         world_size=world)
     try:
-        from framework.distributed import over_processes, per_process
+        from framework.distributed import FailedElsewhere, failing_together, over_processes, per_process
         from framework.interfaces import Rollout
         from framework.reward import NonFiniteReward, checked_scores
         from framework.rl import rollout_mean, rollout_moments, whiten
@@ -77,6 +70,30 @@ def _collectives(rank: int, world: int, port: int, out_dir: str) -> None:
             result["raised"] = None
         except NonFiniteReward as err:
             result["raised"], result["echoed_by_rank"] = str(err), err.echoed_by_rank
+
+        class Broken:
+            def score(self, prompts, texts):
+                if rank == 1:
+                    raise ValueError("the scorer broke")
+                return [1.0] * len(texts)
+
+        try:
+            checked_scores(Broken(), ["p"] * 3, ["a", "b", "c"], os.path.join(out_dir, "broken.jsonl"),
+                           "at iteration 5", "", all_processes=True)
+            result["broken"] = None
+        except (ValueError, FailedElsewhere) as err:
+            result["broken"] = [type(err).__name__, str(err), getattr(err, "echoed_by_rank", None)]
+        try:
+            with failing_together("in the evaluation"):
+                pass
+            result["quiet"] = "went on"
+        except FailedElsewhere:
+            result["quiet"] = "stopped"
+        try:
+            over_processes({"a": 1.0} if rank == 0 else {"b": 1.0})
+            result["keys"] = None
+        except RuntimeError as err:
+            result["keys"] = str(err)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -90,7 +107,7 @@ def test_rollout_statistics_are_the_whole_rollouts_under_two_processes(tmp_path)
 
     from framework.rl import masked_mean, whiten
 
-    mp.spawn(_collectives, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_collectives, args=(2, str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     x, mask, *_ = _shares(0)
     whole, kept = whiten(x, mask), whiten(x, mask, shift_mean=False)
@@ -116,6 +133,13 @@ def test_rollout_statistics_are_the_whole_rollouts_under_two_processes(tmp_path)
     assert [got[0]["echoed_by_rank"], got[1]["echoed_by_rank"]] == [0, 1]
     assert [json.loads(line)["completion"] for line in (tmp_path / "bad_rank1.jsonl").read_text().splitlines()] == ["b"]
     assert not (tmp_path / "bad_rank0.jsonl").exists()
+    # a reward source that fails on process 1: it raises its own error, process 0 says so, once
+    assert got[1]["broken"] == ["ValueError", "the scorer broke", None]
+    assert got[0]["broken"] == ["FailedElsewhere", "process 1 of 2 stopped in its reward source at iteration 5; its "
+                                "error is above", 0]
+    assert got[0]["quiet"] == got[1]["quiet"] == "went on"
+    # metric names that differ between processes are refused on both, not mixed
+    assert "process 0 has ['a']" in got[0]["keys"] and "process 1 has ['b']" in got[1]["keys"]
 
 
 RECORDING = '''
@@ -146,10 +170,11 @@ class RecordingPPO(PPO):
 
 
 class Lengths(RewardFunction):
-    """The completion's length in characters, / 10; NaN for one sample on process 1 from its call `nan_at` on."""
+    """The completion's length in characters, / 10; NaN for one sample on process 1 from its call $NAN_AT on (an
+    environment variable: a resumed run needs the same config)."""
 
-    def __init__(self, nan_at: int = 1000):
-        self.calls, self.nan_at = 0, nan_at
+    def __init__(self):
+        self.calls, self.nan_at = 0, int(os.environ.get("NAN_AT", "1000"))
 
     def score(self, prompts, completions):
         self.calls += 1
@@ -165,7 +190,9 @@ def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_
     """PPO with the adaptive KL controller on 2 processes (DDP on CPU): every process is given the same KL
     coefficient each iteration, and it moves; the advantages are whitened over both processes' tokens; the logged
     scores and KL are both processes' means, the episodes both processes'. A NaN reward on process 1 at the last
-    iteration stops both with one message (exit 2), its samples saved under process 1's name."""
+    iteration stops both with one message (exit 2), its samples saved under process 1's name; `resume=true` then
+    finishes the run with the metrics of a run that was never stopped (rank 0's checkpoint holds every process's
+    state)."""
     from framework.rl import whiten
 
     (tmp_path / "recording.py").write_text(RECORDING)
@@ -173,13 +200,13 @@ def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_
     records.mkdir()
     _, _, sft_dir, _ = chat_model
     iterations = 6
-    proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=ppo", "algo._target_=recording.RecordingPPO",
-                   "algo.minibatches=2", "algo.epochs=1", "kl=adaptive", "kl.target=1e-4", "kl.horizon=40",
-                   "reward=gold", "~reward.task", "reward._target_=recording.Lengths", f"+reward.nan_at={iterations}",
-                   f"stage.iterations={iterations}", "stage.prompts_per_iteration=4", "stage.max_new_tokens=12",
-                   "stage.eval.prompts=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                   "trainer.enable_model_summary=false", *QUIET,
-                   env={"PYTHONPATH": str(tmp_path), "RECORD_DIR": str(records), "OMP_NUM_THREADS": "1"}, check=False)
+    args = ["stage=rl", f"policy.path={sft_dir}", "algo=ppo", "algo._target_=recording.RecordingPPO",
+            "algo.minibatches=2", "algo.epochs=1", "kl=adaptive", "kl.target=1e-4", "kl.horizon=40", "reward=gold",
+            "~reward.task", "reward._target_=recording.Lengths", f"stage.iterations={iterations}",
+            "stage.prompts_per_iteration=4", "stage.max_new_tokens=12", "stage.eval.prompts=0", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_model_summary=false", *QUIET]
+    env = {"PYTHONPATH": str(tmp_path), "RECORD_DIR": str(records), "OMP_NUM_THREADS": "1"}
+    proc = run_cli(*args, env={**env, "NAN_AT": str(iterations)}, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert f"at iteration {iterations - 1}: 1 of 4 samples on process 1, saved in " in proc.stderr
@@ -219,3 +246,20 @@ def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_
     saved = list(rlhf_home.rglob(f"nonfinite_rewards_iter{done}_rank1.jsonl"))
     assert len(saved) == 1 and not list(rlhf_home.rglob("nonfinite_rewards_iter*_rank0.jsonl"))
     assert math.isnan(float(json.loads(saved[0].read_text().splitlines()[0])["reward"]))
+
+    records.rename(tmp_path / "records_stopped")
+    records.mkdir()
+    resumed = run_cli(*args, "resume=true", env=env)
+    assert "resuming from" in resumed.stdout
+    straight_home = rlhf_home.parent / "straight"
+    run_cli(*args, env={**env, "RLHF_HOME": str(straight_home)})
+    keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value", "lr", "episodes")
+    _, runs = mlflow_runs(rlhf_home)
+    assert len(runs) == 1  # the resumed run went on in the stopped one's MLflow run
+    straight_client, straight_runs = mlflow_runs(straight_home)
+    for key in keys:
+        want = {m.step: m.value for m in straight_client.get_metric_history(straight_runs[0].info.run_id, key)}
+        got = history(key)
+        assert sorted(got) == sorted(want) == list(range(iterations)), key
+        for step in range(iterations):
+            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-7), (key, step)

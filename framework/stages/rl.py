@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
-from framework.distributed import over_processes
+from framework.distributed import failing_together, over_processes
 from framework.errors import ConfigError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
@@ -49,7 +49,6 @@ from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_o
                                      bounded, policy_path, read_section)
 from framework.stages.preference import OfflineSettings, run_offline
 from framework.tokenization import load_tokenizer
-from framework.tracking import is_rank_zero
 
 
 def written_mid_iteration(checkpoint: dict) -> bool:
@@ -393,9 +392,13 @@ class RLModule(pl.LightningModule):
         self.log("objective/scores_pb", log["objective/scores"], prog_bar=True, logger=False, batch_size=n)
         if self.trainer.is_global_zero and self.logger is not None:
             self.logger.log_metrics(log, step=self.iteration - 1)
-        if self.evaluator is not None and self.trainer.is_global_zero and self.evaluator.due(self.iteration):
-            self.last_eval = (self.iteration, self.evaluator(self.policy.lm, self.iteration))
-            self.logger.log_metrics(self.last_eval[1], step=self.iteration)
+        if self.evaluator is not None and self.evaluator.due(self.iteration):
+            # on rank 0; under DDP the others wait for it here, so that an error in it (a NaN gold score) stops them
+            # too rather than leaving them waiting in the next iteration
+            with failing_together(f"in the evaluation at iteration {self.iteration}"):
+                if self.trainer.is_global_zero:
+                    self.last_eval = (self.iteration, self.evaluator(self.policy.lm, self.iteration))
+                    self.logger.log_metrics(self.last_eval[1], step=self.iteration)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # an error in the middle of an iteration (Lightning's on_exception.ckpt) leaves some of its updates done:
@@ -584,8 +587,9 @@ class RLStage(Stage):
                                 overrides={"max_steps": -1, "max_epochs": 1, "gradient_clip_val": None,
                                            "val_check_interval": None, "limit_val_batches": 0,
                                            "check_val_every_n_epoch": None, "log_every_n_steps": 1})
-        # rank 0 only: under DDP the other processes run this script again (Lightning's launcher) from here
-        if evaluator is not None and ctx.ckpt_path is None and is_rank_zero():
+        # rank 0 only: under DDP, Lightning's launcher starts the other processes inside fit, running the whole
+        # command again, and they come past here too
+        if evaluator is not None and ctx.ckpt_path is None and trainer.is_global_zero:
             trainer.logger.log_metrics(evaluator(lm, 0), step=0)
         policy.train()  # dropout is already p = 0 everywhere; train mode only keeps Lightning's bookkeeping quiet
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.ckpt_path)

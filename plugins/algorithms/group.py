@@ -8,7 +8,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.interfaces import PolicyAlgorithm, Rollout
-from framework.rl import ESTIMATORS, kl_estimate, masked_mean, rollout_mean, rollout_moments
+from framework.rl import ESTIMATORS, kl_estimate, masked_mean, rollout_mean, rollout_mean_std
 from plugins.algorithms.common import broadcast, clipped_surrogate, sequence_kl
 
 
@@ -79,8 +79,8 @@ class RLOO(_SequenceAlgorithm):
         baseline = (reward.sum(-1, keepdim=True) - reward) / (k - 1)
         adv = (reward - baseline).reshape(-1)
         if self.normalize_advantages:  # over the whole rollout (every process's share under DDP)
-            mean, var = rollout_moments(adv, unbiased=True)
-            adv = (adv - mean) / (var.sqrt() + 1e-8)
+            mean, std = rollout_mean_std(adv)
+            adv = (adv - mean) / (std + 1e-8)
         return {"old_logprobs": rollout.logprobs, "advantages": broadcast(adv, rollout.response_mask),
                 "mask": rollout.response_mask, "seq_kl": seq_kl, "non_score_reward": -kl_coef * seq_kl}
 
