@@ -6,6 +6,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -131,9 +132,13 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[t
         keys = sorted(k for k in OmegaConf.to_container(node, resolve=False) if k != "_target_")
         hint = ""
         if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
-            # `group._target_=x` on the command line keeps the keys of the option it replaces
-            hint = (f". If they are another option's keys ({group}._target_= keeps them), start a node of your own: "
-                    f"'~{group}' '+{group}={{_target_: {node._target_}}}' (and your keys inside the braces)")
+            # `group._target_=x` on the command line keeps the keys of the option it replaces, and an experiment
+            # overlay sets keys of the option it expects (experiment=smoke: tokenizer.vocab_size)
+            name = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+            drop = f"drop it with '~{group}.{name.group(1)}', or " if name else ""
+            hint = (f". If they are another option's keys (an experiment's, or the option {group}._target_= "
+                    f"replaced), {drop}start a node of your own: '~{group}' '+{group}={{_target_: {node._target_}}}' "
+                    "(and your keys inside the braces)")
         raise ConfigError(f"{group}: cannot build {node._target_} with keys {keys}: {cause or err}{hint}") from err
     if expected is not None and not isinstance(obj, expected):
         raise ConfigError(f"{group}._target_={node._target_!r} returned {type(obj).__name__}, not a {contracts}"

@@ -100,6 +100,12 @@ def test_instantiate_plugin_checks_targets():
                                           r".*unexpected keyword argument.*start a node of your own: '~algo' "
                                           r"'\+algo=\{_target_: fractions.Fraction\}'"):
         instantiate_plugin(OmegaConf.create({"_target_": "fractions.Fraction", "epochs": 4, "clip": 0.2}), "algo")
+    # experiment=smoke sets tokenizer.vocab_size, which tokenizer=pretrained does not take: the key is named, with
+    # the override that drops it
+    with pytest.raises(ConfigError, match=r"unexpected keyword argument 'vocab_size'.*drop it with "
+                                          r"'~tokenizer.vocab_size', or start a node of your own"):
+        instantiate_plugin(OmegaConf.create({"_target_": "plugins.tokenizers.pretrained.PretrainedTokenizer",
+                                             "path": "x", "vocab_size": 320}), "tokenizer")
 
 
 def test_compare_names_a_missing_store_a_bad_tag_and_an_unknown_experiment(tmp_path, monkeypatch, capsys):
