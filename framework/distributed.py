@@ -73,6 +73,18 @@ def per_process(value: float) -> list[float]:
     return sum_over_processes(slots).tolist()
 
 
+def raised_everywhere(err: BaseException) -> BaseException:
+    """Mark `err` as raised by every process of the run at the same point (a collective decision to stop): only
+    then may the stop save a checkpoint under DDP (`exception_checkpoint`: saving ends in a barrier, which a
+    process that stopped alone would wait in forever). Returns `err`."""
+    err.raised_on_every_process = True
+    return err
+
+
+def was_raised_everywhere(err: BaseException) -> bool:
+    return bool(getattr(err, "raised_on_every_process", False))
+
+
 class FailedElsewhere(RLHFError):
     """Another process of the run failed where this one did not; its own error says why."""
 
@@ -85,15 +97,17 @@ def failing_together(where: str) -> Iterator[None]:
     next collective until the process group's timeout. One collective, also when nothing failed."""
     try:
         yield
-    except Exception:
+    except Exception as err:
         per_process(1.0)
+        if world_size() > 1:
+            raised_everywhere(err)
         raise
     failed = [r for r, f in enumerate(per_process(0.0)) if f]
     if failed:
         err = FailedElsewhere(f"process {', '.join(map(str, failed))} of {world_size()} stopped {where}; its error "
                               "is above")
         err.echoed_by_rank = rank() if rank() not in failed else None
-        raise err
+        raise raised_everywhere(err)
 
 
 def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("time/",)) -> dict[str, float]:
@@ -119,4 +133,4 @@ def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("tim
 
 
 __all__ = ["world_size", "rank", "collective_device", "sum_over_processes", "max_over_processes", "per_process",
-           "FailedElsewhere", "failing_together", "over_processes"]
+           "FailedElsewhere", "failing_together", "over_processes", "raised_everywhere", "was_raised_everywhere"]

@@ -75,7 +75,9 @@ def stop_callback():
                 stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             if stop:
                 _State.requested = False
-                raise KeyboardInterrupt
+                from framework.distributed import raised_everywhere
+
+                raise raised_everywhere(KeyboardInterrupt())  # every process decided it together
 
         def on_validation_batch_end(self, trainer, *args: Any) -> None:
             if _State.requested and trainer.world_size == 1:  # ranks may hold unequal validation shards

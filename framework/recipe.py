@@ -14,7 +14,7 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
@@ -134,6 +134,26 @@ def resume_command(failed: str, artifacts: dict[str, Path], command_line: list[s
     return "rlhf " + " ".join(shlex.quote(a) for a in args)
 
 
+def data_parallel_processes(trainer: Mapping[str, Any]) -> int:
+    """How many training processes `trainer` (the trainer config) starts: devices per node x nodes, with
+    devices=auto / -1 counted as the GPUs present for a GPU accelerator (Lightning's choice) and 1 otherwise."""
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices >= 0:
+        count = max(devices, 1)
+    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:  # auto / -1
+        import torch
+
+        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    return max(count, 1) * nodes
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in order; returns {stage: StageResult}."""
     from hydra.core.hydra_config import HydraConfig
@@ -150,6 +170,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path= names one stage's checkpoint, and pipeline={pipe.name} passes its overrides to "
                           "every stage: continue a stopped pipeline with the command it printed "
                           "(pipeline.start_at=<stage> and the inputs made so far)")
+    processes = data_parallel_processes(cfg.trainer)
+    if processes > 1:
+        raise ConfigError(f"pipeline={pipe.name} with {processes} training processes (trainer.devices="
+                          f"{cfg.trainer.get('devices')}, trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): a "
+                          "pipeline runs its stages one after another in one command, and Lightning starts the other "
+                          "processes inside each stage, where they cannot follow the pipeline's hand-overs. Run the "
+                          "stages one by one (rlhf stage=<name> ... trainer=ddp, each given the previous stage's model "
+                          "dir), or run the pipeline on one device (trainer.devices=1)")
     first = stages.index(pipe.start_at) if pipe.get("start_at") else 0
     last = stages.index(pipe.stop_after) if pipe.get("stop_after") else len(stages) - 1
     if last < first:

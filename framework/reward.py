@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from framework.distributed import failing_together, per_process, rank, world_size
+from framework.distributed import failing_together, per_process, raised_everywhere, rank, world_size
 from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
 from framework.models import fused_activations, no_cache, readable_saved_dir
@@ -334,7 +334,7 @@ def checked_scores(source: RewardFunction, prompts: Sequence[Prompt], texts: Seq
         err = NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf {when}: {where}. "
                               f"{consequence}")
         err.echoed_by_rank = rank()
-        raise err
+        raise raised_everywhere(err)
     return scores
 
 

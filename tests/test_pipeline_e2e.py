@@ -201,6 +201,19 @@ def test_a_pipeline_refuses_ckpt_path(run_cli_here, tmp_path):
     assert proc.returncode == 2 and "passes its overrides to every stage" in proc.stderr
 
 
+def test_a_pipeline_refuses_data_parallel_trainers(run_cli_here):
+    """Lightning starts a DDP run's other processes inside each stage, where they cannot follow the pipeline's
+    hand-overs (its parent run, the previous stage's export): refused before any work, with the way that works."""
+    from framework.recipe import data_parallel_processes
+
+    proc = run_cli_here("pipeline=chatgpt", "trainer=ddp", "trainer.accelerator=cpu", check=False)
+    assert proc.returncode == 2 and "with 2 training processes (trainer.devices=2" in proc.stderr
+    assert "Run the stages one by one" in proc.stderr
+    assert [data_parallel_processes(t) for t in ({"devices": 1}, {"devices": "3"}, {"devices": [0, 1]},
+                                                  {"devices": "0,1", "num_nodes": 2}, {"devices": 2, "num_nodes": 2},
+                                                  {"devices": "auto", "accelerator": "cpu"})] == [1, 3, 2, 4, 4, 1]
+
+
 def test_ckpt_path_must_be_a_training_checkpoint(run_cli_here, tmp_path):
     weights = tmp_path / "model.safetensors"  # an export's weights given as a checkpoint: an easy mistake
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
@@ -249,6 +262,56 @@ def test_the_exception_checkpoint_holds_progress_only_and_never_resumes_by_itsel
     assert torch.load(ckpt, weights_only=False)["global_step"] == 2
     assert fit(at=None).started_at == 0  # a new fit beside it starts at step 0 (Lightning's class resumed it)
     assert not ckpt.exists()  # a fit that ends well removes it
+
+
+def test_under_ddp_the_exception_checkpoint_is_saved_only_for_a_stop_every_process_took():
+    """Saving ends in a barrier: a process that failed alone would wait there for the others forever (they wait in
+    their next collective), so under DDP only a stop all processes took together (Ctrl-C's all-reduced decision, a
+    NaN reward, `failing_together`) saves; in one process every error after a step does."""
+    from types import SimpleNamespace
+
+    from framework.distributed import raised_everywhere
+    from framework.stages.common import exception_checkpoint
+
+    saved = []
+
+    def outcome(world_size, exception, step=3):
+        saved.clear()
+        trainer = SimpleNamespace(global_step=step, world_size=world_size, save_checkpoint=saved.append)
+        exception_checkpoint(Path("ckpts")).on_exception(trainer, None, exception)
+        return bool(saved)
+
+    assert outcome(1, RuntimeError("one process"))
+    assert not outcome(1, RuntimeError("one process"), step=0)
+    assert not outcome(2, RuntimeError("one of two processes"))
+    assert not outcome(2, KeyboardInterrupt())  # a second Ctrl-C: wherever each process was
+    assert outcome(2, raised_everywhere(KeyboardInterrupt()))
+    assert outcome(2, raised_everywhere(ValueError("every process")))
+
+
+def test_pretraining_refuses_a_train_split_that_gives_a_process_less_than_a_batch():
+    """Under DDP each process trains on its share of the blocks and the loader drops a last partial batch: 50
+    blocks at batch 32 over 2 processes would train nothing (Lightning only says "No training batches")."""
+    from types import SimpleNamespace
+
+    from framework.errors import DataError
+    from framework.stages.pretrain import PackedTextDataModule
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[5] * 15 for _ in texts]}  # 16 tokens a text with its EOS: one block of 16 each
+
+    def data(world_size):
+        module = PackedTextDataModule(Tok(), ["t"] * 50, ["v"] * 2, seq_len=16, batch_size=32, seed=0)
+        module.trainer = SimpleNamespace(world_size=world_size)
+        return module
+
+    data(1).setup()
+    with pytest.raises(DataError, match=r"the train split packs into 25 block\(s\) of 16 tokens per process \(2 "
+                                        r"processes share 50\), fewer than 32"):
+        data(2).setup()
 
 
 def test_resume_accepts_a_checkpoint_from_before_a_plugin_gained_a_key_at_its_default(tmp_path):

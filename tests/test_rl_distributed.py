@@ -186,27 +186,35 @@ class Lengths(RewardFunction):
 '''
 
 
-def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_path, chat_model, run_cli, rlhf_home):
-    """PPO with the adaptive KL controller on 2 processes (DDP on CPU): every process is given the same KL
-    coefficient each iteration, and it moves; the advantages are whitened over both processes' tokens; the logged
-    scores and KL are both processes' means, the episodes both processes'. A NaN reward on process 1 at the last
-    iteration stops both with one message (exit 2), its samples saved under process 1's name; `resume=true` then
-    finishes the run with the metrics of a run that was never stopped (rank 0's checkpoint holds every process's
-    state)."""
-    from framework.rl import whiten
+ITERATIONS = 6
 
+
+def stopped_run(tmp_path, sft_dir, run_cli):
+    """PPO (recording its experience) with the adaptive KL controller on 2 processes, DDP on CPU, whose reward gives
+    a NaN on process 1 at the last iteration: (the command's overrides, its environment, the CompletedProcess)."""
     (tmp_path / "recording.py").write_text(RECORDING)
     records = tmp_path / "records"
     records.mkdir()
-    _, _, sft_dir, _ = chat_model
-    iterations = 6
+    iterations = ITERATIONS
     args = ["stage=rl", f"policy.path={sft_dir}", "algo=ppo", "algo._target_=recording.RecordingPPO",
             "algo.minibatches=2", "algo.epochs=1", "kl=adaptive", "kl.target=1e-4", "kl.horizon=40", "reward=gold",
             "~reward.task", "reward._target_=recording.Lengths", f"stage.iterations={iterations}",
             "stage.prompts_per_iteration=4", "stage.max_new_tokens=12", "stage.eval.prompts=0", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_model_summary=false", *QUIET]
     env = {"PYTHONPATH": str(tmp_path), "RECORD_DIR": str(records), "OMP_NUM_THREADS": "1"}
-    proc = run_cli(*args, env={**env, "NAN_AT": str(iterations)}, check=False)
+    return args, env, run_cli(*args, env={**env, "NAN_AT": str(iterations)}, check=False)
+
+
+def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_path, chat_model, run_cli, rlhf_home):
+    """PPO with the adaptive KL controller on 2 processes (DDP on CPU): every process is given the same KL
+    coefficient each iteration, and it moves; the advantages are whitened over both processes' tokens; the logged
+    scores and KL are both processes' means, the episodes both processes'. A NaN reward on process 1 at the last
+    iteration stops both with one message (exit 2), its samples saved under process 1's name."""
+    from framework.rl import whiten
+
+    _, _, sft_dir, _ = chat_model
+    iterations, records = ITERATIONS, tmp_path / "records"
+    _, _, proc = stopped_run(tmp_path, sft_dir, run_cli)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert f"at iteration {iterations - 1}: 1 of 4 samples on process 1, saved in " in proc.stderr
@@ -247,19 +255,29 @@ def test_ppo_over_two_processes_shares_one_state_and_logs_the_whole_rollout(tmp_
     assert len(saved) == 1 and not list(rlhf_home.rglob("nonfinite_rewards_iter*_rank0.jsonl"))
     assert math.isnan(float(json.loads(saved[0].read_text().splitlines()[0])["reward"]))
 
-    records.rename(tmp_path / "records_stopped")
-    records.mkdir()
+
+
+@pytest.mark.slow
+def test_a_ppo_run_over_two_processes_stopped_by_a_nan_resumes_to_the_metrics_of_one_never_stopped(
+        tmp_path, chat_model, run_cli, rlhf_home):
+    """`resume=true` after the NaN stop finishes the run with the metrics of a run that was never stopped, every
+    iteration: rank 0's checkpoint holds every process's state (KL coefficient, algorithm state, episodes)."""
+    _, _, sft_dir, _ = chat_model
+    args, env, proc = stopped_run(tmp_path, sft_dir, run_cli)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (tmp_path / "records").rename(tmp_path / "records_stopped")
+    (tmp_path / "records").mkdir()
     resumed = run_cli(*args, "resume=true", env=env)
     assert "resuming from" in resumed.stdout
     straight_home = rlhf_home.parent / "straight"
     run_cli(*args, env={**env, "RLHF_HOME": str(straight_home)})
     keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value", "lr", "episodes")
-    _, runs = mlflow_runs(rlhf_home)
+    client, runs = mlflow_runs(rlhf_home)
     assert len(runs) == 1  # the resumed run went on in the stopped one's MLflow run
     straight_client, straight_runs = mlflow_runs(straight_home)
     for key in keys:
         want = {m.step: m.value for m in straight_client.get_metric_history(straight_runs[0].info.run_id, key)}
-        got = history(key)
-        assert sorted(got) == sorted(want) == list(range(iterations)), key
-        for step in range(iterations):
+        got = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
+        assert sorted(got) == sorted(want) == list(range(ITERATIONS)), key
+        for step in range(ITERATIONS):
             assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-7), (key, step)

@@ -193,7 +193,12 @@ def exception_checkpoint(dirpath: Path, filename: str = "on_exception.ckpt"):
         ckpt_path = str(Path(dirpath) / filename)
 
         def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-            if trainer.global_step > 0:
+            # under DDP saving is a collective (it ends in a barrier): only for a stop every process took together
+            # (Ctrl-C, a NaN reward, `failing_together`); a process that failed alone would wait there forever
+            # for the others, and the run falls back on its last periodic checkpoint
+            from framework.distributed import was_raised_everywhere
+
+            if trainer.global_step > 0 and (trainer.world_size == 1 or was_raised_everywhere(exception)):
                 trainer.save_checkpoint(self.ckpt_path)
 
         def teardown(self, trainer, pl_module, stage: str) -> None:  # a fit that ends well leaves no such file

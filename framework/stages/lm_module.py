@@ -11,6 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from framework.distributed import failing_together
 from framework.interfaces import IGNORE_INDEX, Loss
 from framework.models import no_cache
 from framework.stages.common import adamw_warmup_cosine
@@ -36,9 +37,10 @@ class TrainingModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.train_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # sync_dist: under DDP the mean over every process's batch (nothing to do in one process)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         for name, value in metrics.items():
-            self.log(f"train/{name}", value)
+            self.log(f"train/{name}", value, sync_dist=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
@@ -46,8 +48,9 @@ class TrainingModule(pl.LightningModule):
         now = time.perf_counter()
         if self._last_step_end is not None:
             unit, count = self.throughput(batch)
-            self.log(f"train/{unit}_per_s", count * self.trainer.world_size / max(now - self._last_step_end, 1e-9),
-                     prog_bar=True)
+            # each process's own rate, summed over the processes (their batches hold different numbers of tokens)
+            self.log(f"train/{unit}_per_s", count / max(now - self._last_step_end, 1e-9), prog_bar=True,
+                     sync_dist=True, reduce_fx="sum")
         self._last_step_end = now
 
     def on_validation_start(self) -> None:
@@ -103,6 +106,10 @@ class CausalLMModule(TrainingModule):
     def on_validation_epoch_end(self) -> None:
         if self.evaluator is None or self.trainer.sanity_checking:
             return
-        metrics = self.evaluator(self.model) if self.trainer.is_global_zero else {}
+        metrics = {}
+        # on rank 0; under DDP the others wait for it here, so that an error in it stops them too
+        with failing_together(f"in the task evaluation at step {self.trainer.global_step}"):
+            if self.trainer.is_global_zero:
+                metrics = self.evaluator(self.model)
         for name, value in metrics.items():
             self.log(name, float(value), rank_zero_only=True)

@@ -100,6 +100,9 @@ class PreferenceModule(TrainingModule):
     def on_fit_start(self) -> None:
         self._reference[0].to(self.device)
 
+    def on_validation_start(self) -> None:  # also the validation run before fit (on a GPU: not the CPU)
+        self._reference[0].to(self.device)
+
     def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)).logits
         logps = sequence_logps(logits, batch["labels"], self.average)

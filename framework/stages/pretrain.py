@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import pytorch_lightning as pl
@@ -58,12 +59,18 @@ class PackedTextDataModule(pl.LightningDataModule):
         for split, texts in self.texts.items():
             ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
             self.splits[split] = PackedBlocks(pack_token_stream(ids, self.tokenizer.eos_token_id, self.seq_len))
+        # under DDP each process trains on its share of the blocks (Lightning's distributed sampler), and the loader
+        # drops a last partial batch: a share smaller than a batch would train nothing, silently
+        world = self.trainer.world_size if self.trainer is not None else 1
         for split, blocks in self.splits.items():
             need = self.batch_size if split == "train" else 1
-            if len(blocks) < need:
+            share = math.ceil(len(blocks) / world)
+            if share < need:
+                per = f" per process ({world} processes share {len(blocks)})" if world > 1 else ""
                 raise DataError(
-                    f"the {split} split packs into {len(blocks)} block(s) of {self.seq_len} tokens, fewer than {need}; "
-                    "use more text, a smaller stage.seq_len / stage.batch_size, or a larger stage.val_fraction"
+                    f"the {split} split packs into {share if world > 1 else len(blocks)} block(s) of {self.seq_len} "
+                    f"tokens{per}, fewer than {need}; use more text, a smaller stage.seq_len / stage.batch_size, or a "
+                    "larger stage.val_fraction"
                 )
 
     def train_dataloader(self) -> DataLoader:

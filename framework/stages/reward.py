@@ -21,6 +21,7 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryCalibrationError
 from torchmetrics.regression import SpearmanCorrCoef
 
+from framework.distributed import max_over_processes
 from framework.data import LengthGroupedSampler, ListDataset, hash_split
 from framework.errors import ConfigError, DataError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
@@ -165,11 +166,16 @@ class RewardModule(TrainingModule):
         chosen, rejected = self.val_chosen.compute(), self.val_rejected.compute()
         metrics.update({"val/reward_chosen_mean": chosen.mean(), "val/reward_chosen_std": chosen.std(),
                         "val/reward_rejected_mean": rejected.mean(), "val/reward_rejected_std": rejected.std()})
-        if self.val_member_std.update_count:
+        # compute() is a collective under DDP: whether to call it is decided over every process's share (one
+        # whose share has no gold, or no decided gold pair, would otherwise skip it while the others wait)
+        members, gold, decided = (bool(v) for v in max_over_processes(torch.tensor(
+            [float(self.val_member_std.update_count > 0), float(self._has_gold),
+             float(self.val_gold_accuracy.update_count > 0)])).tolist())
+        if members:
             metrics["val/reward_std_members"] = self.val_member_std.compute()
-        if self._has_gold:
+        if gold:
             metrics["val/spearman_gold"] = self.val_spearman.compute()
-            if self.val_gold_accuracy.update_count:
+            if decided:
                 metrics["val/gold_accuracy"] = self.val_gold_accuracy.compute()
         for name, value in metrics.items():
             self.log(name, value.float(), prog_bar=name in ("val/loss", "val/accuracy"))

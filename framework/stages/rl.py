@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data import hash_fraction
-from framework.distributed import failing_together, over_processes
+from framework.distributed import failing_together, over_processes, raised_everywhere
 from framework.errors import ConfigError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
@@ -306,8 +306,8 @@ class RLModule(pl.LightningModule):
         stop = self._stop_requested
         if self.trainer.world_size > 1:  # every process stops before the same iteration (a Ctrl-C reaches each alone)
             stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:  # at an iteration boundary: the state is whole, checkpoint it
-            raise KeyboardInterrupt(f"interrupted after iteration {self.iteration}")
+        if stop:  # at an iteration boundary: the state is whole, checkpoint it (every process stops here)
+            raise raised_everywhere(KeyboardInterrupt(f"interrupted after iteration {self.iteration}"))
         started = time.perf_counter()
         disable_dropout(self.policy)
         # the random stream of an iteration depends on (seed, iteration, rank) only: a resumed run samples and
