@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -85,6 +85,24 @@ def was_raised_everywhere(err: BaseException) -> bool:
     return bool(getattr(err, "raised_on_every_process", False))
 
 
+def data_parallel_processes(trainer: Mapping[str, Any]) -> int:
+    """How many training processes `trainer` (the trainer config) starts: devices per node x nodes, with
+    devices=auto / -1 counted as the GPUs present for a GPU accelerator (Lightning's choice) and 1 otherwise."""
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices >= 0:
+        count = max(devices, 1)
+    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:  # auto / -1
+        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    return max(count, 1) * nodes
+
+
 class FailedElsewhere(RLHFError):
     """Another process of the run failed where this one did not; its own error says why."""
 
@@ -133,4 +151,5 @@ def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("tim
 
 
 __all__ = ["world_size", "rank", "collective_device", "sum_over_processes", "max_over_processes", "per_process",
-           "FailedElsewhere", "failing_together", "over_processes", "raised_everywhere", "was_raised_everywhere"]
+           "FailedElsewhere", "failing_together", "over_processes", "raised_everywhere", "was_raised_everywhere",
+           "data_parallel_processes"]

@@ -259,7 +259,7 @@ def evaluate_task(model, tokenizer, task: Task, prompts: Sequence[Prompt], fmt: 
     from framework.reward import reward_scores
 
     # the contract of a reward source (a task may wrap one, e.g. a reward model as its gold): one number per text
-    gold = reward_scores(task, task.golds(prompts, texts), len(texts), dtype=torch.float64).tolist()
+    gold = reward_scores(task, task.golds(prompts, texts), len(texts), dtype=torch.float64, method="golds").tolist()
     metrics = {"eval/gold": sum(gold) / len(gold)}
     if task.exact_score is not None:
         metrics["eval/exact_match"] = sum(g >= task.exact_score for g in gold) / len(gold)

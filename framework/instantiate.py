@@ -135,7 +135,7 @@ def instantiate_plugin(node: DictConfig, group: str, expected: type[T] | tuple[t
             # `group._target_=x` on the command line keeps the keys of the option it replaces, and an experiment
             # overlay sets keys of the option it expects (experiment=smoke: tokenizer.vocab_size)
             name = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-            drop = f"drop it with '~{group}.{name.group(1)}', or " if name else ""
+            drop = f"drop it with '~{group}.{name.group(1)}', or " if name and name.group(1) in keys else ""
             hint = (f". If they are another option's keys (an experiment's, or the option {group}._target_= "
                     f"replaced), {drop}start a node of your own: '~{group}' '+{group}={{_target_: {node._target_}}}' "
                     "(and your keys inside the braces)")

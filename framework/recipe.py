@@ -14,10 +14,11 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig
 
+from framework.distributed import data_parallel_processes
 from framework.errors import ConfigError, TrackingError
 from framework.tracking import MAX_PARAM_CHARS, git_commit, open_run, resolve_tracking_uri
 
@@ -134,24 +135,19 @@ def resume_command(failed: str, artifacts: dict[str, Path], command_line: list[s
     return "rlhf " + " ".join(shlex.quote(a) for a in args)
 
 
-def data_parallel_processes(trainer: Mapping[str, Any]) -> int:
-    """How many training processes `trainer` (the trainer config) starts: devices per node x nodes, with
-    devices=auto / -1 counted as the GPUs present for a GPU accelerator (Lightning's choice) and 1 otherwise."""
-    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and devices >= 0:
-        count = max(devices, 1)
-    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
-        count = len(devices)
-    elif isinstance(devices, str) and "," in devices:
-        count = len([d for d in devices.split(",") if d.strip()])
-    else:  # auto / -1
-        import torch
-
-        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
-        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    return max(count, 1) * nodes
+def refuse_data_parallel_pipeline(trainer, pipeline: str, stage: str | None = None) -> None:
+    """A pipeline runs its stages one after another in one command; Lightning starts a data-parallel run's other
+    processes inside each stage, where they cannot follow the pipeline's hand-overs: refused, with what works.
+    Checked before any work for the command's trainer, and again per stage (a `pipeline.stage_overrides` entry)."""
+    processes = data_parallel_processes(trainer)
+    if processes > 1:
+        where = f" (stage {stage})" if stage else ""
+        raise ConfigError(f"pipeline={pipeline} with {processes} training processes{where} (trainer.devices="
+                          f"{trainer.get('devices')}, trainer.num_nodes={trainer.get('num_nodes', 1)}): a pipeline "
+                          "runs its stages one after another in one command, and Lightning starts the other "
+                          "processes inside each stage, where they cannot follow the pipeline's hand-overs. Run the "
+                          "stages one by one (rlhf stage=<name> ... trainer=ddp, each given the previous stage's "
+                          "model dir), or run the pipeline on one device (trainer.devices=1)")
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -170,14 +166,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path= names one stage's checkpoint, and pipeline={pipe.name} passes its overrides to "
                           "every stage: continue a stopped pipeline with the command it printed "
                           "(pipeline.start_at=<stage> and the inputs made so far)")
-    processes = data_parallel_processes(cfg.trainer)
-    if processes > 1:
-        raise ConfigError(f"pipeline={pipe.name} with {processes} training processes (trainer.devices="
-                          f"{cfg.trainer.get('devices')}, trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): a "
-                          "pipeline runs its stages one after another in one command, and Lightning starts the other "
-                          "processes inside each stage, where they cannot follow the pipeline's hand-overs. Run the "
-                          "stages one by one (rlhf stage=<name> ... trainer=ddp, each given the previous stage's model "
-                          "dir), or run the pipeline on one device (trainer.devices=1)")
+    refuse_data_parallel_pipeline(cfg.trainer, str(pipe.name))
     first = stages.index(pipe.start_at) if pipe.get("start_at") else 0
     last = stages.index(pipe.stop_after) if pipe.get("stop_after") else len(stages) - 1
     if last < first:
@@ -217,6 +206,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         for i, name in enumerate(todo):
             current = name
             stage_cfg, consumed = stage_config(name, user, pipe, artifacts, out_dir / f"{first + i}_{name}", has[name])
+            refuse_data_parallel_pipeline(stage_cfg.trainer, str(pipe.name), name)
             print(f"[rlhf] pipeline {pipe.name}: stage {first + i + 1}/{len(stages)} {name}"
                   + "".join(f"\n[rlhf]   {k} <- {v}" for k, v in consumed.items()))
             result = run_stage(stage_cfg, parent_run_id=parent.run_id, pipeline=str(pipe.name))

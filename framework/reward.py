@@ -275,12 +275,15 @@ class NonFiniteReward(RLHFError):
     """A reward source returned NaN or inf."""
 
 
-def reward_scores(source: RewardFunction, scores: Any, n: int, device=None, dtype=torch.float) -> torch.Tensor:
+def reward_scores(source: RewardFunction, scores: Any, n: int, device=None, dtype=torch.float,
+                  method: str = "score") -> torch.Tensor:
     """What a reward source's `score` returned, checked against its contract (one real number per completion, in
     order) -> a tensor [n] of `dtype` (float64 keeps Python floats exact). NaN and inf pass here: `checked_scores`
-    saves those samples and stops."""
+    saves those samples and stops. method="golds": the same contract for a task's `golds`, named so."""
+    who = "the task" if method == "golds" else "the reward source"
+
     def refuse(what: str) -> RLHFError:
-        return RLHFError(f"the reward source {type(source).__name__} returned {what}; score(prompts, completions) "
+        return RLHFError(f"{who} {type(source).__name__} returned {what}; {method}(prompts, completions) "
                          f"must return one real number per completion, in order ({n} here)")
 
     if isinstance(scores, torch.Tensor):

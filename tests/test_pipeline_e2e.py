@@ -204,7 +204,7 @@ def test_a_pipeline_refuses_ckpt_path(run_cli_here, tmp_path):
 def test_a_pipeline_refuses_data_parallel_trainers(run_cli_here):
     """Lightning starts a DDP run's other processes inside each stage, where they cannot follow the pipeline's
     hand-overs (its parent run, the previous stage's export): refused before any work, with the way that works."""
-    from framework.recipe import data_parallel_processes
+    from framework.distributed import data_parallel_processes
 
     proc = run_cli_here("pipeline=chatgpt", "trainer=ddp", "trainer.accelerator=cpu", check=False)
     assert proc.returncode == 2 and "with 2 training processes (trainer.devices=2" in proc.stderr
@@ -212,6 +212,13 @@ def test_a_pipeline_refuses_data_parallel_trainers(run_cli_here):
     assert [data_parallel_processes(t) for t in ({"devices": 1}, {"devices": "3"}, {"devices": [0, 1]},
                                                   {"devices": "0,1", "num_nodes": 2}, {"devices": 2, "num_nodes": 2},
                                                   {"devices": "auto", "accelerator": "cpu"})] == [1, 3, 2, 4, 4, 1]
+    # a stage's own trainer (pipeline.stage_overrides.<stage>=[trainer.devices=2]) is refused when that stage starts
+    from framework.errors import ConfigError
+    from framework.recipe import refuse_data_parallel_pipeline
+
+    with pytest.raises(ConfigError, match=r"pipeline=chatgpt with 2 training processes \(stage rl\)"):
+        refuse_data_parallel_pipeline({"devices": 2}, "chatgpt", "rl")
+    refuse_data_parallel_pipeline({"devices": 1, "strategy": "ddp"}, "chatgpt", "rl")  # one process: fine
 
 
 def test_ckpt_path_must_be_a_training_checkpoint(run_cli_here, tmp_path):
@@ -292,8 +299,6 @@ def test_under_ddp_the_exception_checkpoint_is_saved_only_for_a_stop_every_proce
 def test_pretraining_refuses_a_train_split_that_gives_a_process_less_than_a_batch():
     """Under DDP each process trains on its share of the blocks and the loader drops a last partial batch: 50
     blocks at batch 32 over 2 processes would train nothing (Lightning only says "No training batches")."""
-    from types import SimpleNamespace
-
     from framework.errors import DataError
     from framework.stages.pretrain import PackedTextDataModule
 
@@ -304,9 +309,8 @@ def test_pretraining_refuses_a_train_split_that_gives_a_process_less_than_a_batc
             return {"input_ids": [[5] * 15 for _ in texts]}  # 16 tokens a text with its EOS: one block of 16 each
 
     def data(world_size):
-        module = PackedTextDataModule(Tok(), ["t"] * 50, ["v"] * 2, seq_len=16, batch_size=32, seed=0)
-        module.trainer = SimpleNamespace(world_size=world_size)
-        return module
+        return PackedTextDataModule(Tok(), ["t"] * 50, ["v"] * 2, seq_len=16, batch_size=32, seed=0,
+                                    world_size=world_size)
 
     data(1).setup()
     with pytest.raises(DataError, match=r"the train split packs into 25 block\(s\) of 16 tokens per process \(2 "

@@ -196,7 +196,9 @@ def test_environment_observations_are_forced_into_rollouts():
 
     from framework.errors import RLHFError
 
-    with pytest.raises(RLHFError, match=r"returned 1 scores; .*\(2 here\)"):  # it was averaged as it came
+    # it was averaged as it came; the message names the task and its method (it said "reward source ... score")
+    with pytest.raises(RLHFError, match=r"^the task Short returned 1 scores; golds\(prompts, completions\) must "
+                                        r"return one real number per completion, in order \(2 here\)"):
         evaluate_task(model, ByteTok(), Short(length=4), prompts, "plain", 8, encode=lambda t: [ord(c) for c in t])
     with pytest.raises(ValueError, match="needs the prompts"):
         rollout(model, ByteTok(), ids, 8, stop_id=0, task=task)

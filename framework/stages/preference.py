@@ -101,6 +101,7 @@ class PreferenceModule(TrainingModule):
         self._reference[0].to(self.device)
 
     def on_validation_start(self) -> None:  # also the validation run before fit (on a GPU: not the CPU)
+        super().on_validation_start()
         self._reference[0].to(self.device)
 
     def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,10 @@ class PackedTextDataModule(pl.LightningDataModule):
     """Tokenises train/val documents once and packs them into blocks of `seq_len` tokens."""
 
     def __init__(self, tokenizer, train_texts: list[str], val_texts: list[str], seq_len: int, batch_size: int,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, world_size: int = 1):
+        """world_size: the training processes, which share the train blocks (Lightning's distributed sampler)."""
         super().__init__()
+        self.world_size = world_size
         self.tokenizer = tokenizer
         self.texts = {"train": train_texts, "val": val_texts}
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
@@ -61,7 +63,7 @@ class PackedTextDataModule(pl.LightningDataModule):
             self.splits[split] = PackedBlocks(pack_token_stream(ids, self.tokenizer.eos_token_id, self.seq_len))
         # under DDP each process trains on its share of the blocks (Lightning's distributed sampler), and the loader
         # drops a last partial batch: a share smaller than a batch would train nothing, silently
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self.world_size
         for split, blocks in self.splits.items():
             need = self.batch_size if split == "train" else 1
             share = math.ceil(len(blocks) / world)
@@ -122,14 +124,14 @@ class PretrainStage(Stage):
         n_params = count_parameters(model)
         print(f"[rlhf] model: {type(model).__name__}, {n_params / 1e6:.2f} M parameters; vocab {len(tokenizer)}")
 
+        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
+                                limit_val_batches=self.val_batches or 1.0)
         data = PackedTextDataModule(tokenizer, train_texts, val_texts, self.seq_len, self.batch_size,
-                                    self.num_workers, seed=cfg.seed)
+                                    self.num_workers, seed=cfg.seed, world_size=trainer.world_size)
         data.setup()
         ctx.run.log_params({"data.train_tokens": str(data.token_counts()["train"]),
                             "data.val_tokens": str(data.token_counts()["val"]), "model.n_params": str(n_params)})
         module = CausalLMModule(model, loss, self.optimizer, self.scheduler)
-        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
-                                limit_val_batches=self.val_batches or 1.0)
         if ctx.ckpt_path is None:  # the starting point, logged as step 0, so "how far did val loss fall" is on record
             trainer.validate(module, datamodule=data, verbose=False)
         trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
