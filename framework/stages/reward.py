@@ -178,7 +178,9 @@ class RewardModule(TrainingModule):
             if decided:
                 metrics["val/gold_accuracy"] = self.val_gold_accuracy.compute()
         for name, value in metrics.items():
-            self.log(name, value.float(), prog_bar=name in ("val/loss", "val/accuracy"))
+            # torchmetrics' compute() already covers every process's share, so the value is the same on each:
+            # sync_dist only tells Lightning so (it warned about every key under DDP), averaging equal values
+            self.log(name, value.float(), prog_bar=name in ("val/loss", "val/accuracy"), sync_dist=True)
         for metric in (self.val_loss, self.val_accuracy, self.val_gold_accuracy, self.val_spearman,
                        self.val_calibration, self.val_chosen, self.val_rejected, self.val_member_std):
             metric.reset()
