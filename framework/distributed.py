@@ -93,7 +93,7 @@ def data_parallel_processes(trainer: Mapping[str, Any]) -> int:
         devices = int(devices)
     if isinstance(devices, int) and devices >= 0:
         count = max(devices, 1)
-    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+    elif not isinstance(devices, str) and hasattr(devices, "__len__"):  # a list of device ids (or a ListConfig)
         count = len(devices)
     elif isinstance(devices, str) and "," in devices:
         count = len([d for d in devices.split(",") if d.strip()])

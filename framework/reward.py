@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -315,21 +316,19 @@ def checked_scores(source: RewardFunction, prompts: Sequence[Prompt], texts: Seq
     stops when any one found some, with the same message; one whose reward source fails stops them all too
     (`failing_together`). A process stopping alone would leave the others waiting for it."""
     spread = all_processes and world_size() > 1
-    if not spread:
-        scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
-        bad = save_nonfinite_samples(path, prompts, texts, scores.tolist())
-        if bad:
-            raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {bad} of "
-                                  f"{len(texts)} samples {when}; they are saved in {path}. {consequence}")
-        return scores
     base = Path(path)
 
     def of_process(r: int) -> Path:
-        return base.with_name(f"{base.stem}_rank{r}{base.suffix}")
+        return base.with_name(f"{base.stem}_rank{r}{base.suffix}") if spread else base
 
-    with failing_together(f"in its reward source {when}"):
+    with failing_together(f"in its reward source {when}") if spread else nullcontext():
         scores = reward_scores(source, source.score(prompts, texts), len(texts), device)
         bad = save_nonfinite_samples(of_process(rank()), prompts, texts, scores.tolist())
+    if not spread:
+        if bad:
+            raise NonFiniteReward(f"the reward source {type(source).__name__} returned NaN/inf for {bad} of "
+                                  f"{len(texts)} samples {when}; they are saved in {base}. {consequence}")
+        return scores
     counts = per_process(bad)
     if any(counts):
         where = "; ".join(f"{int(c)} of {len(texts)} samples on process {r}, saved in {of_process(r)}"

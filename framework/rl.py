@@ -41,23 +41,25 @@ def rollout_moments(x: torch.Tensor, mask: torch.Tensor | None = None,
         return x.mean(), x.var(unbiased=unbiased)
     if world_size() == 1 and not unbiased:
         return masked_mean(x, mask), masked_var(x, mask)
-    x64 = x.double()
-    m = torch.ones_like(x64) if mask is None else mask.double()
-    first = sum_over_processes(torch.stack([(x64 * m).sum(), m.sum()]))
-    count = first[1].clamp(min=1)
-    mean = first[0] / count
+    x64, m, mean, count = _rollout_mean64(x, mask)
     squares = sum_over_processes((((x64 - mean) ** 2) * m).sum().reshape(1))[0]
     return mean.to(x.dtype), (squares / (count - 1 if unbiased else count).clamp(min=1)).to(x.dtype)
+
+
+def _rollout_mean64(x: torch.Tensor, mask: torch.Tensor | None):
+    """(x and the mask in float64, the mean over every process's entries, their count): one collective."""
+    x64 = x.double()
+    m = torch.ones_like(x64) if mask is None else mask.double()
+    total = sum_over_processes(torch.stack([(x64 * m).sum(), m.sum()]))
+    count = total[1].clamp(min=1)
+    return x64, m, total[0] / count, count
 
 
 def rollout_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of `rollout_moments` (one collective fewer)."""
     if world_size() == 1:
         return x.mean() if mask is None else masked_mean(x, mask)
-    x64 = x.double()
-    m = torch.ones_like(x64) if mask is None else mask.double()
-    total = sum_over_processes(torch.stack([(x64 * m).sum(), m.sum()]))
-    return (total[0] / total[1].clamp(min=1)).to(x.dtype)
+    return _rollout_mean64(x, mask)[2].to(x.dtype)
 
 
 def rollout_mean_std(x: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

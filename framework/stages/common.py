@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from framework.errors import ConfigError, checked_number, refuse_unknown_keys
 from framework.instantiate import instantiate_plugin
+from framework.distributed import was_raised_everywhere
 from framework.interrupts import stop_callback
 from framework.interfaces import Loss, ModelSource, StageContext, TokenizerSource
 from framework.models import context_length
@@ -196,8 +197,6 @@ def exception_checkpoint(dirpath: Path, filename: str = "on_exception.ckpt"):
             # under DDP saving is a collective (it ends in a barrier): only for a stop every process took together
             # (Ctrl-C, a NaN reward, `failing_together`); a process that failed alone would wait there forever
             # for the others, and the run falls back on its last periodic checkpoint
-            from framework.distributed import was_raised_everywhere
-
             if trainer.global_step > 0 and (trainer.world_size == 1 or was_raised_everywhere(exception)):
                 trainer.save_checkpoint(self.ckpt_path)
 

@@ -70,7 +70,7 @@ class PackedTextDataModule(pl.LightningDataModule):
             if share < need:
                 per = f" per process ({world} processes share {len(blocks)})" if world > 1 else ""
                 raise DataError(
-                    f"the {split} split packs into {share if world > 1 else len(blocks)} block(s) of {self.seq_len} "
+                    f"the {split} split packs into {share} block(s) of {self.seq_len} "
                     f"tokens{per}, fewer than {need}; use more text, a smaller stage.seq_len / stage.batch_size, or a "
                     "larger stage.val_fraction"
                 )
