@@ -1,6 +1,8 @@
 import pytest
 
-from framework.data import hash_split, pack_token_stream
+import json
+
+from framework.data import hash_split, pack_token_stream, split_records
 
 
 def test_hash_split_is_seeded_and_independent_of_order():
@@ -25,3 +27,22 @@ def test_pack_token_stream_appends_eos_and_drops_the_tail():
     # stream: 1 2 3 0 4 5 0 6 0 -> two full blocks, tail [0] dropped
     assert blocks == [[1, 2, 3, 0], [4, 5, 0, 6]]
     assert pack_token_stream([[1]], eos_id=0, seq_len=4) == []
+
+
+def test_records_split_by_content_not_by_where_they_were_read(tmp_path):
+    """The split key used to hold the file's path and line: the same data in another folder, or with a row added
+    on top, gave another validation set (and a CI machine's tmp folder decided a test)."""
+    from plugins.datasets.demonstrations import JsonlDemonstrations
+    rows = [json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) for i in range(200)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "d.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join([json.dumps({"prompt": "new", "response": "row"}), *rows]) + "\n")
+    first = split_records(list(JsonlDemonstrations(str(tmp_path / "a" / "d.jsonl")).demonstrations()), 0.2, seed=5)
+    moved = split_records(list(JsonlDemonstrations(str(tmp_path / "b.jsonl")).demonstrations()), 0.2, seed=5)
+    texts = [{d.text() for d in part} for part in first]
+    assert 10 < len(texts[1]) < 70
+    assert [{d.text() for d in part} - {"new\nrow"} for part in moved] == texts
+    twice = split_records(list(JsonlDemonstrations([str(tmp_path / "a" / "d.jsonl")] * 2).demonstrations()), 0.2, seed=5)
+    assert not {d.text() for d in twice[0]} & {d.text() for d in twice[1]}  # a duplicate stays on one side
+    held = ["h"]
+    assert split_records(["x", "y"], 0.5, seed=0, heldout=held) == (["x", "y"], ["h"])

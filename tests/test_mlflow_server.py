@@ -1,4 +1,4 @@
-"""The same run sent to a real `mlflow server` on 127.0.0.1, read back with mlflow.search_runs."""
+"""The same run sent to a real `mlflow server` on 127.0.0.1, read back with an MlflowClient."""
 
 import os
 import signal
@@ -47,23 +47,23 @@ def mlflow_server(tmp_path):
 
 
 def test_run_logged_to_a_real_server(mlflow_server, run_cli, rlhf_home):
-    import mlflow
     from mlflow import MlflowClient
 
     run_cli("experiment=smoke", f"logger.tracking_uri={mlflow_server}", "logger.experiment_name=server-test",
             "trainer.max_steps=20", "trainer.val_check_interval=10", *QUIET)
     assert not (rlhf_home / "mlflow.db").exists()  # nothing went to the local store
 
-    mlflow.set_tracking_uri(mlflow_server)
-    df = mlflow.search_runs(experiment_names=["server-test"])
-    assert len(df) == 1
-    row = df.iloc[0]
-    assert row["status"] == "FINISHED"
-    assert row["params.trainer.max_steps"] == "20" and row["params.model.n_layer"] == "2"
-    assert row["tags.stage"] == "pretrain"
-    assert row["metrics.val/loss"] > 0 and row["metrics.train/tokens_per_s"] > 0
+    # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for every later test, pointing
+    # at a server this fixture stops
     client = MlflowClient(mlflow_server)
-    paths = {a.path for a in client.list_artifacts(row["run_id"])}
+    runs = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.max_steps"] == "20" and run.data.params["model.n_layer"] == "2"
+    assert run.data.tags["stage"] == "pretrain"
+    assert run.data.metrics["val/loss"] > 0 and run.data.metrics["train/tokens_per_s"] > 0
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "model", "samples.json"} <= paths
-    resolved = client.download_artifacts(row["run_id"], "config/resolved.yaml", str(rlhf_home))
+    resolved = client.download_artifacts(run.info.run_id, "config/resolved.yaml", str(rlhf_home))
     assert "max_steps: 20" in Path(resolved).read_text()

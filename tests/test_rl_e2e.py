@@ -151,8 +151,8 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, run_cli_here, rlh
     proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", f"algo.loss_type={loss_type}", "algo.beta=0.1",
                    "dataset=policy_comparisons", "labeller=synthetic",
                    "labeller/gold=length", "dataset.n=64", "stage.offline.batch_size=8", "stage.offline.max_length=128",
-                   "stage.offline.epochs=2", "trainer.val_check_interval=4", "trainer.enable_model_summary=false",
-                   *QUIET)
+                   "stage.offline.epochs=2", "stage.optimizer.lr=5e-4", "trainer.val_check_interval=4",
+                   "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", *QUIET)
     model_dir = exported_dir(proc.stdout)
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_layer == 2
     client, runs = mlflow_runs(rlhf_home)
@@ -160,9 +160,18 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, run_cli_here, rlh
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/pairs_per_s",
                 "val/loss", "val/rewards/accuracies"):
         assert key in m, key
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "val/loss"), key=lambda x: x.step)
-    assert history[0].value == pytest.approx(first_loss, abs=1e-3)
-    assert history[-1].value < history[0].value  # it learns from the comparisons
+
+    def history(key):
+        return [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda x: x.step)]
+
+    assert history("val/loss")[0] == pytest.approx(first_loss, abs=1e-3)
+    losses, margins = history("train/loss"), history("train/rewards/margins")
+    assert losses[0] == pytest.approx(first_loss, abs=1e-3)
+    # it fits the comparisons it trains on (the second epoch against the first step). Not asserted on the ~7 held-out
+    # pairs: at this size a tiny policy does not generalise "longer is better" from 58 pairs, and whether their loss
+    # fell was the luck of the split (it failed in CI once the split changed)
+    late = len(losses) // 2
+    assert sum(losses[late:]) / len(losses[late:]) < first_loss and sum(margins[late:]) > 0, (losses, margins)
     if loss_type == "sigmoid":
         wrong = run_cli_here("stage=rl", f"policy.path={sft_dir}", "algo=dpo", check=False)
         assert wrong.returncode != 0 and "trains on comparisons" in wrong.stderr

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import QUIET, REPO, exported_dir, mlflow_runs
+from framework.data import hash_fraction
 
 
 SORT = ["stage=sft", "task=sort", "task.length=4", "task.separator=", "dataset=task_demos", "dataset.n=300",
@@ -134,6 +135,7 @@ def test_demonstrations_that_all_fall_into_validation_are_named(run_cli_here, tm
     stage.max_length", which sent the user after the wrong setting."""
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    assert hash_fraction("hi\nhello", 1234) < 0.99  # split by content: the same side on every machine
     proc = run_cli_here("stage=sft", "dataset=jsonl_sft", f"dataset.paths=[{data}]", "stage.val_fraction=0.99",
                         *QUIET, check=False)
     assert proc.returncode == 2 and "all 1 demonstrations fell into the validation split" in proc.stderr

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from framework.data import ListDataset, hash_split
+from framework.data import ListDataset, split_records
 from framework.errors import ConfigError, DataError
 from framework.imitation import encode_demonstration
 from framework.interfaces import (
@@ -158,10 +158,7 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
                             weights_fingerprint(path), context=n_ctx)
     rankings, heldout = read_comparisons(dataset, task, labeller, sampler if dataset.needs_policy else None,
                                          int(cfg.seed))
-    if heldout is None:
-        train_r, val_r = hash_split(rankings, val_fraction, seed=cfg.split_seed, key=lambda r: f"{r.source}\x00{r.text()}")
-    else:
-        train_r, val_r = rankings, heldout
+    train_r, val_r = split_records(rankings, val_fraction, seed=cfg.split_seed, heldout=heldout)
     train = encode_pairs(tokenizer, train_r, stage.format, max_length)
     val = encode_pairs(tokenizer, val_r, stage.format, max_length) if val_r else []
     if not train:

@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryCalibrationError
 from torchmetrics.regression import SpearmanCorrCoef
 
 from framework.distributed import max_over_processes
-from framework.data import LengthGroupedSampler, ListDataset, hash_split
+from framework.data import LengthGroupedSampler, ListDataset, split_records
 from framework.errors import ConfigError, DataError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
 from framework.instantiate import instantiate_plugin
@@ -374,11 +374,8 @@ class RewardModelStage(Stage):
             print(f"[rlhf] comparisons: {len(rankings)} labelled" + (f" ({skipped} prompts skipped: all their samples "
                                                                     "were identical)" if skipped else ""))
 
-        if heldout is None:
-            train_r, val_r = hash_split(rankings, self.val_fraction, seed=cfg.split_seed,
-                                        key=lambda r: f"{r.source}\x00{r.text()}")
-        else:  # the dataset's own held-out set: every comparison of `comparisons()` trains
-            train_r, val_r = rankings, heldout
+        # the dataset's own held-out set when it has one: then every comparison of `comparisons()` trains
+        train_r, val_r = split_records(rankings, self.val_fraction, seed=cfg.split_seed, heldout=heldout)
         train = encode_rankings(tokenizer, train_r, self.format, self.max_length)
         val = encode_rankings(tokenizer, val_r, self.format, self.max_length) if val_r else []
         if not train:

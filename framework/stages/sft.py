@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from framework.data import ListDataset, hash_split
+from framework.data import ListDataset, split_records
 from framework.errors import ConfigError, DataError
 from framework.imitation import (
     IGNORE_INDEX,
@@ -156,8 +156,7 @@ class SFTStage(Stage):
         demos = list(dataset.demonstrations())
         if not demos:
             raise DataError(f"{dataset.describe()}: no demonstrations")
-        train_demos, val_demos = hash_split(demos, self.val_fraction, seed=cfg.split_seed,
-                                            key=lambda d: f"{d.source}\x00{d.text()}")
+        train_demos, val_demos = split_records(demos, self.val_fraction, seed=cfg.split_seed)
         print(f"[rlhf] demonstrations: {dataset.describe()}: {len(demos)} -> {len(train_demos)} train / "
               f"{len(val_demos)} val")
         if not train_demos:  # the split put every one of a handful into validation
