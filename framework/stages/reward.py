@@ -202,8 +202,11 @@ class ComparisonDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = None
         if self.group_by_length:
-            sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train], self.batch_size,
-                                           self.seed)
+            # under DDP Lightning deals a custom sampler's order out round-robin (DistributedSamplerWrapper, no
+            # shuffle), so groups of batch_size x processes give every process a batch of similar lengths from each
+            processes = self.trainer.world_size if self.trainer is not None else 1
+            sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train],
+                                           self.batch_size * processes, self.seed)
         return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
                           sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
                           drop_last=self.drop_last)
