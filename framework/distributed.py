@@ -1,5 +1,6 @@
 """What one process of a data-parallel run (Lightning's DDP, FSDP, DeepSpeed: torch.distributed initialised)
-needs to know about the others, for the RL stage's statistics: an iteration's rollout is split over the processes,
+needs to know about the others: for the RL stage's statistics, and for work one process would otherwise repeat
+(DAgger's rollouts: `my_share`, `gathered`). For the statistics: an iteration's rollout is split over the processes,
 and what is computed "over the rollout" (advantage whitening, a running baseline, the KL controller's KL, the
 logged means) must be computed over all of it, so that N processes act as one process with N times the prompts.
 
@@ -71,6 +72,23 @@ def per_process(value: float) -> list[float]:
     slots = torch.zeros(n, dtype=torch.float64)
     slots[rank()] = float(value)
     return sum_over_processes(slots).tolist()
+
+
+def gathered(items: list) -> list:
+    """Every process's `items` (picklable objects), concatenated in rank order (`items` in a single process): the
+    pieces of work split over the processes, put back together on each."""
+    if world_size() == 1:
+        return list(items)
+    parts: list = [None] * world_size()
+    torch.distributed.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def my_share(n: int) -> range:
+    """The indices of n items of work that fall to this process: contiguous shares in rank order, so that
+    `gathered` of the shares' results is in the items' order (range(n) in a single process)."""
+    size, me = world_size(), rank()
+    return range(me * n // size, (me + 1) * n // size)
 
 
 def raised_everywhere(err: BaseException) -> BaseException:
@@ -152,4 +170,4 @@ def over_processes(values: Mapping[str, float], slowest: tuple[str, ...] = ("tim
 
 __all__ = ["world_size", "rank", "collective_device", "sum_over_processes", "max_over_processes", "per_process",
            "FailedElsewhere", "failing_together", "over_processes", "raised_everywhere", "was_raised_everywhere",
-           "data_parallel_processes"]
+           "data_parallel_processes", "gathered", "my_share"]

@@ -368,6 +368,8 @@ class ImitationAlgorithm(ABC):
 
     The SFT stage trains `trainer.max_steps / num_rounds` steps per round on `round_dataset(r, ctx)`, with the
     learner's current weights in ctx.model. State that must survive a checkpoint goes in state_dict().
+    Under data parallelism every process calls round_dataset and must get the same dataset: work worth splitting
+    (DAgger's rollouts) goes through framework/distributed.py's `my_share` and `gathered`.
     """
 
     num_rounds: int = 1

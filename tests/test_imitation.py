@@ -273,3 +273,63 @@ def test_dagger_rounds_roll_out_on_fresh_prompt_draws(monkeypatch):
     for i in range(3):
         algo.round_dataset(i, ctx)
     assert len(drawn) == 2 and drawn[0] != drawn[1]
+
+
+def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
+    """One DAgger rollout round on process `rank` of `world` (gloo): what it rolled out itself, what it got back."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    import plugins.imitation.dagger as dagger_module
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                                             world_size=world)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        task = SortDigits(length=3)
+        expert = TaskExpert()
+        expert.setup(tok, tok.eos_token_id, task)
+        prompts = task.prompts(20, seed=0)
+        ctx = ImitationContext(demonstrations=[], prompts=prompts,
+                               encode_prompt=lambda p: encode_prompt(tok, p.text, "plain"), model=tiny_model(tok),
+                               tokenizer=tok, stop_id=tok.eos_token_id, max_new_tokens=8, expert=expert, seed=0)
+        rolled = []
+        real_rollout = dagger_module.rollout
+
+        def counting_rollout(model, tokenizer, prompt_ids, *args, **kwargs):
+            rolled.extend(prompt_ids)
+            return real_rollout(model, tokenizer, prompt_ids, *args, **kwargs)
+
+        dagger_module.rollout = counting_rollout
+        algo = DAgger(rounds=2, rollouts_per_round=7, beta_p=0.0)
+        algo.rounds_done = 1  # round 0 (the demonstrations) done: round 1 rolls out
+        data = algo.round_dataset(1, ctx)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"rolled": rolled, "data": [[ex.input_ids, ex.labels] for ex in data],
+                       "metrics": algo.round_metrics()}, f)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def test_dagger_rollouts_are_shared_out_under_two_processes(tok, tmp_path):
+    """Under DDP each process rolls out its share of a round's prompts, and every process gets the whole round, in
+    the order one process makes it (each process used to roll out every prompt itself)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    tok.save_pretrained(tmp_path / "tok")
+    _dagger_round_on(0, 1, str(tmp_path / "tok"), str(tmp_path))
+    alone = json.loads((tmp_path / "rank0.json").read_text())
+    (tmp_path / "rank0.json").unlink()
+    mp.spawn(_dagger_round_on, args=(2, str(tmp_path / "tok"), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(alone["rolled"]) == 7 and [len(g["rolled"]) for g in got] == [3, 4]
+    assert got[0]["rolled"] + got[1]["rolled"] == alone["rolled"]
+    # beta 0 rolls out the learner alone (greedy): the shares together are exactly the one-process round
+    assert got[0]["data"] == got[1]["data"] == alone["data"] and len(alone["data"]) == 7
+    assert got[0]["metrics"] == got[1]["metrics"] == alone["metrics"]

@@ -143,10 +143,15 @@ def test_demonstrations_that_all_fall_into_validation_are_named(run_cli_here, tm
 
 
 def test_task_scored_without_a_validation_split_and_ddp_keeps_the_step_budget(run_cli, rlhf_home):
+    """Two processes of DAgger: the step budget is each process's, and a round's rollouts are shared out (9 prompts:
+    4 on one process, 5 on the other) and put back together on both."""
     overrides = [o for o in SORT if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
     run_cli(*overrides, "stage.val_fraction=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "imitation=dagger", "imitation.rounds=2", "imitation.rollouts_per_round=9",
             "trainer.max_steps=30", "trainer.val_check_interval=1000", env={"OMP_NUM_THREADS": "1"})
     client, runs = mlflow_runs(rlhf_home)
-    assert "eval/exact_match" in runs[0].data.metrics  # scored at the end even with no validation loop
+    metrics = runs[0].data.metrics
+    assert "eval/exact_match" in metrics  # scored at the end even with no validation loop
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert max(steps) >= 25  # each rank trained the whole budget (Lightning's DistributedSampler would cut it)
+    assert metrics["imitation/new_examples"] == 9 and metrics["imitation/round"] == 1

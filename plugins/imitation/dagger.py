@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from framework.distributed import failing_together, gathered, my_share, rank, world_size
 from framework.errors import ConfigError
 from framework.imitation import count_labels, label_trajectory, rollout
 from framework.interfaces import Example, ImitationAlgorithm, ImitationContext
@@ -55,13 +56,21 @@ class DAgger(ImitationAlgorithm):
                                   "add task=<sort|addition|reasoning_gym> expert=task (or expert=teacher_lm)")
             rng = random.Random(ctx.seed * 1009 + round_idx)
             prompts = [rng.choice(ctx.prompts) for _ in range(self.rollouts_per_round)]
-            prompt_ids = [ctx.encode_prompt(p) for p in prompts]
             beta = self.beta(round_idx)
-            responses = rollout(ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.stop_id,
-                                expert=ctx.expert, prompts=prompts, beta=beta, rng=rng,
-                                batch_size=self.rollout_batch_size)
-            new = [label_trajectory(ctx.expert, p, ids, resp, ctx.stop_id)
-                   for p, ids, resp in zip(prompts, prompt_ids, responses)]
+            # under DDP each process rolls out its share of the round's prompts (with its own draws for the
+            # expert/learner mixture) and every process gets the whole round back, in the prompts' order
+            share = my_share(len(prompts))
+            if world_size() > 1:
+                rng = random.Random((ctx.seed * 1009 + round_idx) * 7919 + rank() + 1)
+            prompts = [prompts[i] for i in share]
+            with failing_together(f"in DAgger round {round_idx}'s rollouts"):
+                prompt_ids = [ctx.encode_prompt(p) for p in prompts]
+                responses = rollout(ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.stop_id,
+                                    expert=ctx.expert, prompts=prompts, beta=beta, rng=rng,
+                                    batch_size=self.rollout_batch_size)
+                labelled = [label_trajectory(ctx.expert, p, ids, resp, ctx.stop_id)
+                            for p, ids, resp in zip(prompts, prompt_ids, responses)]
+            new = gathered(labelled)
         self.aggregate.extend(new)
         self.rounds_done = round_idx + 1
         self._metrics = {"round": round_idx, "beta": beta, "new_examples": len(new), "new_labels": count_labels(new),
