@@ -104,3 +104,27 @@ def test_user_errors(chat_model, run_cli_here, rlhf_home, tmp_path):
                              "trainer.max_steps=-1", check=False)
     assert unlimited.returncode == 2 and "trainer.max_steps=-1" in unlimited.stderr
     assert "set it > 0" in unlimited.stderr and "Traceback" not in unlimited.stderr
+
+
+def test_reward_model_under_two_processes(chat_model, run_cli, rlhf_home, tmp_path):
+    """`trainer=ddp` with 2 CPU processes: one tracked run, each process trains on its half of the comparisons
+    (an epoch is half the steps), validation runs on both, rank 0 exports."""
+    _, pretrained, _, _ = chat_model
+    rows = [{"prompt": f"day {i}:", "chosen": f"it was great {i}", "rejected": f"it was awful {i}"} for i in range(48)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = run_cli("stage=reward_model", f"model.path={pretrained}", "dataset=comparisons_jsonl",
+                   f"dataset.paths=[{path}]", "stage.format=plain", "stage.epochs=2", "stage.batch_size=4",
+                   "stage.optimizer.lr=1e-3", "trainer.val_check_interval=3", "trainer=ddp", "trainer.accelerator=cpu",
+                   "trainer.devices=2", *SMALL, env={"OMP_NUM_THREADS": "1"})
+    rm_dir = exported_dir(proc.stdout, "reward model")
+    assert (rm_dir / "config.json").is_file() and "per process (2 processes)" in proc.stdout
+    client, runs = mlflow_runs(rlhf_home)
+    assert len(runs) == 1
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    train = int(params["data.train_comparisons"])
+    assert params["stage.max_steps_resolved"] == str(2 * (-(-train // 2) // 4))
+    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) < int(
+        params["stage.max_steps_resolved"])
+    for key in ("val/accuracy", "val/loss", "val/reward_chosen_mean", "train/pairs_per_s"):
+        assert key in metrics, key
