@@ -25,11 +25,14 @@ class ListDataset(Generic[T]):
 class LengthGroupedSampler:
     """Shuffled indices whose batches hold items of similar length, so they pad less (transformers'
     `group_by_length`): shuffle, cut into mega-batches of `mega` batches, sort each by length (longest first), then
-    shuffle the order of the full batches (a short last batch stays last). Reshuffled by `set_epoch`."""
+    shuffle the order of the full batches (a short last batch stays last). Reshuffled by `set_epoch`, or, with
+    `epoch_of` (e.g. the trainer's current epoch; None: not known), by whatever epoch it gives: under DDP Lightning wraps this
+    sampler in its DistributedSamplerWrapper, whose set_epoch reached the sampler only from Lightning 2.6.1."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50,
+                 epoch_of: Callable[[], int | None] | None = None):
         self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
-        self.epoch = 0
+        self.epoch, self.epoch_of = 0, epoch_of
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,7 +41,9 @@ class LengthGroupedSampler:
         return len(self.lengths)
 
     def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        epoch = self.epoch_of() if self.epoch_of is not None else None
+        epoch = self.epoch if epoch is None else epoch
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         span = self.batch_size * self.mega
@@ -70,21 +75,22 @@ def hash_split(items: Iterable[T], val_fraction: float, seed: int, key: Callable
     train = [it for h, it in scored if h >= val_fraction]
     val = [it for h, it in scored if h < val_fraction]
     if not val and val_fraction > 0 and len(scored) >= 2:
-        smallest = min(range(len(scored)), key=lambda i: scored[i][0])
-        val = [scored[smallest][1]]
-        train = [it for i, (_, it) in enumerate(scored) if i != smallest]
+        smallest = min(h for h, _ in scored)  # with every copy of it: a duplicate must not train what validates
+        if any(h != smallest for h, _ in scored):
+            val = [it for h, it in scored if h == smallest]
+            train = [it for h, it in scored if h != smallest]
     return train, val
 
 
 def split_records(records: Sequence[T], val_fraction: float, seed: int,
                   heldout: Sequence[T] | None = None) -> tuple[list[T], list[T]]:
     """Train and validation records: a dataset's own held-out set when it has one, else `hash_split` keyed by each
-    record's content (`text()`), never by where it was read from. So moving or renaming a data file, or adding rows
-    above a record, moves no record between the splits, and identical records land on the same side (a duplicate
-    cannot validate what it trained on)."""
+    record's content (`split_key()` where a record has one, else `text()`), never by where it was read from. So
+    moving or renaming a data file, or adding rows above a record, moves no record between the splits, and identical
+    records land on the same side (a duplicate cannot validate what it trained on)."""
     if heldout is not None:
         return list(records), list(heldout)
-    return hash_split(records, val_fraction, seed, key=lambda r: r.text())
+    return hash_split(records, val_fraction, seed, key=lambda r: r.split_key() if hasattr(r, "split_key") else r.text())
 
 
 def pack_token_stream(docs: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> list[list[int]]:

@@ -4,8 +4,10 @@ needs to know about the others: for the RL stage's statistics, and for work one 
 and what is computed "over the rollout" (advantage whitening, a running baseline, the KL controller's KL, the
 logged means) must be computed over all of it, so that N processes act as one process with N times the prompts.
 
-Every function here is a collective under torch.distributed: every process must call it, at the same point, with
-tensors of the same shape. In a single process they cost nothing and return their input.
+Every function here but `world_size`, `rank`, `my_share`, `collective_device`, `raised_everywhere`,
+`was_raised_everywhere` and `data_parallel_processes` is a collective under
+torch.distributed: every process must call it, at the same point (with tensors of the same shape; `gathered` takes
+lists of any length). In a single process they cost nothing and return their input.
 """
 
 from __future__ import annotations

@@ -83,3 +83,8 @@ class Ranking:
 
     def text(self) -> str:
         return "\n".join([self.prompt, *self.responses])
+
+    def split_key(self) -> str:
+        """What decides its train/validation side: the prompt and its responses in any order, so that the same
+        responses ranked both ways (two labellers who disagree) land on one side."""
+        return "\n".join([self.prompt, *sorted(self.responses)])

@@ -46,3 +46,17 @@ def test_records_split_by_content_not_by_where_they_were_read(tmp_path):
     assert not {d.text() for d in twice[0]} & {d.text() for d in twice[1]}  # a duplicate stays on one side
     held = ["h"]
     assert split_records(["x", "y"], 0.5, seed=0, heldout=held) == (["x", "y"], ["h"])
+
+
+def test_a_duplicate_never_straddles_the_split():
+    """Fails when the fallback that keeps validation non-empty moved one copy of a record and trained on the others,
+    or when one pair labelled both ways (two labellers disagreeing) could land on both sides."""
+    from framework.records import Ranking
+
+    items = [f"doc {i}" for i in range(4)] * 2
+    train, val = hash_split(items, 0.01, seed=0, key=str)
+    assert len(val) == 2 and not set(val) & set(train) and len(train) == 6
+    assert hash_split(["same", "same"], 0.01, seed=0, key=str) == (["same", "same"], [])  # one record: no split
+    both_ways = [Ranking.pair(f"p{i}", "a", "b") for i in range(50)] + [Ranking.pair(f"p{i}", "b", "a") for i in range(50)]
+    train_r, val_r = split_records(both_ways, 0.3, seed=1)
+    assert val_r and not {r.prompt for r in train_r} & {r.prompt for r in val_r}

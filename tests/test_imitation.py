@@ -303,13 +303,30 @@ def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
             rolled.extend(prompt_ids)
             return real_rollout(model, tokenizer, prompt_ids, *args, **kwargs)
 
+        class BrokenOnRank1(TaskExpert):
+            def next_token_labels(self, *args):
+                if rank == 1:
+                    raise ValueError("the expert broke")
+                return super().next_token_labels(*args)
+
         dagger_module.rollout = counting_rollout
-        algo = DAgger(rounds=2, rollouts_per_round=7, beta_p=0.0)
-        algo.rounds_done = 1  # round 0 (the demonstrations) done: round 1 rolls out
-        data = algo.round_dataset(1, ctx)
+        try:
+            algo = DAgger(rounds=2, rollouts_per_round=7, beta_p=0.0)
+            algo.rounds_done = 1  # round 0 (the demonstrations) done: round 1 rolls out
+            data = algo.round_dataset(1, ctx)
+        finally:
+            dagger_module.rollout = real_rollout
+        result = {"rolled": rolled, "data": [[ex.input_ids, ex.labels] for ex in data], "metrics": algo.round_metrics()}
+        broken = BrokenOnRank1()
+        broken.setup(tok, tok.eos_token_id, task)
+        try:
+            DAgger(rounds=2, rollouts_per_round=7).round_dataset(1, ImitationContext(**{**ctx.__dict__,
+                                                                                       "expert": broken}))
+            result["broken"] = None
+        except Exception as err:  # noqa: BLE001 - what each process raised is the point
+            result["broken"] = [type(err).__name__, str(err)]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"rolled": rolled, "data": [[ex.input_ids, ex.labels] for ex in data],
-                       "metrics": algo.round_metrics()}, f)
+            json.dump(result, f)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -333,3 +350,6 @@ def test_dagger_rollouts_are_shared_out_under_two_processes(tok, tmp_path):
     # beta 0 rolls out the learner alone (greedy): the shares together are exactly the one-process round
     assert got[0]["data"] == got[1]["data"] == alone["data"] and len(alone["data"]) == 7
     assert got[0]["metrics"] == got[1]["metrics"] == alone["metrics"]
+    # an expert that fails on process 1 stops both (process 0 used to wait for it in the gather)
+    assert got[1]["broken"] == ["ValueError", "the expert broke"] and got[0]["broken"][0] == "FailedElsewhere"
+    assert "process 1 of 2 stopped in DAgger round 1's rollouts" in got[0]["broken"][1]

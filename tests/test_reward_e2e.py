@@ -108,7 +108,7 @@ def test_user_errors(chat_model, run_cli_here, rlhf_home, tmp_path):
 
 def test_reward_model_under_two_processes(chat_model, run_cli, rlhf_home, tmp_path):
     """`trainer=ddp` with 2 CPU processes: one tracked run, each process trains on its half of the comparisons
-    (an epoch is half the steps), validation runs on both, rank 0 exports."""
+    (an epoch is half the steps), rank 0 exports."""
     _, pretrained, _, _ = chat_model
     rows = [{"prompt": f"day {i}:", "chosen": f"it was great {i}", "rejected": f"it was awful {i}"} for i in range(48)]
     path = tmp_path / "pairs.jsonl"
@@ -124,7 +124,10 @@ def test_reward_model_under_two_processes(chat_model, run_cli, rlhf_home, tmp_pa
     params, metrics = runs[0].data.params, runs[0].data.metrics
     train = int(params["data.train_comparisons"])
     assert params["stage.max_steps_resolved"] == str(2 * (-(-train // 2) // 4))
-    assert max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) < int(
-        params["stage.max_steps_resolved"])
+    # two epochs of half the comparisons each: the second starts within the run's steps (a process reading all of
+    # them would spend every step in the first)
+    max_steps = int(params["stage.max_steps_resolved"])
+    epochs = {m.value for m in client.get_metric_history(runs[0].info.run_id, "epoch") if m.step < max_steps}
+    assert epochs == {0.0, 1.0}, epochs
     for key in ("val/accuracy", "val/loss", "val/reward_chosen_mean", "train/pairs_per_s"):
         assert key in metrics, key

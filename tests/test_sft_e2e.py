@@ -143,8 +143,8 @@ def test_demonstrations_that_all_fall_into_validation_are_named(run_cli_here, tm
 
 
 def test_task_scored_without_a_validation_split_and_ddp_keeps_the_step_budget(run_cli, rlhf_home):
-    """Two processes of DAgger: the step budget is each process's, and a round's rollouts are shared out (9 prompts:
-    4 on one process, 5 on the other) and put back together on both."""
+    """Two processes of DAgger: the step budget is each process's, and the round's 9 rollouts (shared out over the
+    processes: tests/test_imitation.py checks the shares) are put back together into one round."""
     overrides = [o for o in SORT if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
     run_cli(*overrides, "stage.val_fraction=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
             "imitation=dagger", "imitation.rounds=2", "imitation.rollouts_per_round=9",

@@ -405,11 +405,14 @@ def test_the_rl_stage_evaluates_with_its_reward_as_proxy_the_task_gold_as_gold_o
 def test_length_grouping_survives_lightnings_distributed_sampler():
     """Fails when the reward model's length groups are cut for one process: Lightning deals the sampler's order out
     round-robin under DDP, so each process's batch took every other item of two unrelated groups (as much padding as
-    no grouping)."""
+    no grouping); or when the batches are not reshuffled each epoch under DDP (Lightning's wrapper passed set_epoch
+    on to the sampler only from 2.6.1: the sampler reads the trainer's epoch itself)."""
     import random
     from types import SimpleNamespace
 
-    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+    from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _is_dataloader_shuffled
 
     from framework.stages.reward import ComparisonDataModule
 
@@ -417,17 +420,21 @@ def test_length_grouping_survives_lightnings_distributed_sampler():
     groups = [SimpleNamespace(input_ids=[[0] * rng.randint(1, 200)]) for _ in range(96)]
     length = {id(g): len(g.input_ids[0]) for g in groups}
 
+    def orders(processes: int, epoch: int) -> list[list[int]]:
+        dm = ComparisonDataModule(groups, [], batch_size=4, pad_id=0, seed=3, shards=processes)
+        dm.trainer = SimpleNamespace(current_epoch=epoch)
+        loader = dm.train_dataloader()
+        if processes == 1:
+            return [list(loader.sampler)]
+        # what Lightning's DDP puts in the loader's place (without passing set_epoch on, as before 2.6.1)
+        return [list(_get_distributed_sampler(loader, _is_dataloader_shuffled(loader), 0, RunningStage.TRAINING,
+                                              num_replicas=processes, rank=rank)) for rank in range(processes)]
+
     def mean_spread(processes: int) -> float:
-        dm = ComparisonDataModule(groups, [], batch_size=4, pad_id=0, seed=3)
-        dm.trainer = SimpleNamespace(world_size=processes)
-        sampler = dm.train_dataloader().sampler
-        spreads = []
-        for rank in range(processes):
-            order = list(DistributedSamplerWrapper(sampler, num_replicas=processes, rank=rank, shuffle=False))
-            for start in range(0, len(order), 4):
-                lengths = [length[id(groups[i])] for i in order[start:start + 4]]
-                spreads.append(max(lengths) - min(lengths))
+        spreads = [max(ls) - min(ls) for order in orders(processes, 0) for start in range(0, len(order), 4)
+                   for ls in [[length[id(groups[i])] for i in order[start:start + 4]]]]
         return sum(spreads) / len(spreads)
 
     one, two = mean_spread(1), mean_spread(2)
     assert two < 2.5 * one + 5, (one, two)  # measured: one 6.7, two 13.1 (76.4 before the fix)
+    assert orders(2, 1) != orders(2, 0) and sorted(sum(orders(2, 1), [])) == list(range(96))

@@ -192,9 +192,9 @@ class ComparisonDataModule(pl.LightningDataModule):
     as for one process)."""
 
     def __init__(self, train: list[Group], val: list[Group], batch_size: int, pad_id: int, num_workers: int = 0,
-                 group_by_length: bool = True, seed: int = 0, drop_last: bool | None = None):
+                 group_by_length: bool = True, seed: int = 0, drop_last: bool | None = None, shards: int = 1):
         super().__init__()
-        self.train, self.val, self.batch_size = train, val, batch_size
+        self.train, self.val, self.batch_size, self.shards = train, val, batch_size, shards
         self.collate = partial(collate_groups, pad_id=pad_id)
         self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
         self.drop_last = epoch_batches(len(train), batch_size)[1] if drop_last is None else drop_last
@@ -203,13 +203,15 @@ class ComparisonDataModule(pl.LightningDataModule):
         sampler = None
         if self.group_by_length:
             # under DDP Lightning deals a custom sampler's order out round-robin (DistributedSamplerWrapper, no
-            # shuffle), so groups of batch_size x processes give every process a batch of similar lengths from each
-            processes = self.trainer.world_size if self.trainer is not None else 1
+            # shuffle), so groups of batch_size x shares give every process a batch of similar lengths from each
             sampler = LengthGroupedSampler([sum(len(r) for r in g.input_ids) for g in self.train],
-                                           self.batch_size * processes, self.seed)
+                                           self.batch_size * self.shards, self.seed, epoch_of=self._epoch)
         return DataLoader(ListDataset(self.train), batch_size=self.batch_size, shuffle=sampler is None,
                           sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
                           drop_last=self.drop_last)
+
+    def _epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
@@ -410,7 +412,7 @@ class RewardModelStage(Stage):
                             "data.train_pairs": str(pairs), "stage.max_steps_resolved": str(max_steps)})
         module = RewardModule(rm, loss, self.optimizer, self.scheduler)
         data = ComparisonDataModule(train, val, self.batch_size, tokenizer.pad_token_id, self.num_workers,
-                                    self.group_by_length, int(cfg.seed), drop_last=drop_last)
+                                    self.group_by_length, int(cfg.seed), drop_last=drop_last, shards=world)
         trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
                                 lengthen="raise stage.epochs (or trainer.max_steps with stage.epochs=null) and pass "
                                          "ckpt_path=<this checkpoint> (resume=true refuses a changed stage.epochs)",
