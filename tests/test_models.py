@@ -209,14 +209,14 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("sft", "stage.eval.prompts=0", r"stage.eval.prompts=0 must be >= 1"),
     # the reward stage's sizes: they were checked only after it had sampled the policy's replies
     ("reward_model", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
-    ("reward_model", "stage.max_length=1", r"stage.max_length=1 must be >= 2 tokens"),
-    ("reward_model", "stage.val_fraction=1.0", r"stage.val_fraction=1.0 must be in \[0, 1\)"),
+    ("reward_model", "stage.max_length=1", r"stage.max_length=1 must be >= 2 \(tokens\)"),
+    ("reward_model", "stage.val_fraction=1.0", r"stage.val_fraction=1 must be in \[0, 1\)"),
     ("reward_model", "stage.epochs=0", r"stage.epochs=0 must be > 0"),
     # pretrain's and sft's sizes, checked when built as the reward stage's are (they were checked in run())
-    ("pretrain", "stage.seq_len=1", r"stage.seq_len=1 must be >= 2 tokens"),
+    ("pretrain", "stage.seq_len=1", r"stage.seq_len=1 must be >= 2 \(tokens\)"),
     ("pretrain", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
     ("sft", "stage.val_fraction=-0.1", r"stage.val_fraction=-0.1 must be in \[0, 1\)"),
-    ("sft", "stage.max_length=0", r"stage.max_length=0 must be >= 2 tokens"),
+    ("sft", "stage.max_length=0", r"stage.max_length=0 must be >= 2 \(tokens\)"),
     # values of the wrong kind, by key (they failed inside the constructor, or after the model was built)
     ("rl", "stage.iterations=abc", r"stage.iterations='abc' must be a whole number$"),
     ("rl", "stage.reward_clip=high", r"stage.reward_clip='high' must be a number \(or null\)"),

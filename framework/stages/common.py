@@ -107,16 +107,10 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
 
 def check_stage_sizes(val_fraction: float, batch_size: int, **lengths: int) -> None:
     """The sizes every training stage needs to be sane, with the key to fix; a stage checks them when it is built."""
-    checked_number("stage.val_fraction", val_fraction)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"stage.val_fraction={val_fraction} must be in [0, 1)")
-    checked_number("stage.batch_size", batch_size, whole=True)
-    if batch_size < 1:
-        raise ConfigError(f"stage.batch_size={batch_size} must be >= 1")
+    checked_number("stage.val_fraction", val_fraction, at_least=0, below=1)
+    checked_number("stage.batch_size", batch_size, whole=True, at_least=1)
     for key, value in lengths.items():
-        checked_number(f"stage.{key}", value, whole=True)
-        if value < 2:
-            raise ConfigError(f"stage.{key}={value} must be >= 2 tokens")
+        checked_number(f"stage.{key}", value, whole=True, at_least=2, note="tokens")
 
 
 def check_max_steps(max_steps: int | None) -> None:
