@@ -17,7 +17,7 @@ $(BIN)/rlhf: pyproject.toml constraints.txt
 
 install: $(BIN)/rlhf
 
-# the whole recipe: pretrain -> sft -> reward_model -> rl -> eval (about 15 minutes on 2 CPU cores)
+# the whole recipe: pretrain -> sft -> reward_model -> rl -> eval (about 7 minutes on 2 CPU cores: docs/quickstart.md)
 quickstart: install
 	$(BIN)/rlhf pipeline=chatgpt
 
