@@ -165,6 +165,10 @@ class _GuardedClient:
         return guarded
 
 
+def _short(value: str, width: int = 60) -> str:
+    return value if len(value) <= width else value[: width - 3] + "..."
+
+
 def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
     """{"model.n_layer": "4", ...} from a nested config; lists become their JSON text."""
     if isinstance(cfg, DictConfig):
@@ -263,6 +267,9 @@ class TrackedRun:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         for k, v in changed.items():
             self.client.set_tag(self.run_id, f"resume.changed.{k}", v[:MAX_PARAM_CHARS])
+        if changed:  # said, not only tagged: a resumed run that reads other data should not pass unnoticed
+            print("[rlhf] resumed run: settings that differ from its first attempt (tagged resume.changed.*): "
+                  + "; ".join(f"{k} {_short(existing[k])} -> {_short(v)}" for k, v in sorted(changed.items())))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():

@@ -86,6 +86,8 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(rlhf_home, tokenizer_c
     history = client.get_metric_history(run_id, "train/loss")
     assert max(m.step for m in history) >= 55 > steps_before or steps_before >= 55
     assert runs[0].data.tags.get("resume.changed.trainer.max_steps") == "60"
+    assert "settings that differ from its first attempt" in resumed.stdout
+    assert "trainer.max_steps 100000 -> 60" in resumed.stdout
     exported_dir(resumed.stdout)
 
 
