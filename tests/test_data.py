@@ -2,7 +2,7 @@ import pytest
 
 import json
 
-from framework.data import hash_split, pack_token_stream, split_records
+from framework.data import hash_fraction, hash_split, pack_token_stream, split_records
 
 
 def test_hash_split_is_seeded_and_independent_of_order():
@@ -56,6 +56,7 @@ def test_a_duplicate_never_straddles_the_split():
     items = [f"doc {i}" for i in range(4)] * 2
     train, val = hash_split(items, 0.01, seed=0, key=str)
     assert len(val) == 2 and not set(val) & set(train) and len(train) == 6
+    assert val[0] == min(items, key=lambda k: hash_fraction(k, 0))  # the one that joins first as val_fraction grows
     assert hash_split(["same", "same"], 0.01, seed=0, key=str) == (["same", "same"], [])  # one record: no split
     both_ways = [Ranking.pair(f"p{i}", "a", "b") for i in range(50)] + [Ranking.pair(f"p{i}", "b", "a") for i in range(50)]
     train_r, val_r = split_records(both_ways, 0.3, seed=1)

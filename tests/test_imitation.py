@@ -283,6 +283,7 @@ def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
     from transformers import AutoTokenizer
 
     import plugins.imitation.dagger as dagger_module
+    from framework.distributed import was_raised_everywhere
 
     if world > 1:
         torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
@@ -299,8 +300,13 @@ def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
         rolled = []
         real_rollout = dagger_module.rollout
 
+        draws = []
+
         def counting_rollout(model, tokenizer, prompt_ids, *args, **kwargs):
             rolled.extend(prompt_ids)
+            twin = random.Random()
+            twin.setstate(kwargs["rng"].getstate())
+            draws.append(twin.random())  # the first draw of the expert/learner mixture it was given
             return real_rollout(model, tokenizer, prompt_ids, *args, **kwargs)
 
         class BrokenOnRank1(TaskExpert):
@@ -316,7 +322,8 @@ def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
             data = algo.round_dataset(1, ctx)
         finally:
             dagger_module.rollout = real_rollout
-        result = {"rolled": rolled, "data": [[ex.input_ids, ex.labels] for ex in data], "metrics": algo.round_metrics()}
+        result = {"rolled": rolled, "data": [[ex.input_ids, ex.labels] for ex in data], "metrics": algo.round_metrics(),
+                  "draws": draws}
         broken = BrokenOnRank1()
         broken.setup(tok, tok.eos_token_id, task)
         try:
@@ -324,7 +331,7 @@ def _dagger_round_on(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
                                                                                        "expert": broken}))
             result["broken"] = None
         except Exception as err:  # noqa: BLE001 - what each process raised is the point
-            result["broken"] = [type(err).__name__, str(err)]
+            result["broken"] = [type(err).__name__, str(err), was_raised_everywhere(err)]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -350,6 +357,10 @@ def test_dagger_rollouts_are_shared_out_under_two_processes(tok, tmp_path):
     # beta 0 rolls out the learner alone (greedy): the shares together are exactly the one-process round
     assert got[0]["data"] == got[1]["data"] == alone["data"] and len(alone["data"]) == 7
     assert got[0]["metrics"] == got[1]["metrics"] == alone["metrics"]
+    # each process draws its own expert/learner mixture (with beta in (0, 1) the shares would otherwise make the same
+    # choices step for step), and neither repeats the one-process round's draws
+    assert got[0]["draws"] != got[1]["draws"] and alone["draws"] not in (got[0]["draws"], got[1]["draws"])
     # an expert that fails on process 1 stops both (process 0 used to wait for it in the gather)
-    assert got[1]["broken"] == ["ValueError", "the expert broke"] and got[0]["broken"][0] == "FailedElsewhere"
+    assert got[1]["broken"] == ["ValueError", "the expert broke", True] and got[0]["broken"][0] == "FailedElsewhere"
+    assert got[0]["broken"][2] is True  # a stop both took: each may save its checkpoint
     assert "process 1 of 2 stopped in DAgger round 1's rollouts" in got[0]["broken"][1]

@@ -3,6 +3,7 @@ a K-wise jsonl file with the listwise loss and an ensemble head, and the errors 
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -131,3 +132,33 @@ def test_reward_model_under_two_processes(chat_model, run_cli, rlhf_home, tmp_pa
     assert epochs == {0.0, 1.0}, epochs
     for key in ("val/accuracy", "val/loss", "val/reward_chosen_mean", "train/pairs_per_s"):
         assert key in metrics, key
+
+
+@pytest.mark.parametrize("stage", [["stage=reward_model", "stage.max_length=128"],
+                                   ["stage=rl", "algo=dpo", "stage.offline.max_length=128"]])
+def test_a_datasets_own_held_out_set_is_the_validation_set(chat_model, run_cli_here, monkeypatch, stage):
+    """dataset.heldout=N: the stage validates on the dataset's own held-out comparisons, not on a share of its
+    training ones (the stage's split is watched, and the run stopped there)."""
+    import framework.stages.preference as preference
+    import framework.stages.reward as reward
+
+    _, _, sft_dir, _ = chat_model
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def watched(records, val_fraction, seed, heldout=None):
+        seen.append((len(records), heldout))
+        raise Seen  # enough: nothing to train
+
+    for module in (preference, reward):
+        monkeypatch.setattr(module, "split_records", watched)
+    try:
+        proc = run_cli_here(*stage, f"model.path={sft_dir}", "dataset=policy_comparisons", "dataset.n=6",
+                            "dataset.heldout=3", "labeller=synthetic", "labeller/gold=length", *QUIET, check=False)
+        told = proc.stdout[-1500:] + proc.stderr[-1500:]
+    except Seen:
+        told = ""
+    assert len(seen) == 1, told
+    assert seen[0][1] is not None and 0 < len(seen[0][1]) <= 3, seen

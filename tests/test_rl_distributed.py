@@ -30,7 +30,8 @@ def _collectives(rank: int, world: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
                                          world_size=world)
     try:
-        from framework.distributed import FailedElsewhere, failing_together, over_processes, per_process
+        from framework.distributed import (FailedElsewhere, failing_together, over_processes, per_process,
+                                           was_raised_everywhere)
         from framework.interfaces import Rollout
         from framework.reward import NonFiniteReward, checked_scores
         from framework.rl import rollout_mean, rollout_moments, whiten
@@ -82,7 +83,8 @@ def _collectives(rank: int, world: int, out_dir: str) -> None:
                            "at iteration 5", "", all_processes=True)
             result["broken"] = None
         except (ValueError, FailedElsewhere) as err:
-            result["broken"] = [type(err).__name__, str(err), getattr(err, "echoed_by_rank", None)]
+            result["broken"] = [type(err).__name__, str(err), getattr(err, "echoed_by_rank", None),
+                                was_raised_everywhere(err)]
         try:
             with failing_together("in the evaluation"):
                 pass
@@ -133,10 +135,11 @@ def test_rollout_statistics_are_the_whole_rollouts_under_two_processes(tmp_path)
     assert [got[0]["echoed_by_rank"], got[1]["echoed_by_rank"]] == [0, 1]
     assert [json.loads(line)["completion"] for line in (tmp_path / "bad_rank1.jsonl").read_text().splitlines()] == ["b"]
     assert not (tmp_path / "bad_rank0.jsonl").exists()
-    # a reward source that fails on process 1: it raises its own error, process 0 says so, once
-    assert got[1]["broken"] == ["ValueError", "the scorer broke", None]
+    # a reward source that fails on process 1: it raises its own error, process 0 says so, once; both errors are
+    # marked as a stop every process took (only then may the stop save a checkpoint: saving ends in a barrier)
+    assert got[1]["broken"] == ["ValueError", "the scorer broke", None, True]
     assert got[0]["broken"] == ["FailedElsewhere", "process 1 of 2 stopped in its reward source at iteration 5; its "
-                                "error is above", 0]
+                                "error is above", 0, True]
     assert got[0]["quiet"] == got[1]["quiet"] == "went on"
     # metric names that differ between processes are refused on both, not mixed
     assert "process 0 has ['a']" in got[0]["keys"] and "process 1 has ['b']" in got[1]["keys"]
