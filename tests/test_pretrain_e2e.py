@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,6 +92,7 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(rlhf_home, tokenizer_c
     exported_dir(resumed.stdout)
 
 
+@pytest.mark.slow  # the default suite's DDP runs of the other stages check the same tracking (one run, rank-0 export)
 def test_ddp_strategy_on_cpu_is_one_tracked_run(run_cli, rlhf_home):
     """`trainer=ddp`: Lightning starts a second process (gloo); rank 0 alone writes the MLflow run and the export."""
     proc = run_cli("experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",

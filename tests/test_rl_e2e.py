@@ -145,7 +145,8 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(chat_model, run_cli, rlh
 
 
 # at the start the policy is the reference, so the margin h is 0: DPO's loss is -log sigmoid(0), IPO's (0 - 1/(2 beta))^2
-@pytest.mark.parametrize("loss_type, first_loss", [("sigmoid", 0.6931), ("ipo", 25.0)])
+@pytest.mark.parametrize("loss_type, first_loss", [("sigmoid", 0.6931),
+                                                   pytest.param("ipo", 25.0, marks=pytest.mark.slow)])
 def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, run_cli_here, rlhf_home, loss_type, first_loss):
     _, _, sft_dir, _ = chat_model
     proc = run_cli("stage=rl", f"policy.path={sft_dir}", "algo=dpo", f"algo.loss_type={loss_type}", "algo.beta=0.1",
@@ -180,7 +181,8 @@ def test_dpo_on_comparisons_labelled_here(chat_model, run_cli, run_cli_here, rlh
 # one epoch of 36 pairs at batch 8: the 4 whole batches the loader yields (the last 4 pairs dropped), not
 # ceil(36 / 8) = 5; with 2 processes, the 2 whole batches of each one's 18 pairs; with 12 pairs over 2 processes, each
 # one's 6 make one short batch, which is kept
-@pytest.mark.parametrize("processes, pairs, steps", [(1, 36, 4), (2, 36, 2), (2, 12, 1)])
+@pytest.mark.parametrize("processes, pairs, steps", [(1, 36, 4), pytest.param(2, 36, 2, marks=pytest.mark.slow),
+                                                     (2, 12, 1)])
 def test_dpo_on_a_small_file_logs_its_metrics_and_steps_over_whole_batches(run_cli, rlhf_home, tmp_path, processes,
                                                                            pairs, steps):
     """A small file: fewer steps than trainer.log_every_n_steps (10) logged no train/* metric at all, and
