@@ -26,8 +26,9 @@ class LengthGroupedSampler:
     """Shuffled indices whose batches hold items of similar length, so they pad less (transformers'
     `group_by_length`): shuffle, cut into mega-batches of `mega` batches, sort each by length (longest first), then
     shuffle the order of the full batches (a short last batch stays last). Reshuffled by `set_epoch`, or, with
-    `epoch_of` (e.g. the trainer's current epoch; None: not known), by whatever epoch it gives: under DDP Lightning wraps this
-    sampler in its DistributedSamplerWrapper, whose set_epoch reached the sampler only from Lightning 2.6.1."""
+    `epoch_of` (e.g. the trainer's current epoch; None: not known), by whatever epoch it gives: under DDP
+    Lightning wraps this sampler in its DistributedSamplerWrapper, whose set_epoch reaches the sampler only from
+    Lightning 2.6.1."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50,
                  epoch_of: Callable[[], int | None] | None = None):
