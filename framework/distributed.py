@@ -5,7 +5,7 @@ and what is computed "over the rollout" (advantage whitening, a running baseline
 logged means) must be computed over all of it, so that N processes act as one process with N times the prompts.
 
 Every function here but `world_size`, `rank`, `my_share`, `collective_device`, `raised_everywhere`,
-`was_raised_everywhere` and `data_parallel_processes` is a collective under
+`was_raised_everywhere` and `data_parallel_processes` (and `ValidationShare`) is a collective under
 torch.distributed: every process must call it, at the same point (with tensors of the same shape; `gathered` takes
 lists of any length). In a single process they cost nothing and return their input.
 """
@@ -91,6 +91,34 @@ def my_share(n: int) -> range:
     `gathered` of the shares' results is in the items' order (range(n) in a single process)."""
     size, me = world_size(), rank()
     return range(me * n // size, (me + 1) * n // size)
+
+
+class ValidationShare(torch.utils.data.DistributedSampler):
+    """The sampler of a validation loader of n items: under data parallelism, this process's items (rank, rank +
+    world, ...), none repeated. Lightning's own choice, a DistributedSampler, repeats the first items so that every
+    process gets as many, and those then count twice in the metrics: with 7 comparisons over 2 processes, one of
+    them is scored twice (Lightning warns about it in `trainer.validate`). With this sampler the metrics' states
+    (torchmetrics, summed over the processes) hold every item once, and N processes report what one process does.
+    Being a DistributedSampler, Lightning keeps it. With fewer items than processes, every process takes them all
+    (a process with none would skip the metric syncs that the others wait in); every item then counts N times, which
+    leaves a mean as it is.
+
+    The share is read when the loader is iterated, after Lightning has set up the process group, so the loader can
+    be built before `trainer.fit`; in a single process it is range(n) in order, as a plain loader's."""
+
+    def __init__(self, n: int):
+        super().__init__(range(n), num_replicas=1, rank=0, shuffle=False)
+        self.n = n
+
+    def share(self) -> range:
+        size = world_size()
+        return range(self.n) if self.n < size else range(rank(), self.n, size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.share())
+
+    def __len__(self) -> int:
+        return len(self.share())
 
 
 def raised_everywhere(err: BaseException) -> BaseException:

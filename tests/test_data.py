@@ -1,6 +1,7 @@
 import pytest
 
 import json
+from pathlib import Path
 
 from framework.data import hash_fraction, hash_split, pack_token_stream, split_records
 
@@ -61,3 +62,46 @@ def test_a_duplicate_never_straddles_the_split():
     both_ways = [Ranking.pair(f"p{i}", "a", "b") for i in range(50)] + [Ranking.pair(f"p{i}", "b", "a") for i in range(50)]
     train_r, val_r = split_records(both_ways, 0.3, seed=1)
     assert val_r and not {r.prompt for r in train_r} & {r.prompt for r in val_r}
+
+
+def _validation_shares(rank: int, world: int, out_dir: str) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchmetrics import CatMetric, MeanMetric
+
+    from framework.distributed import ValidationShare
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                                         world_size=world)
+    try:
+        seen = {}
+        for n in (7, 1):
+            loader = DataLoader(list(range(n)), batch_size=2, sampler=ValidationShare(n))
+            mean, items = MeanMetric(), CatMetric()
+            for batch in loader:  # what a validation_step gives torchmetrics; compute() sums over the processes
+                mean.update(batch.float())
+                items.update(batch.float())
+            seen[n] = {"mean": float(mean.compute()), "items": sorted(items.compute().tolist()),
+                       "batches": len(loader)}
+        (Path(out_dir) / f"seen{rank}.json").write_text(json.dumps(seen))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_validation_under_two_processes_scores_every_item_once(tmp_path):
+    """ValidationShare: Lightning's DistributedSampler would give 7 items over 2 processes as 4 + 4, the first item
+    twice; here the processes take 4 + 3, and the metrics' sums hold each item once. With fewer items than
+    processes each process takes them all (none left without a batch), which keeps the mean."""
+    import torch.multiprocessing as mp
+    from torch.utils.data import DistributedSampler
+
+    from framework.distributed import ValidationShare
+
+    # Lightning keeps a DistributedSampler it is given; in one process the share is every item, in order
+    assert isinstance(ValidationShare(3), DistributedSampler) and list(ValidationShare(3)) == [0, 1, 2]
+    mp.spawn(_validation_shares, args=(2, str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
+    for s in seen:
+        assert s["7"]["mean"] == 3.0 and s["7"]["items"] == [float(i) for i in range(7)]
+        assert s["1"]["mean"] == 0.0 and s["1"]["items"] == [0.0, 0.0]
+    assert [s["7"]["batches"] for s in seen] == [2, 2] and [s["1"]["batches"] for s in seen] == [1, 1]

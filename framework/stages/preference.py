@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from framework.data import ListDataset, split_records
+from framework.distributed import ValidationShare
 from framework.errors import ConfigError, DataError
 from framework.imitation import encode_demonstration
 from framework.interfaces import (
@@ -170,7 +171,8 @@ def run_offline(stage, ctx: StageContext, algorithm: PreferenceAlgorithm, path: 
     per_epoch, drop_last = epoch_batches(len(train), batch_size, world)
     train_loader = DataLoader(ListDataset(train), batch_size=batch_size, shuffle=True, collate_fn=collate,
                               drop_last=drop_last)
-    val_loader = DataLoader(ListDataset(val), batch_size=batch_size, collate_fn=collate) if val else None
+    val_loader = DataLoader(ListDataset(val), batch_size=batch_size, sampler=ValidationShare(len(val)),
+                            collate_fn=collate) if val else None
     steps = max(1, math.ceil(epochs * per_epoch))
     print(f"[rlhf] {type(algorithm).__name__}: {len(train)} train / {len(val)} val pairs from {dataset.describe()}; "
           f"policy {count_parameters(lm) / 1e6:.2f} M parameters; {steps} steps of {batch_size} pairs "

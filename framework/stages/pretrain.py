@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from framework.data import hash_split, pack_token_stream
+from framework.distributed import ValidationShare
 from framework.errors import ConfigError, DataError
 from framework.instantiate import instantiate_plugin
 from framework.interfaces import Stage, StageContext, StageResult, TextDataset
@@ -81,7 +82,9 @@ class PackedTextDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, generator=gen)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size, num_workers=self.num_workers)
+        val = self.splits["val"]
+        return DataLoader(val, batch_size=self.batch_size, sampler=ValidationShare(len(val)),
+                          num_workers=self.num_workers)
 
     def token_counts(self) -> dict[str, int]:
         return {k: v.data.numel() for k, v in self.splits.items()}

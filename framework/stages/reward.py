@@ -21,7 +21,7 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryCalibrationError
 from torchmetrics.regression import SpearmanCorrCoef
 
-from framework.distributed import max_over_processes
+from framework.distributed import ValidationShare, max_over_processes
 from framework.data import LengthGroupedSampler, ListDataset, split_records
 from framework.errors import ConfigError, DataError
 from framework.imitation import PromptEncoder, check_format, stop_token_id
@@ -214,8 +214,8 @@ class ComparisonDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else None
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ListDataset(self.val), batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return DataLoader(ListDataset(self.val), batch_size=self.batch_size, sampler=ValidationShare(len(self.val)),
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
 
 def read_comparisons(dataset: ComparisonDataset, task: Task | None, labeller: Labeller | None, sampler,

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from framework.data import ListDataset, split_records
+from framework.distributed import ValidationShare
 from framework.errors import ConfigError, DataError
 from framework.imitation import (
     IGNORE_INDEX,
@@ -97,6 +98,7 @@ class ImitationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val_examples), batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=ValidationShare(len(self.val_examples)),
                           collate_fn=partial(collate_examples, pad_id=self.pad_id))
 
     def state_dict(self) -> dict:
