@@ -20,8 +20,9 @@ from framework.tracking import flatten_config, follow_run, git_commit, is_rank_z
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
 # config sections (or dotted keys) that must be the same for a checkpoint to fit the run that resumes it: what the
 # stage learns from and with (the RL stage's policy, reward, algorithm and KL penalty; the reward stage's labeller
-# and the policy whose replies it compares), the seed, and the stage's own settings but for RESUME_MAY_CHANGE
-RESUME_MUST_MATCH = ("seed", "model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "kl",
+# and the policy whose replies it compares), the seeds (split_seed: a run resumed with another would train on its
+# former validation items), and the stage's own settings but for RESUME_MAY_CHANGE
+RESUME_MUST_MATCH = ("seed", "split_seed", "model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "kl",
                      "labeller", "stage")
 # stage keys a resumed run may change: how long it runs, how often it checkpoints and evaluates, what it samples for
 # show; none of them changes what an update does

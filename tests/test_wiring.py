@@ -186,14 +186,14 @@ def test_compare_plots_gold_against_sqrt_kl(monkeypatch, tmp_path):
 
 
 def test_resume_needs_the_same_dataset_and_takes_the_newest_match(tmp_path):
-    """Fails when RESUME_MUST_MATCH without "dataset"; or the oldest matching checkpoint picked."""
+    """Fails when RESUME_MUST_MATCH without "dataset" or "split_seed"; or the oldest matching checkpoint picked."""
     from omegaconf import OmegaConf
 
     from framework.errors import ConfigError
     from framework.pipeline import find_resume_checkpoint
 
-    cfg = {"stage": {"name": "pretrain"}, "dataset": {"_target_": "plugins.datasets.text_files.TextFiles",
-                                                      "paths": ["/a.txt"]}}
+    cfg = {"stage": {"name": "pretrain"}, "split_seed": 1234,
+           "dataset": {"_target_": "plugins.datasets.text_files.TextFiles", "paths": ["/a.txt"]}}
     old, new = saved_run(tmp_path, "old", cfg), saved_run(tmp_path, "new", cfg)
     os.utime(old, (1e9, 1e9))
     os.utime(new, (2e9, 2e9))
@@ -202,6 +202,10 @@ def test_resume_needs_the_same_dataset_and_takes_the_newest_match(tmp_path):
     other.dataset.paths = ["/b.txt"]
     with pytest.raises(ConfigError, match="other dataset settings"):
         find_resume_checkpoint(tmp_path, other, "pretrain")
+    # another split_seed is another validation set: training on would use the old one's items
+    resplit = OmegaConf.create({**cfg, "split_seed": 5})
+    with pytest.raises(ConfigError, match="other split_seed settings"):
+        find_resume_checkpoint(tmp_path, resplit, "pretrain")
 
 
 # ----- over-optimisation report -------------------------------------------------------------------------------------
