@@ -97,18 +97,24 @@ class ValidationShare(torch.utils.data.DistributedSampler):
     """The sampler of a validation loader of n items: under data parallelism, this process's items (rank, rank +
     world, ...), none repeated. Lightning's own choice, a DistributedSampler, repeats the first items so that every
     process gets as many, and those then count twice in the metrics: with 7 comparisons over 2 processes, one of
-    them is scored twice (Lightning warns about it in `trainer.validate`). With this sampler the metrics' states
+    them is scored twice (Lightning warns about it in `trainer.validate`); SFT, which turns Lightning's sampler off,
+    scored every item on every process. With this sampler the metrics' states
     (torchmetrics, summed over the processes) hold every item once, and N processes report what one process does.
     Being a DistributedSampler, Lightning keeps it. With fewer items than processes, every process takes them all
     (a process with none would skip the metric syncs that the others wait in); every item then counts N times, which
-    leaves a mean as it is.
+    leaves a mean (and a rank correlation, a calibration error) as it is, but not a standard deviation over items.
+
+    limit: score only the first `limit` items (a stage's `val_batches` x batch size), as one process's loader under
+    Lightning's `limit_val_batches` would; that setting caps each process's batches, so N processes would score N
+    times as many items, and other ones. A stage that passes `limit` leaves `limit_val_batches` at 1.0.
 
     The share is read when the loader is iterated, after Lightning has set up the process group, so the loader can
-    be built before `trainer.fit`; in a single process it is range(n) in order, as a plain loader's."""
+    be built before `trainer.fit`; in a single process it is range(n) (or range(limit)) in order, as a plain
+    loader's."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, limit: int | None = None):
         super().__init__(range(n), num_replicas=1, rank=0, shuffle=False)
-        self.n = n
+        self.n = n if limit is None else min(n, limit)
 
     def share(self) -> range:
         size = world_size()

@@ -13,17 +13,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError, checked_number
-from framework.interfaces import Stage, StageContext, StageResult
+from framework.interfaces import PreferenceAlgorithm, Stage, StageContext, StageResult
 from framework.interrupts import deferred_interrupts
 from framework.tracking import flatten_config, follow_run, git_commit, is_rank_zero, open_run, plugin_targets, read_pointer
 
 CHECKPOINT_NAMES = ("last.ckpt", "on_exception.ckpt")
 # config sections (or dotted keys) that must be the same for a checkpoint to fit the run that resumes it: what the
 # stage learns from and with (the RL stage's policy, reward, algorithm and KL penalty; the reward stage's labeller
-# and the policy whose replies it compares), the seeds (split_seed: a run resumed with another would train on its
-# former validation items), and the stage's own settings but for RESUME_MAY_CHANGE
-RESUME_MUST_MATCH = ("seed", "split_seed", "model", "tokenizer", "dataset", "task", "imitation", "policy", "reward", "algo", "kl",
-                     "labeller", "stage")
+# and the policy whose replies it compares), the seeds (split_seed where the stage splits its data: a run resumed
+# with another would train on its former validation items), and the stage's own settings but for RESUME_MAY_CHANGE
+RESUME_MUST_MATCH = ("seed", "split_seed", "model", "tokenizer", "dataset", "task", "imitation", "policy", "reward",
+                     "algo", "kl", "labeller", "stage")
 # stage keys a resumed run may change: how long it runs, how often it checkpoints and evaluates, what it samples for
 # show; none of them changes what an update does
 RESUME_MAY_CHANGE = ("iterations", "checkpoint_every_n_iterations", "checkpoint_every_n_steps", "eval", "samples",
@@ -138,6 +138,19 @@ def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None, pipeline: str
                       f"{', ...' if len(held) > 3 else ''}), which a new run there would overwrite: {fix}")
 
 
+def _splits_data(cfg: DictConfig, stage_name: str) -> bool:
+    """Whether the stage splits its data into train and validation by `split_seed`: every training stage but the RL
+    stage with an online algorithm (its prompts are not split); a class that cannot be imported counts as one."""
+    if stage_name != "rl":
+        return True
+    from hydra.utils import get_class
+
+    try:
+        return issubclass(get_class(str((cfg.get("algo") or {}).get("_target_"))), PreferenceAlgorithm)
+    except Exception:  # named properly when the stage builds it
+        return True
+
+
 def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path:
     """The newest checkpoint of `stage_name` under `<root>/runs|multiruns` whose run used the same config as `cfg`
     in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
@@ -151,10 +164,11 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 if saved is None or saved.get("stage", {}).get("name") != stage_name:
                     continue
                 diff = [k for k in RESUME_MUST_MATCH
-                        if _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
-                (mismatched if diff else candidates).append((ckpt, diff))
+                        if (k != "split_seed" or _splits_data(cfg, stage_name))
+                        and _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
+                (mismatched if diff else candidates).append((ckpt, diff, saved))
     skipped = []
-    for ckpt, _ in sorted(candidates, key=lambda c: c[0].stat().st_mtime, reverse=True):
+    for ckpt, _, _ in sorted(candidates, key=lambda c: c[0].stat().st_mtime, reverse=True):
         state = _checkpoint_state(ckpt) if ckpt.name == "on_exception.ckpt" else None
         if state is not None and written_mid_iteration(state):
             print(f"[rlhf] resume: skipping {ckpt}: an error wrote it in the middle of an RL iteration")
@@ -169,9 +183,12 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                           "error in the middle of an RL iteration and cannot continue the run exactly; start the run "
                           "again without resume")
     if mismatched:
-        ckpt, diff = max(mismatched, key=lambda c: c[0].stat().st_mtime)
+        ckpt, diff, saved = max(mismatched, key=lambda c: c[0].stat().st_mtime)
+        seeds = "; ".join(f"{k} {_section(saved, k)} there, {_section(cfg, k)} now" for k in diff
+                          if k in ("seed", "split_seed"))
         raise ConfigError(f"resume=true: the newest {stage_name!r} checkpoint ({ckpt}) was made with other "
-                          f"{', '.join(diff)} settings; give it explicitly with ckpt_path= if you mean it")
+                          f"{', '.join(diff)} settings{f' ({seeds})' if seeds else ''}; give it explicitly with "
+                          "ckpt_path= if you mean it")
     raise ConfigError(f"resume=true: no checkpoint of stage {stage_name!r} under {root}/runs. "
                       "Give one with ckpt_path=/path/to/last.ckpt, or start without resume")
 

@@ -640,6 +640,17 @@ def test_reward_validation_metrics_read_each_groups_real_responses():
     assert module.val_chosen.compute().tolist() == [5.0, 5.0]
     assert module.val_accuracy.compute().item() == 1.0
     assert module.val_calibration.compute().item() < 0.05  # P(right) = sigmoid(5..10) and right every time
+    # the calibration error does not depend on which pairs share a batch (or a process): a right pair (2, 0) and a
+    # wrong one (0, 2), scored in one batch or in two, give the same error (every pair presented both ways round)
+    together = RewardModule(FixedRewards([[2.0], [0.0], [0.0], [2.0]]), BradleyTerry(), {"lr": 1e-3}, {})
+    together.validation_step(reward_batch([2, 2]), 0)
+    apart = RewardModule(FixedRewards([[2.0], [0.0]]), BradleyTerry(), {"lr": 1e-3}, {})
+    apart.validation_step(reward_batch([2]), 0)
+    apart.rm.values = torch.tensor([[0.0], [2.0]])
+    apart.validation_step(reward_batch([2]), 1)
+    error = together.val_calibration.compute().item()
+    assert error == pytest.approx(apart.val_calibration.compute().item())
+    assert error == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item() - 0.5, abs=1e-6)  # confidence 0.88, right half
     ties = RewardModule(FixedRewards([[1.0], [1.0]]), BradleyTerry(), {"lr": 1e-3}, {})
     ties.validation_step(reward_batch([2]), 0)
     assert ties.val_accuracy.compute().item() == 0.0

@@ -47,10 +47,11 @@ class PackedTextDataModule(pl.LightningDataModule):
     """Tokenises train/val documents once and packs them into blocks of `seq_len` tokens."""
 
     def __init__(self, tokenizer, train_texts: list[str], val_texts: list[str], seq_len: int, batch_size: int,
-                 num_workers: int = 0, seed: int = 0, world_size: int = 1):
-        """world_size: the training processes, which share the train blocks (Lightning's distributed sampler)."""
+                 num_workers: int = 0, seed: int = 0, world_size: int = 1, val_batches: int | None = None):
+        """world_size: the training processes, which share the train blocks (Lightning's distributed sampler).
+        val_batches: validate on the first this many batches of the val blocks (None: all), over every process."""
         super().__init__()
-        self.world_size = world_size
+        self.world_size, self.val_batches = world_size, val_batches
         self.tokenizer = tokenizer
         self.texts = {"train": train_texts, "val": val_texts}
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
@@ -83,7 +84,8 @@ class PackedTextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         val = self.splits["val"]
-        return DataLoader(val, batch_size=self.batch_size, sampler=ValidationShare(len(val)),
+        limit = self.val_batches * self.batch_size if self.val_batches else None
+        return DataLoader(val, batch_size=self.batch_size, sampler=ValidationShare(len(val), limit),
                           num_workers=self.num_workers)
 
     def token_counts(self) -> dict[str, int]:
@@ -127,10 +129,11 @@ class PretrainStage(Stage):
         n_params = count_parameters(model)
         print(f"[rlhf] model: {type(model).__name__}, {n_params / 1e6:.2f} M parameters; vocab {len(tokenizer)}")
 
-        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps,
-                                limit_val_batches=self.val_batches or 1.0)
+        # stage.val_batches caps the validation set in its loader (ValidationShare), not per process
+        trainer = build_trainer(ctx, callbacks=[], every_n_steps=self.checkpoint_every_n_steps, limit_val_batches=1.0)
         data = PackedTextDataModule(tokenizer, train_texts, val_texts, self.seq_len, self.batch_size,
-                                    self.num_workers, seed=cfg.seed, world_size=trainer.world_size)
+                                    self.num_workers, seed=cfg.seed, world_size=trainer.world_size,
+                                    val_batches=self.val_batches)
         data.setup()
         ctx.run.log_params({"data.train_tokens": str(data.token_counts()["train"]),
                             "data.val_tokens": str(data.token_counts()["val"]), "model.n_params": str(n_params)})

@@ -141,9 +141,10 @@ class RewardModule(TrainingModule):
         valid = mask[:, a] & mask[:, b]
         diff = (mean[:, a] - mean[:, b])[valid]
         self.val_accuracy.update((diff > 0).float())
-        # calibration of P(a > b) = sigmoid(r_a - r_b), with every other pair presented the other way round
-        flip = torch.arange(diff.numel(), device=diff.device) % 2 == 1
-        self.val_calibration.update(torch.sigmoid(torch.where(flip, -diff, diff)), (~flip).long())
+        # calibration of P(a > b) = sigmoid(r_a - r_b), every pair presented both ways round (labels 1 and 0), so
+        # that both classes are there and the error does not depend on which pairs share a batch or a process
+        right_way = torch.ones_like(diff, dtype=torch.long)
+        self.val_calibration.update(torch.sigmoid(torch.cat([diff, -diff])), torch.cat([right_way, 0 * right_way]))
         last = mask.sum(1) - 1
         rows = torch.arange(mask.size(0), device=mask.device)
         self.val_chosen.update(mean[:, 0])

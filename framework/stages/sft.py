@@ -74,8 +74,11 @@ class ImitationDataModule(pl.LightningDataModule):
 
     def __init__(self, algorithm: ImitationAlgorithm, make_context: Callable[[], ImitationContext],
                  val_examples: list[Example], batch_size: int, steps_per_round: int, pad_id: int, seed: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, val_batches: int | None = None):
+        """val_batches: validate on the first this many batches of `val_examples` (None: all), over every
+        process."""
         super().__init__()
+        self.val_batches = val_batches
         self.algorithm, self.make_context, self.val_examples = algorithm, make_context, val_examples
         self.batch_size, self.steps_per_round, self.pad_id = batch_size, steps_per_round, pad_id
         self.seed, self.num_workers = seed, num_workers
@@ -98,7 +101,8 @@ class ImitationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val_examples), batch_size=self.batch_size, num_workers=self.num_workers,
-                          sampler=ValidationShare(len(self.val_examples)),
+                          sampler=ValidationShare(len(self.val_examples),
+                                                  self.val_batches * self.batch_size if self.val_batches else None),
                           collate_fn=partial(collate_examples, pad_id=self.pad_id))
 
     def state_dict(self) -> dict:
@@ -216,13 +220,14 @@ class SFTStage(Stage):
         if max_steps < rounds:
             raise ConfigError(f"trainer.max_steps={max_steps} is fewer than the {rounds} imitation rounds")
         data = ImitationDataModule(algorithm, make_context, val_examples, self.batch_size, max_steps // rounds,
-                                   tokenizer.pad_token_id, int(cfg.seed), self.num_workers)
+                                   tokenizer.pad_token_id, int(cfg.seed), self.num_workers, self.val_batches)
         ctx.run.log_params({"data.train_demonstrations": str(len(train_examples)),
                             "data.val_demonstrations": str(len(val_examples))})
         module = CausalLMModule(model, loss, self.optimizer, self.scheduler,
                                 evaluator=evaluator)
         trainer = build_trainer(ctx, callbacks=[RoundMetrics()], every_n_steps=self.checkpoint_every_n_steps,
-                                limit_val_batches=(self.val_batches or 1.0) if val_examples else 0,
+                                # stage.val_batches caps the validation set in its loader (ValidationShare)
+                                limit_val_batches=1.0 if val_examples else 0,
                                 max_epochs=rounds, limit_train_batches=max_steps // rounds,
                                 reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False)
         if ctx.ckpt_path is None:  # the starting model's scores at step 0 (what SFT must improve on)
