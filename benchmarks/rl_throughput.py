@@ -133,7 +133,8 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     trainer.fit(module, train_dataloaders=loader)
     wall = sum(times[WARMUP:])
     return {"episodes_per_s": per_step * len(times[WARMUP:]) / wall, "gen_share": sum(gen[WARMUP:]) / wall,
-            "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:])}
+            "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:]),
+            "rewards": rewards}
 
 
 def ensure_reward_model(root: Path, trl_python: Path) -> Path:

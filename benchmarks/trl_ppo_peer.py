@@ -104,7 +104,8 @@ def main() -> None:
     wall = sum(times[WARMUP:])
     print(json.dumps({"episodes_per_s": args.prompts * len(times[WARMUP:]) / wall, "steps": len(times),
                       "reward_first10": statistics.mean(scores[:10]) if scores else float("nan"),
-                      "reward_last10": statistics.mean(scores[-10:]) if scores else float("nan")}))
+                      "reward_last10": statistics.mean(scores[-10:]) if scores else float("nan"),
+                      "rewards": scores}))
 
 
 if __name__ == "__main__":

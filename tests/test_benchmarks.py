@@ -70,3 +70,45 @@ def test_fraction_of_a_counts_non_space_characters():
     assert module.fraction_of_a(["a a b", "aaaa", "", "   ", "bcd"]) == [2 / 3, 1.0, 0.0, 0.0, 0.0]
     # the TRL PPO harness scores with this same function, not a copy of it
     assert "from rl_throughput import fraction_of_a" in (BENCH / "trl_ppo_peer.py").read_text()
+
+
+def test_reward_curves_refuse_what_they_cannot_summarise_and_name_the_missing_trl_venv(tmp_path):
+    out = bench("ppo_reward_curves.py", "--steps", "10")
+    assert out.returncode == 2 and "--steps >= 20" in out.stderr
+    out = bench("ppo_reward_curves.py", "--seeds", "1")
+    assert out.returncode == 2 and "--seeds >= 2" in out.stderr
+    out = bench("ppo_reward_curves.py", root=tmp_path)
+    assert out.returncode == 2 and f"{tmp_path / 'venv112'} is missing" in out.stderr and "--rows" in out.stderr
+    out = bench("ppo_reward_curves.py", "--rows", "separate", root=tmp_path)  # its critic starts from the peer's RM
+    assert out.returncode == 2 and f"no reward model at {tmp_path / 'out' / 'rm_model'}" in out.stderr
+    assert "--rows shared" in out.stderr
+
+
+def test_reward_curves_permutation_p_value():
+    spec = importlib.util.spec_from_file_location("ppo_reward_curves_under_test", BENCH / "ppo_reward_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.permutation_p([0.5, 0.6, 0.7], [0.7, 0.5, 0.6]) == 1.0  # the same values: nothing to tell apart
+    # 5 against 5 fully apart: 2 of the 252 labellings are as extreme, p = 2/252 up to the sampling of 20000 draws
+    p = module.permutation_p([0.1, 0.11, 0.12, 0.13, 0.14], [0.6, 0.61, 0.62, 0.63, 0.64])
+    assert 0.005 < p < 0.012
+    assert module.permutation_p([0.1, 0.2], [0.3, 0.4]) == module.permutation_p([0.1, 0.2], [0.3, 0.4])  # seeded
+
+
+def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
+    """docs/benchmarks.md's ten-seed PPO table is what docs/data/ppo_reward_curves_kl0.jsonl holds."""
+    import json
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("ppo_reward_curves_docs", BENCH / "ppo_reward_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stored = REPO / "docs" / "data" / "ppo_reward_curves_kl0.jsonl"
+    runs = [json.loads(line) for line in stored.read_text().splitlines()]
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    for row in ("shared", "separate", "trl"):
+        curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row]
+        assert len(curves) == 10 and all(len(c) == 150 for c in curves)
+        area, last = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
+        assert f"| {module.summary(area).replace('+-', '±')} | {module.summary(last).replace('+-', '±')} | " in docs
+        assert ", ".join(f"{x:.3f}" for x in last) in docs
