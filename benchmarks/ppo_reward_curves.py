@@ -14,9 +14,10 @@ Each run is one process with one thread, `--jobs` of them at a time (so the spee
 not measured here: only the rewards, which do not depend on timing). Every finished run is appended to `--out` as
 a JSON line, and runs already there are not repeated, so a sweep can be stopped and continued (a line that does not
 parse, say from a killed run, is skipped with a warning). Prints, per row, the mean reward over the whole run (the
-area under the curve) and over its last 10 steps as mean +- standard error, the latter also by seed, and each of our
-rows against TRL's: the difference of the means with a two-sided permutation p-value (not corrected for the four
-comparisons).
+area under the curve) and over its last 10 steps as mean +- standard error, the latter also by seed; the mean
+reward in five windows of the run; and every pair of rows: the difference of the means with a two-sided permutation
+p-value (not corrected for the number of comparisons). When `--out` already holds every run asked for, nothing runs
+and nothing of the peer's is needed: the command prints the figures from the file.
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/ppo_reward_curves.py --seeds 10 --steps 150
@@ -93,62 +94,91 @@ def main() -> None:
     if args.steps < 20 or args.seeds < 2 or args.jobs < 1:
         ap.error("--steps >= 20 (as rl_throughput.py), --seeds >= 2 (the summary takes a spread) and --jobs >= 1")
     args.rows = list(dict.fromkeys(args.rows))
+    done = read_runs(args.out, args.steps, args.kl)
+    todo = [(row, s) for s in range(args.seeds) for row in args.rows if (row, s) not in done]
+    print(f"{len(done)} runs read from {args.out}, {len(todo)} to run, {args.jobs} at a time", flush=True)
+    if todo:
+        root = prepared_root(ap, args.rows)
+        lock = threading.Lock()
+
+        def one(job):
+            result = run(*job, args.steps, args.kl, root)
+            with lock, args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"done: {job[0]} seed {job[1]}: last 10 steps {statistics.mean(result['rewards'][-10:]):.3f}",
+                  flush=True)
+            return result
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for r in pool.map(one, todo):
+                done[r["row"], r["seed"]] = r
+    report({row: [done[row, s]["rewards"] for s in range(args.seeds)] for row in args.rows}, args.steps, args.kl)
+
+
+def read_runs(out: Path, steps: int, kl: float) -> dict:
+    """The finished runs in `out` with these steps and KL coefficient, by (row, seed); a line that does not parse
+    (a killed run's) is skipped with a warning."""
+    done = {}
+    if out.exists():
+        for number, line in enumerate(out.read_text().splitlines(), 1):
+            try:
+                r = json.loads(line)
+                key, same = (r["row"], r["seed"]), r["steps"] == steps and r["kl"] == kl
+            except (ValueError, KeyError, TypeError):
+                print(f"warning: {out}:{number} is not a finished run (skipped, run again)", file=sys.stderr)
+                continue
+            if same:
+                done[key] = r
+    return done
+
+
+def prepared_root(ap: argparse.ArgumentParser, rows: list[str]) -> Path:
+    """The peer's folder with what the rows need (its data; the reward model for trl and separate), made once."""
     root = bench_root()
     trl_python = root / "venv" / "bin" / "python"
-    if "trl" in args.rows and not (root / "venv112" / "bin" / "python").exists():
+    if "trl" in rows and not (root / "venv112" / "bin" / "python").exists():
         ap.error(f"{root / 'venv112'} is missing: TRL 1.12's row runs there (see trl_ppo_peer.py); or run only our "
                  "rows, --rows shared separate")
-    if {"trl", "separate"} & set(args.rows) and not (root / "out" / "rm_model" / "config.json").exists() \
+    if {"trl", "separate"} & set(rows) and not (root / "out" / "rm_model" / "config.json").exists() \
             and not trl_python.exists():
         ap.error(f"no reward model at {root / 'out' / 'rm_model'} (the value model's start in the rows trl and "
                  f"separate) and no {root / 'venv'} (TRL 1.16, ../shared/peer-baseline/trl/README.md) to train it with "
                  "the peer's rm task; or run --rows shared")
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
-    if {"trl", "separate"} & set(args.rows):  # their value model starts from it
+    if {"trl", "separate"} & set(rows):  # their value model starts from it
         ensure_reward_model(root, trl_python)
-    done = {}
-    if args.out.exists():
-        for number, line in enumerate(args.out.read_text().splitlines(), 1):
-            try:
-                r = json.loads(line)
-                key, same = (r["row"], r["seed"]), r["steps"] == args.steps and r["kl"] == args.kl
-            except (ValueError, KeyError, TypeError):
-                print(f"warning: {args.out}:{number} is not a finished run (skipped, run again)", file=sys.stderr)
-                continue
-            if same:
-                done[key] = r
-    todo = [(row, s) for s in range(args.seeds) for row in args.rows if (row, s) not in done]
-    print(f"{len(done)} runs read from {args.out}, {len(todo)} to run, {args.jobs} at a time", flush=True)
+    return root
 
-    lock = threading.Lock()
 
-    def one(job):
-        result = run(*job, args.steps, args.kl, root)
-        with lock, args.out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"done: {job[0]} seed {job[1]}: last 10 steps {statistics.mean(result['rewards'][-10:]):.3f}",
-              flush=True)
-        return result
+def windows(steps: int) -> list[range]:
+    """Five equal windows of the run's steps (the last takes the remainder)."""
+    width = steps // 5
+    return [range(i * width, steps if i == 4 else (i + 1) * width) for i in range(5)]
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for r in pool.map(one, todo):
-            done[r["row"], r["seed"]] = r
-    by_row = {row: [done[row, s]["rewards"] for s in range(args.seeds)] for row in args.rows}
-    print(f"\nPPO, fraction of 'a', KL {args.kl}, {args.steps} steps, seeds 0-{args.seeds - 1}")
+
+def report(by_row: dict[str, list[list[float]]], steps: int, kl: float) -> None:
+    seeds = len(next(iter(by_row.values())))
+    print(f"\nPPO, fraction of 'a', KL {kl}, {steps} steps, seeds 0-{seeds - 1}")
     print("| row | mean over all steps | mean over the last 10 | last 10 by seed |")
     print("|---|---|---|---|")
+    area = {row: [statistics.mean(c) for c in curves] for row, curves in by_row.items()}
+    last = {row: [statistics.mean(c[-10:]) for c in curves] for row, curves in by_row.items()}
+    for row in by_row:
+        print(f"| {row} | {summary(area[row])} | {summary(last[row])} | {', '.join(f'{x:.3f}' for x in last[row])} |")
+    spans = windows(steps)
+    print("\nmean reward by window, over the seeds")
+    print("| row | " + " | ".join(f"steps {w.start + 1}-{w.stop}" for w in spans) + " |")
+    print("|---|" + "---|" * len(spans))
     for row, curves in by_row.items():
-        area, last = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
-        print(f"| {row} | {summary(area)} | {summary(last)} | {', '.join(f'{x:.3f}' for x in last)} |")
-    if "trl" in by_row:
-        base_area = [statistics.mean(c) for c in by_row["trl"]]
-        base_last = [statistics.mean(c[-10:]) for c in by_row["trl"]]
-        for row in (r for r in by_row if r != "trl"):
-            area = [statistics.mean(c) for c in by_row[row]]
-            last = [statistics.mean(c[-10:]) for c in by_row[row]]
-            print(f"{row} - trl: all steps {statistics.mean(area) - statistics.mean(base_area):+.3f} "
-                  f"(p {permutation_p(area, base_area):.3f}), last 10 {statistics.mean(last) - statistics.mean(base_last):+.3f} "
-                  f"(p {permutation_p(last, base_last):.3f})")
+        cells = (statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in spans)
+        print(f"| {row} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
+    print("\ndifferences of the means, two-sided permutation p-values (not corrected for the number of comparisons)")
+    rows = list(by_row)
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            print(f"{a} - {b}: all steps {statistics.mean(area[a]) - statistics.mean(area[b]):+.3f} "
+                  f"(p {permutation_p(area[a], area[b]):.3f}), last 10 "
+                  f"{statistics.mean(last[a]) - statistics.mean(last[b]):+.3f} (p {permutation_p(last[a], last[b]):.3f})")
 
 
 if __name__ == "__main__":

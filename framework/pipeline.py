@@ -138,16 +138,20 @@ def refuse_a_used_run_dir(output_dir: Path, ckpt_path: str | None, pipeline: str
                       f"{', ...' if len(held) > 3 else ''}), which a new run there would overwrite: {fix}")
 
 
-def _splits_data(cfg: DictConfig, stage_name: str) -> bool:
+def _splits_data(cfg: DictConfig) -> bool:
     """Whether the stage splits its data into train and validation by `split_seed`: every training stage but the RL
-    stage with an online algorithm (its prompts are not split); a class that cannot be imported counts as one."""
-    if stage_name != "rl":
-        return True
+    stage (by class, whatever its name) with an online algorithm, whose prompts are not split; a class that cannot
+    be imported counts as one that splits (the stage names it when it is built)."""
     from hydra.utils import get_class
 
+    from framework.stages.rl import RLStage
+
+    def cls(section: str) -> type:
+        return get_class(str((cfg.get(section) or {}).get("_target_")))
+
     try:
-        return issubclass(get_class(str((cfg.get("algo") or {}).get("_target_"))), PreferenceAlgorithm)
-    except Exception:  # named properly when the stage builds it
+        return not issubclass(cls("stage"), RLStage) or issubclass(cls("algo"), PreferenceAlgorithm)
+    except Exception:
         return True
 
 
@@ -164,7 +168,7 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 if saved is None or saved.get("stage", {}).get("name") != stage_name:
                     continue
                 diff = [k for k in RESUME_MUST_MATCH
-                        if (k != "split_seed" or _splits_data(cfg, stage_name))
+                        if (k != "split_seed" or _splits_data(cfg))
                         and _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
                 (mismatched if diff else candidates).append((ckpt, diff, saved))
     skipped = []

@@ -96,19 +96,32 @@ def test_reward_curves_permutation_p_value():
 
 
 def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
-    """docs/benchmarks.md's ten-seed PPO table is what docs/data/ppo_reward_curves_kl0.jsonl holds."""
+    """docs/benchmarks.md's ten-seed PPO tables, p-values and vf_coef run, and the README's and rl.md's figures,
+    are what docs/data/ppo_reward_curves_kl0*.jsonl hold."""
     import json
     import statistics
 
     spec = importlib.util.spec_from_file_location("ppo_reward_curves_docs", BENCH / "ppo_reward_curves.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    stored = REPO / "docs" / "data" / "ppo_reward_curves_kl0.jsonl"
-    runs = [json.loads(line) for line in stored.read_text().splitlines()]
+    data = REPO / "docs" / "data"
+    runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl")
+            for line in (data / name).read_text().splitlines()]
     docs = (REPO / "docs" / "benchmarks.md").read_text()
-    for row in ("shared", "separate", "trl"):
+    summaries = (REPO / "README.md").read_text() + (REPO / "docs" / "rl.md").read_text()
+    area, last = {}, {}
+    for row in ("shared", "separate", "trl", "shared_vf0.01"):
         curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row]
         assert len(curves) == 10 and all(len(c) == 150 for c in curves)
-        area, last = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
-        assert f"| {module.summary(area).replace('+-', '±')} | {module.summary(last).replace('+-', '±')} | " in docs
-        assert ", ".join(f"{x:.3f}" for x in last) in docs
+        area[row], last[row] = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
+        assert f"{module.summary(area[row])} ".replace("+-", "±") in docs
+        assert f"{module.summary(last[row])} ".replace("+-", "±") in docs
+        if row != "shared_vf0.01":
+            assert f"| {', '.join(f'{x:.3f}' for x in last[row])} |" in docs
+            cells = [statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in module.windows(150)]
+            assert " | ".join(f"{x:.3f}" for x in cells) + " |" in docs
+        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in ("shared_vf0.01",)
+    for a, b, told in (("separate", "trl", "p = 0.61"), ("shared", "trl", "p = 0.052"),
+                       ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75")):
+        p = module.permutation_p(area[a], area[b])
+        assert told in docs and round(p, len(told) - 6) == float(told[4:]), (a, b, p)

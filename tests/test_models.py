@@ -217,6 +217,9 @@ def test_a_wrong_samples_setting_is_refused_when_the_stage_is_built(stage, overr
     ("pretrain", "stage.batch_size=0", r"stage.batch_size=0 must be >= 1"),
     ("sft", "stage.val_fraction=-0.1", r"stage.val_fraction=-0.1 must be in \[0, 1\)"),
     ("sft", "stage.max_length=0", r"stage.max_length=0 must be >= 2 \(tokens\)"),
+    # a number of batches over every process (ValidationShare's limit): -1 would validate on nothing, silently
+    ("sft", "stage.val_batches=-1", r"stage.val_batches=-1 must be >= 0 \(0 or null: all\)"),
+    ("pretrain", "stage.val_batches=0.5", r"stage.val_batches=0.5 must be a whole number"),
     # values of the wrong kind, by key (they failed inside the constructor, or after the model was built)
     ("rl", "stage.iterations=abc", r"stage.iterations='abc' must be a whole number$"),
     ("rl", "stage.reward_clip=high", r"stage.reward_clip='high' must be a number \(or null\)"),

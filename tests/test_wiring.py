@@ -207,9 +207,14 @@ def test_resume_needs_the_same_dataset_and_takes_the_newest_match(tmp_path):
     with pytest.raises(ConfigError, match=r"other split_seed settings \(split_seed 1234 there, 5 now\)"):
         find_resume_checkpoint(tmp_path, resplit, "pretrain")
     # the RL stage splits nothing with an online algorithm (its prompts), only with an offline one (DPO)
-    rl = {**cfg, "stage": {"name": "rl"}, "algo": {"_target_": "plugins.algorithms.ppo.PPO"}}
+    rl = {**cfg, "stage": {"name": "rl", "_target_": "framework.stages.rl.RLStage"},
+          "algo": {"_target_": "plugins.algorithms.ppo.PPO"}}
     os.utime(saved_run(tmp_path, "rl", rl), (3e9, 3e9))
     assert find_resume_checkpoint(tmp_path, OmegaConf.create({**rl, "split_seed": 5}), "rl").parent.parent.name == "rl"
+    renamed = {**rl, "stage": {**rl["stage"], "name": "my_rl"}}  # the class decides, not the stage's name
+    saved_run(tmp_path, "my_rl", renamed)
+    assert find_resume_checkpoint(tmp_path, OmegaConf.create({**renamed, "split_seed": 5}), "my_rl").parent.parent.name \
+        == "my_rl"
     dpo = {**rl, "algo": {"_target_": "plugins.algorithms.dpo.DPO"}}
     os.utime(saved_run(tmp_path, "dpo", dpo), (4e9, 4e9))
     with pytest.raises(ConfigError, match=r"dpo/checkpoints/last.ckpt\) was made with other split_seed settings"):

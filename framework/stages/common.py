@@ -105,10 +105,12 @@ def build_tokenizer_and_model(cfg: DictConfig, corpus: Sequence[str]):
     return tokenizer, model
 
 
-def check_stage_sizes(val_fraction: float, batch_size: int, **lengths: int) -> None:
-    """The sizes every training stage needs to be sane, with the key to fix; a stage checks them when it is built."""
+def check_stage_sizes(val_fraction: float, batch_size: int, val_batches: int | None = None, **lengths: int) -> None:
+    """The sizes every training stage needs to be sane, with the key to fix; a stage checks them when it is built.
+    val_batches: the validation batches of a stage that caps them (a number of batches over every process)."""
     checked_number("stage.val_fraction", val_fraction, at_least=0, below=1)
     checked_number("stage.batch_size", batch_size, whole=True, at_least=1)
+    checked_number("stage.val_batches", val_batches, whole=True, at_least=0, allow_none=True, note="0 or null: all")
     for key, value in lengths.items():
         checked_number(f"stage.{key}", value, whole=True, at_least=2, note="tokens")
 

@@ -101,7 +101,7 @@ class PretrainStage(Stage):
         self.name = name
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.val_batches, self.num_workers = val_batches, num_workers
-        check_stage_sizes(val_fraction, batch_size, seq_len=seq_len)
+        check_stage_sizes(val_fraction, batch_size, val_batches, seq_len=seq_len)
         self.optimizer = dict(optimizer or {"lr": 3e-3})
         self.scheduler = dict(scheduler or {})
         check_optimizer_keys(self.optimizer, self.scheduler)

@@ -143,7 +143,7 @@ class SFTStage(Stage):
         check_format(format)
         self.name, self.format, self.max_length = name, format, max_length
         self.batch_size, self.val_fraction, self.val_batches = batch_size, val_fraction, val_batches
-        check_stage_sizes(val_fraction, batch_size, max_length=max_length)
+        check_stage_sizes(val_fraction, batch_size, val_batches, max_length=max_length)
         self.num_workers = num_workers
         self.optimizer = dict(optimizer or {"lr": 1e-3})
         self.scheduler = dict(scheduler or {})
