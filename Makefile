@@ -21,8 +21,9 @@ install: $(BIN)/rlhf
 quickstart: install
 	$(BIN)/rlhf pipeline=chatgpt
 
+# --durations: the 15 slowest tests at the end, to keep the default suite within its ~15 minutes (slower: -m slow)
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
