@@ -86,12 +86,13 @@ def hash_split(items: Iterable[T], val_fraction: float, seed: int, key: Callable
 def split_records(records: Sequence[T], val_fraction: float, seed: int,
                   heldout: Sequence[T] | None = None) -> tuple[list[T], list[T]]:
     """Train and validation records: a dataset's own held-out set when it has one, else `hash_split` keyed by each
-    record's content (`split_key()` where a record has one, else `text()`), never by where it was read from. So
-    moving or renaming a data file, or adding rows above a record, moves no record between the splits, and identical
-    records land on the same side (a duplicate cannot validate what it trained on)."""
+    record's content (`split_key()`: a Demonstration's text, a Ranking's prompt and responses in any order), never
+    by where it was read from. So moving or renaming a data file, or adding rows above a record, moves no record
+    between the splits, and identical records land on the same side (a duplicate cannot validate what it trained
+    on)."""
     if heldout is not None:
         return list(records), list(heldout)
-    return hash_split(records, val_fraction, seed, key=lambda r: r.split_key() if hasattr(r, "split_key") else r.text())
+    return hash_split(records, val_fraction, seed, key=lambda r: r.split_key())
 
 
 def pack_token_stream(docs: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> list[list[int]]:

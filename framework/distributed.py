@@ -104,17 +104,17 @@ class ValidationShare(torch.utils.data.DistributedSampler):
     (a process with none would skip the metric syncs that the others wait in); every item then counts N times, which
     leaves a mean (and a rank correlation, a calibration error) as it is, but not a standard deviation over items.
 
-    limit: score only the first `limit` items (a stage's `val_batches` x batch size), as one process's loader under
-    Lightning's `limit_val_batches` would; that setting caps each process's batches, so N processes would score N
-    times as many items, and other ones. A stage that passes `limit` leaves `limit_val_batches` at 1.0.
+    batches (a stage's `val_batches`; None or 0: all): score only the first `batches` x `batch_size` items, as one
+    process's loader under Lightning's `limit_val_batches` would; that setting caps each process's batches, so N
+    processes would score N times as many items, and other ones. A stage that passes `batches` leaves
+    `limit_val_batches` at 1.0.
 
     The share is read when the loader is iterated, after Lightning has set up the process group, so the loader can
-    be built before `trainer.fit`; in a single process it is range(n) (or range(limit)) in order, as a plain
-    loader's."""
+    be built before `trainer.fit`; in a single process it is the first items in order, as a plain loader's."""
 
-    def __init__(self, n: int, limit: int | None = None):
+    def __init__(self, n: int, batches: int | None = None, batch_size: int = 1):
         super().__init__(range(n), num_replicas=1, rank=0, shuffle=False)
-        self.n = n if limit is None else min(n, limit)
+        self.n = min(n, batches * batch_size) if batches else n
 
     def share(self) -> range:
         size = world_size()

@@ -160,6 +160,7 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
     in every RESUME_MUST_MATCH section (model, tokenizer, dataset, task, policy, reward, ...)."""
     from framework.stages.rl import written_mid_iteration
 
+    keys = [k for k in RESUME_MUST_MATCH if k != "split_seed" or _splits_data(cfg)]
     candidates, mismatched = [], []
     for sub in ("runs", "multiruns"):
         for name in CHECKPOINT_NAMES:
@@ -167,9 +168,7 @@ def find_resume_checkpoint(root: Path, cfg: DictConfig, stage_name: str) -> Path
                 saved = _saved_config(ckpt.parent.parent)
                 if saved is None or saved.get("stage", {}).get("name") != stage_name:
                     continue
-                diff = [k for k in RESUME_MUST_MATCH
-                        if (k != "split_seed" or _splits_data(cfg))
-                        and _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
+                diff = [k for k in keys if _with_new_defaults(_section(saved, k), _section(cfg, k)) != _section(cfg, k)]
                 (mismatched if diff else candidates).append((ckpt, diff, saved))
     skipped = []
     for ckpt, _, _ in sorted(candidates, key=lambda c: c[0].stat().st_mtime, reverse=True):

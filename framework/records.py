@@ -41,6 +41,10 @@ class Demonstration:
         """All of its text, for training a tokenizer."""
         return "\n".join(m["content"] for m in self.as_messages())
 
+    def split_key(self) -> str:
+        """What decides its train/validation side: its text."""
+        return self.text()
+
 
 @dataclass(frozen=True)
 class Prompt:

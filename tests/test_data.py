@@ -75,8 +75,8 @@ def _validation_shares(rank: int, world: int, out_dir: str) -> None:
                                          world_size=world)
     try:
         seen = {}
-        for n, limit in ((7, None), (1, None), (9, 5)):
-            loader = DataLoader(list(range(n)), batch_size=2, sampler=ValidationShare(n, limit))
+        for n, batches in ((7, None), (1, None), (9, 3)):
+            loader = DataLoader(list(range(n)), batch_size=2, sampler=ValidationShare(n, batches, batch_size=2))
             mean, items = MeanMetric(), CatMetric()
             for batch in loader:  # what a validation_step gives torchmetrics; compute() sums over the processes
                 mean.update(batch.float())
@@ -91,8 +91,8 @@ def _validation_shares(rank: int, world: int, out_dir: str) -> None:
 def test_validation_under_two_processes_scores_every_item_once(tmp_path):
     """ValidationShare: Lightning's DistributedSampler would give 7 items over 2 processes as 4 + 4, the first item
     twice; here the processes take 4 + 3, and the metrics' sums hold each item once. With fewer items than
-    processes each process takes them all (none left without a batch), which keeps the mean. A limit (a stage's
-    val_batches) caps the items over all processes, not each process's batches."""
+    processes each process takes them all (none left without a batch), which keeps the mean. A stage's val_batches
+    caps the items over all processes, not each process's batches."""
     import torch.multiprocessing as mp
     from torch.utils.data import DistributedSampler
 
@@ -100,11 +100,12 @@ def test_validation_under_two_processes_scores_every_item_once(tmp_path):
 
     # Lightning keeps a DistributedSampler it is given; in one process the share is every item, in order
     assert isinstance(ValidationShare(3), DistributedSampler) and list(ValidationShare(3)) == [0, 1, 2]
-    assert list(ValidationShare(7, limit=4)) == [0, 1, 2, 3] and list(ValidationShare(3, limit=8)) == [0, 1, 2]
+    assert list(ValidationShare(7, batches=2, batch_size=2)) == [0, 1, 2, 3]
+    assert list(ValidationShare(3, batches=4, batch_size=2)) == [0, 1, 2] and len(ValidationShare(5, 0, 2)) == 5
     mp.spawn(_validation_shares, args=(2, str(tmp_path)), nprocs=2, join=True)
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
     for s in seen:
         assert s["7"]["mean"] == 3.0 and s["7"]["items"] == [float(i) for i in range(7)]
         assert s["1"]["mean"] == 0.0 and s["1"]["items"] == [0.0, 0.0]
-        assert s["9"]["mean"] == 2.0 and s["9"]["items"] == [float(i) for i in range(5)]
+        assert s["9"]["mean"] == 2.5 and s["9"]["items"] == [float(i) for i in range(6)]
     assert [s["7"]["batches"] for s in seen] == [2, 2] and [s["1"]["batches"] for s in seen] == [1, 1]

@@ -84,8 +84,8 @@ class PackedTextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         val = self.splits["val"]
-        limit = self.val_batches * self.batch_size if self.val_batches else None
-        return DataLoader(val, batch_size=self.batch_size, sampler=ValidationShare(len(val), limit),
+        return DataLoader(val, batch_size=self.batch_size, sampler=ValidationShare(len(val), self.val_batches,
+                                                                                   self.batch_size),
                           num_workers=self.num_workers)
 
     def token_counts(self) -> dict[str, int]:

@@ -101,8 +101,7 @@ class ImitationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ListDataset(self.val_examples), batch_size=self.batch_size, num_workers=self.num_workers,
-                          sampler=ValidationShare(len(self.val_examples),
-                                                  self.val_batches * self.batch_size if self.val_batches else None),
+                          sampler=ValidationShare(len(self.val_examples), self.val_batches, self.batch_size),
                           collate_fn=partial(collate_examples, pad_id=self.pad_id))
 
     def state_dict(self) -> dict:
