@@ -7,6 +7,8 @@ value model from the peer's reward model), at KL coefficient 0 by default (`--kl
 moves in 150 steps). Rows:
 
 - `shared`: ours with the `rl` stage's defaults (a value head on the policy's trunk, log-probs in a fresh forward);
+- `branch1`, `branch2`: ours with the value head on a branch of copies of the policy's top 1 or 2 layers
+  (`algo.value_layers=1` or `2`, trlX's `num_value_layers_unfrozen`), otherwise as `shared`;
 - `separate`: ours with TRL's arithmetic (a value model of its own from the reward model, log-probs from sampling);
 - `trl`: TRL 1.12's PPOTrainer (`trl_ppo_peer.py` in `$TRL_BENCH_ROOT/venv112`).
 
@@ -15,8 +17,9 @@ not measured here: only the rewards, which do not depend on timing). Every finis
 a JSON line, and runs already there are not repeated, so a sweep can be stopped and continued (a line that does not
 parse, say from a killed run, is skipped with a warning). Prints, per row, the mean reward over the whole run (the
 area under the curve) and over its last 10 steps as mean +- standard error, the latter also by seed; the mean
-reward in five windows of the run; and every pair of rows: the difference of the means with a two-sided permutation
-p-value (not corrected for the number of comparisons). When `--out` already holds every run asked for, nothing runs
+reward in five windows of the run, and each row's difference from TRL's in each window with its p-value; and
+every pair of rows: the difference of the means with a two-sided permutation p-value (not corrected for the number
+of comparisons). When `--out` already holds every run asked for, nothing runs
 and nothing of the peer's is needed: the command prints the figures from the file.
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
@@ -41,7 +44,7 @@ from peer import bench_root, ensure_data  # noqa: E402
 from rl_throughput import ensure_reward_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("shared", "separate", "trl")
+ROWS = ("shared", "branch1", "branch2", "separate", "trl")
 
 
 def command(row: str, seed: int, steps: int, kl: float, root: Path) -> list[str]:
@@ -49,7 +52,10 @@ def command(row: str, seed: int, steps: int, kl: float, root: Path) -> list[str]
     if row == "trl":
         return [str(root / "venv112" / "bin" / "python"), str(HERE / "trl_ppo_peer.py"), "--reward", "a",
                 "--kl", str(kl), "--repeat", str(seed), *common]
-    extra = ["--fresh-logprobs", "--critic", "shared"] if row == "shared" else []
+    extra = []
+    if row == "shared" or row.startswith("branch"):  # branchN: the value head on a branch of the top N layers
+        layers = row[len("branch"):] if row.startswith("branch") else "0"
+        extra = ["--fresh-logprobs", "--critic", "shared", "--value-layers", layers]
     return [sys.executable, str(HERE / "rl_throughput.py"), "--ours-only", "--algo", "ppo", "--ppo-reward", "a",
             "--ppo-kl", str(kl), *extra, *common]
 
@@ -75,6 +81,11 @@ def permutation_p(a: list[float], b: list[float], draws: int = 20000) -> float:
     return (hits + 1) / (draws + 1)
 
 
+def p_text(p: float) -> str:
+    """A p-value to three places; below 0.001 as "< 0.001" (20000 draws cannot resolve less)."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 def summary(values: list[float]) -> str:
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.3f} +- {se:.3f}"
@@ -86,7 +97,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--kl", type=float, default=0.0, help="the KL coefficient on every row")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
-                    help="shared: ours, the rl stage's defaults; separate: ours, TRL's arithmetic; trl: TRL 1.12")
+                    help="shared: ours, the rl stage's defaults; branch1, branch2: ours, algo.value_layers=1 or 2; "
+                         "separate: ours, TRL's arithmetic; trl: TRL 1.12")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time, one thread each")
     ap.add_argument("--out", type=Path, default=Path("ppo_reward_curves.jsonl"),
                     help="JSON lines, one per finished run; runs already there are kept and not repeated")
@@ -143,7 +155,7 @@ def prepared_root(ap: argparse.ArgumentParser, rows: list[str]) -> Path:
             and not trl_python.exists():
         ap.error(f"no reward model at {root / 'out' / 'rm_model'} (the value model's start in the rows trl and "
                  f"separate) and no {root / 'venv'} (TRL 1.16, ../shared/peer-baseline/trl/README.md) to train it with "
-                 "the peer's rm task; or run --rows shared")
+                 "the peer's rm task; or run --rows shared branch1")
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
     if {"trl", "separate"} & set(rows):  # their value model starts from it
         ensure_reward_model(root, trl_python)
@@ -172,13 +184,25 @@ def report(by_row: dict[str, list[list[float]]], steps: int, kl: float) -> None:
     for row, curves in by_row.items():
         cells = (statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in spans)
         print(f"| {row} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
+    if "trl" in by_row:
+        print("\nby window, each row minus TRL's, with its permutation p-value")
+        print("| row | " + " | ".join(f"steps {w.start + 1}-{w.stop}" for w in spans) + " |")
+        print("|---|" + "---|" * len(spans))
+        for row, curves in by_row.items():
+            if row != "trl":
+                cells = []
+                for w in spans:
+                    ours, theirs = ([statistics.mean(c[w.start:w.stop]) for c in by_row[r]] for r in (row, "trl"))
+                    cells.append(f"{statistics.mean(ours) - statistics.mean(theirs):+.3f} (p {p_text(permutation_p(ours, theirs))})")
+                print(f"| {row} | " + " | ".join(cells) + " |")
     print("\ndifferences of the means, two-sided permutation p-values (not corrected for the number of comparisons)")
     rows = list(by_row)
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             print(f"{a} - {b}: all steps {statistics.mean(area[a]) - statistics.mean(area[b]):+.3f} "
-                  f"(p {permutation_p(area[a], area[b]):.3f}), last 10 "
-                  f"{statistics.mean(last[a]) - statistics.mean(last[b]):+.3f} (p {permutation_p(last[a], last[b]):.3f})")
+                  f"(p {p_text(permutation_p(area[a], area[b]))}), last 10 "
+                  f"{statistics.mean(last[a]) - statistics.mean(last[b]):+.3f} "
+                  f"(p {p_text(permutation_p(last[a], last[b]))})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ runs 64 prompts a step on both sides (the GRPO and RLOO workloads' 64 completion
 `--bf16` bf16 mixed precision on both sides. `--ppo-shared-critic` adds a third row of ours: the `rl` stage's default
 critic, a value head on the policy's trunk (`algo.critic=shared`, with a fresh forward), which TRL's PPOTrainer does
 not offer; it does less arithmetic than TRL's separate value model, so it is a different algorithm setting, shown
-for its speed and its reward curve (use it with `--ppo-reward a`).
+for its speed and its reward curve (use it with `--ppo-reward a`). `--ppo-value-layers N` adds a row with the value
+head on a branch of copies of the policy's top N layers (`algo.value_layers=N`, trlX's `num_value_layers_unfrozen`).
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -56,7 +57,7 @@ def fraction_of_a(completions) -> list[float]:
 
 def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False, ppo_reward: str = "rm",
              steps: int = STEPS, ppo_kl: float = 0.05, ppo_prompts: int = PROMPTS, precision: str = "32-true",
-             ppo_critic: str = "separate") -> dict:
+             ppo_critic: str = "separate", value_layers: int = 0) -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -87,8 +88,9 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     reward, critic = FractionOfA(), None
     if algo == "ppo":
         rm_dir = str(data.parent / "out" / "rm_model")
-        if ppo_critic == "shared":  # our default: a zero-initialised value head on the policy's trunk
-            algorithm = PPO(epochs=4, minibatches=4, critic="shared")
+        if ppo_critic == "shared":  # our default: a zero-initialised value head on the policy's trunk (value_layers
+            # > 0: on a branch of copies of the policy's top layers)
+            algorithm = PPO(epochs=4, minibatches=4, critic="shared", value_layers=value_layers)
         else:  # as TRL's PPOTrainer: a value model of its own, initialised from the reward model
             algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
             critic = critic_from_reward_model(rm_dir)[:2]
@@ -107,7 +109,7 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
     prompts_per_step = ppo_prompts if algo == "ppo" else PROMPTS
     per_step = prompts_per_step * int(algorithm.generations_per_prompt)
     updates = steps * int(algorithm.epochs) * int(algorithm.minibatches)
-    module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic), reference, tok, algorithm, reward, kl, "plain", sampling,
+    module = RLModule(PolicyWithValue(lm, algorithm.needs_value, critic, algorithm.value_layers), reference, tok, algorithm, reward, kl, "plain", sampling,
                       PEER_ADAMW, {"warmup_steps": 0, "min_lr_ratio": 1.0}, updates,
                       no_eos_penalty=None, reward_clip=None, gradient_clip=gradient_clip, seed=seed,
                       logprobs_from_sampling=algo == "ppo" and not fresh_logprobs)
@@ -162,6 +164,10 @@ def main() -> None:
     ap.add_argument("--ppo-shared-critic", action="store_true",
                     help="PPO only: a third row of ours with the rl stage's default critic, a value head on the "
                          "policy's trunk (TRL's PPOTrainer has only a separate value model)")
+    ap.add_argument("--value-layers", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-value-layers", type=int, default=0, metavar="N",
+                    help="PPO only: with N > 0, a row of ours with the value head on a branch of copies of the "
+                         "policy's top N layers (algo.value_layers=N; trlX's num_value_layers_unfrozen)")
     ap.add_argument("--ppo-reward", choices=("rm", "a"), default="rm",
                     help="PPO's reward on both sides: the peer's reward model (rm) or the fraction of 'a' (a)")
     ap.add_argument("--ppo-kl", type=float, default=0.05,
@@ -177,9 +183,11 @@ def main() -> None:
                          "more of the reward curve)")
     args = ap.parse_args()
     if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm" or args.ppo_prompts != PROMPTS
-            or args.bf16 or args.ppo_shared_critic) and args.algo != "ppo":
-        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts, --ppo-shared-critic and --bf16 are for --algo "
-                 f"ppo: TRL's {args.algo} side is the peer's own run")
+            or args.bf16 or args.ppo_shared_critic or args.ppo_value_layers) and args.algo != "ppo":
+        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts, --ppo-shared-critic, --ppo-value-layers and --bf16 "
+                 f"are for --algo ppo: TRL's {args.algo} side is the peer's own run")
+    if not 0 <= args.ppo_value_layers <= 4:
+        ap.error(f"--ppo-value-layers {args.ppo_value_layers}: 0 (no such row) to 4 (the policy's layers)")
     if args.ppo_prompts < 4 or args.ppo_prompts % 4:
         ap.error(f"--ppo-prompts {args.ppo_prompts}: a positive multiple of 4 (both sides split a step into 4 "
                  "minibatches)")
@@ -196,19 +204,22 @@ def main() -> None:
     if args.ours_only:
         print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,
                                   args.ppo_kl, args.ppo_prompts, "bf16-mixed" if args.bf16 else "32-true",
-                                  args.critic)))
+                                  args.critic, args.value_layers)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
     ppo_python = root / "venv112" / "bin" / "python"
     if args.algo == "ppo":
         ensure_reward_model(root, trl_python)
-    ours, fresh, shared, theirs = [], [], [], []
+    ours, fresh, shared, branch, theirs = [], [], [], [], []
     rows = [([], ours)]
     if args.algo == "ppo":
         rows.append((["--fresh-logprobs"], fresh))
         if args.ppo_shared_critic:
             rows.append((["--fresh-logprobs", "--critic", "shared"], shared))
+        if args.ppo_value_layers:
+            rows.append((["--fresh-logprobs", "--critic", "shared", "--value-layers", str(args.ppo_value_layers)],
+                         branch))
     for r in range(args.repeats):
         for extra, results in rows:
             out = subprocess.run([sys.executable, __file__, "--ours-only", "--algo", args.algo, *extra,
@@ -232,6 +243,8 @@ def main() -> None:
                 [(f"rlhf-lab rl ({args.algo})", ours),
                  *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),
                  *([("rlhf-lab rl (ppo, value head on the policy trunk)", shared)] if shared else []),
+                 *([(f"rlhf-lab rl (ppo, value head on a branch of {args.ppo_value_layers} layer"
+                     f"{'s' if args.ppo_value_layers > 1 else ''})", branch)] if branch else []),
                  ("TRL 1.12 PPOTrainer" if args.algo == "ppo" else f"TRL 1.16 {args.algo.upper()}Trainer", theirs)],
                 [("episodes_per_s", "completions/s", ".1f"), ("gen_share", "generation share", ".2f"),
                  ("reward_first10", "reward, steps 1-10", ".4f"), ("reward_last10", f"reward, steps {args.steps - 9}-{args.steps}", ".4f")],
@@ -241,7 +254,7 @@ def main() -> None:
         print(f"reward, steps {args.steps - 9}-{args.steps}, ours by seed 0..{len(ours) - 1}: {last} (spread {max(last) - min(last):.4f})")
         if args.algo == "ppo":
             for name, runs in (("ours", ours), ("ours, fresh forward", fresh), ("ours, shared critic", shared),
-                               ("TRL", theirs)):
+                               ("ours, value branch", branch), ("TRL", theirs)):
                 if runs:
                     print(f"  {name} by seed: first 10 {[round(x['reward_first10'], 4) for x in runs]}, "
                           f"last 10 {[round(x['reward_last10'], 4) for x in runs]}")

@@ -270,6 +270,8 @@ class PolicyAlgorithm(ABC):
     generations_per_prompt: samples per prompt (group methods: GRPO, RLOO); needs_value: a value estimate per token;
     critic: where it comes from, "shared" (a value head on the policy's trunk) or "separate" (its own transformer,
     initialised from the reward model at critic_path, or the learned reward's path when that is None);
+    value_layers: with a shared critic, 0 puts the value layer on the policy's last hidden state, N > 0 on a branch
+    of its own N layers, copied from the policy's top N (trlX's `num_value_layers_unfrozen`);
     epochs x minibatches: the updates per rollout (each minibatch one optimizer step).
     """
 
@@ -277,6 +279,7 @@ class PolicyAlgorithm(ABC):
     needs_value: bool = False
     critic: str = "shared"
     critic_path: str | None = None
+    value_layers: int = 0
     epochs: int = 1
     minibatches: int = 1
 

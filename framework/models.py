@@ -284,3 +284,92 @@ def count_parameters(model: "PreTrainedModel") -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def value_branch(lm: "PreTrainedModel", layers: int, key: str = "algo.value_layers") -> "PreTrainedModel":
+    """A value branch in the manner of trlX's `num_value_layers_unfrozen`: a decoder of `layers` layers that starts
+    as a copy of the causal LM `lm`'s top `layers` layers and final norm, and reads the LM's hidden state below them
+    (`inputs_embeds=hidden_states[-layers - 1]`, with the LM's attention mask and position ids). It has parameters of
+    its own, trained by the value loss (whose gradient also reaches the LM's lower layers, as in trlX); a value
+    layer on its last hidden state gives the values. At the start its last hidden state is the LM's.
+
+    Built from the LM's config with `layers` layers and a one-row input embedding (never used: the branch is fed
+    hidden states), in the dtype of the LM's top layer; its layers are deep copies of the LM's top ones, so each keeps
+    what it was built with (its index, attention kind, window). Absolute position embeddings (GPT-2's `wpe`) are
+    zeroed and frozen, since the hidden state it reads already holds them. A probe (two left-padded sequences of 16
+    tokens) checks that the branch reproduces the LM's last hidden state, and a decoder that cannot be split this way
+    (no single list of layers, weights the branch does not find, another output) is refused with a ConfigError
+    naming `key`; the probe is short, so it would not see a difference that only longer sequences show."""
+    import copy
+
+    import torch
+
+    total = int(getattr(lm.config, "num_hidden_layers", 0) or 0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        raise ConfigError(f"{key}={layers!r}: the value branch copies the policy's top layers, so it is a whole "
+                          f"number from 1 to the policy's {total} layers (0: a value layer on the last hidden state)")
+    decoder = lm.base_model
+    stacks = [name for name, child in decoder.named_children()
+              if isinstance(child, torch.nn.ModuleList) and len(child) == total]
+    if len(stacks) != 1:
+        raise ConfigError(f"{key}={layers}: cannot find the layer list of the policy's {type(decoder).__name__} "
+                          f"(one ModuleList of {total} layers; found {stacks or 'none'}); use {key}=0")
+    stack, top = stacks[0], getattr(decoder, stacks[0])[total - layers:]
+    config = copy.deepcopy(decoder.config)
+    config.num_hidden_layers, config.vocab_size, config.pad_token_id = layers, 1, None
+    config.use_cache = False  # never decodes; a KV cache would be indexed by the copied layers' own indices
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer kinds (sliding window, ...): the top ones
+        config.layer_types = config.layer_types[-layers:]
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's stream stays as it was
+        branch = type(decoder)(config)
+    param = next(top.parameters())
+    branch.to(device=param.device, dtype=param.dtype)
+    # the layers themselves, copied whole: each keeps what it was built with (its index, attention kind, window)
+    setattr(branch, stack, copy.deepcopy(top))
+    source, inputs = decoder.state_dict(), branch.get_input_embeddings()
+    skip = {f"{name}.{p}" for name, m in branch.named_modules() if m is inputs for p, _ in m.named_parameters()}
+    rest = [n for n in branch.state_dict() if n not in skip and not n.startswith(stack + ".")]
+    missing = [n for n in rest if n not in source]
+    if missing:
+        raise ConfigError(f"{key}={layers}: the policy's {type(decoder).__name__} has no weights for the branch's "
+                          f"{', '.join(missing[:3])}; this model cannot be split that way; use {key}=0")
+    branch.load_state_dict({n: source[n] for n in rest}, strict=False)
+    frozen = [m for m in branch.modules() if isinstance(m, torch.nn.Embedding)]  # the input and position tables
+    for m in frozen:
+        if m is not inputs:
+            torch.nn.init.zeros_(m.weight)
+        m.weight.requires_grad_(False)
+    branch = disable_dropout(fused_activations(branch))
+    _check_branch(lm, branch, layers, key)
+    return branch
+
+
+def _check_branch(lm: "PreTrainedModel", branch: "PreTrainedModel", layers: int, key: str) -> None:
+    """The branch fed the LM's hidden state below its top `layers` layers reproduces the LM's last hidden state on a
+    left-padded probe; a ConfigError otherwise."""
+    import torch
+
+    device = next(lm.parameters()).device
+    ids = torch.randint(0, int(lm.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    was_training = lm.training, branch.training
+    lm.eval(), branch.eval()
+    try:
+        with torch.no_grad():
+            out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
+                                **no_cache(lm.base_model))
+            hidden = out.hidden_states
+            got = None if len(hidden) != int(lm.config.num_hidden_layers) + 1 else branch(
+                inputs_embeds=hidden[-layers - 1], attention_mask=mask, position_ids=pos,
+                **no_cache(branch)).last_hidden_state
+    finally:
+        lm.train(was_training[0]), branch.train(was_training[1])
+    want = out.last_hidden_state[mask.bool()]
+    tolerance = 1e-4 if want.dtype == torch.float32 else 3e-2
+    error = float("inf") if got is None else float((got[mask.bool()] - want).norm() / want.norm().clamp(min=1e-12))
+    if not error <= tolerance:
+        raise ConfigError(f"{key}={layers}: a branch of the top layers of this {type(lm).__name__} does not reproduce "
+                          f"its last hidden state (relative error {error:.2g}), so this model cannot be split that "
+                          f"way; use {key}=0 (a value layer on the last hidden state) or algo.critic=separate")

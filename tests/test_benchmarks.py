@@ -96,8 +96,8 @@ def test_reward_curves_permutation_p_value():
 
 
 def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
-    """docs/benchmarks.md's ten-seed PPO tables, p-values and vf_coef run, and the README's and rl.md's figures,
-    are what docs/data/ppo_reward_curves_kl0*.jsonl hold."""
+    """docs/benchmarks.md's ten-seed PPO tables, p-values and one-off diagnostics (vf_coef, a zeroed value layer),
+    and the README's and rl.md's figures, are what docs/data/ppo_reward_curves_kl0*.jsonl hold."""
     import json
     import statistics
 
@@ -105,23 +105,35 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = REPO / "docs" / "data"
-    runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl")
+    runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl",
+                                          "ppo_reward_curves_kl0_zero_value.jsonl")
             for line in (data / name).read_text().splitlines()]
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     summaries = (REPO / "README.md").read_text() + (REPO / "docs" / "rl.md").read_text()
     area, last = {}, {}
-    for row in ("shared", "separate", "trl", "shared_vf0.01"):
+    one_off = ("shared_vf0.01", "separate_zero")  # the diagnostics' rows: their summaries only
+    for row in ("shared", "branch1", "branch2", "separate", "trl", *one_off):
         curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row]
         assert len(curves) == 10 and all(len(c) == 150 for c in curves)
         area[row], last[row] = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
         assert f"{module.summary(area[row])} ".replace("+-", "±") in docs
         assert f"{module.summary(last[row])} ".replace("+-", "±") in docs
-        if row != "shared_vf0.01":
+        if row not in one_off:
             assert f"| {', '.join(f'{x:.3f}' for x in last[row])} |" in docs
             cells = [statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in module.windows(150)]
             assert " | ".join(f"{x:.3f}" for x in cells) + " |" in docs
-        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in ("shared_vf0.01",)
+        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in (*one_off, "branch1", "branch2")
+        if row not in ("trl", *one_off):  # the window table against TRL's, with p-values
+            trl = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == "trl"]
+            cells = []
+            for w in module.windows(150):
+                ours, theirs = ([statistics.mean(c[w.start:w.stop]) for c in cs] for cs in (curves, trl))
+                cells.append(f"{statistics.mean(ours) - statistics.mean(theirs):+.3f} "
+                             f"(p {module.p_text(module.permutation_p(ours, theirs))})")
+            assert " | ".join(cells) + " |" in docs, row
+    assert f"{statistics.mean(last['branch1']):.3f} against {statistics.mean(last['trl']):.3f}" in summaries
     for a, b, told in (("separate", "trl", "p = 0.61"), ("shared", "trl", "p = 0.052"),
-                       ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75")):
+                       ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75"),
+                       ("branch1", "branch2", "p = 0.66"), ("separate_zero", "trl", "p = 0.64")):
         p = module.permutation_p(area[a], area[b])
         assert told in docs and round(p, len(told) - 6) == float(told[4:]), (a, b, p)

@@ -13,7 +13,9 @@ TINY_RL = ["stage=rl", "stage.iterations=3", "stage.prompts_per_iteration=8", "s
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce"])
 def test_each_algorithm_runs_logs_and_exports(chat_model, run_cli, rlhf_home, algo):
     _, _, sft_dir, _ = chat_model
-    extra = ["algo.minibatches=2", "algo.epochs=2", "stage.checkpoint_every_n_iterations=1"] if algo == "ppo" else []
+    # PPO's value head on a branch of the policy's top layer (the plain value head: the resume test below)
+    extra = (["algo.minibatches=2", "algo.epochs=2", "stage.checkpoint_every_n_iterations=1", "algo.value_layers=1"]
+             if algo == "ppo" else [])
     proc = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", f"algo={algo}", *extra)
     # Lightning's warnings that do not apply to this stage stay out of the user's log
     assert "pre-optimization state" not in proc.stderr and "`IterableDataset` has `__len__`" not in proc.stderr
@@ -43,6 +45,7 @@ def test_each_algorithm_runs_logs_and_exports(chat_model, run_cli, rlhf_home, al
         assert sum(r["gold"] for r in rows) / 16 == pytest.approx(gold_at_3, abs=1e-6)
     if algo == "ppo":
         assert "val/var_explained" in m and "loss/value" in m
+        assert "critic: a value branch of 1 layer (" in proc.stdout
     assert run.data.tags["plugin.algo"].startswith("plugins.algorithms.")
 
 

@@ -15,7 +15,7 @@ from framework.data import ListDataset
 from framework.errors import ConfigError, RLHFError
 from framework.imitation import encode_prompt
 from framework.interfaces import RewardFunction
-from framework.models import CausalLMFactory, RatesOff
+from framework.models import CausalLMFactory, RatesOff, count_parameters
 from framework.records import Prompt
 from framework.rollout import SamplingSettings
 from framework.reward import NonFiniteReward
@@ -375,6 +375,101 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
     critic = PolicyWithValue(lm, value_head=True, critic=(trunk, nn.Linear(32, 1)))
     values, all_values = critic(ids, mask, 5)[1], critic(ids, mask)[1]
     assert torch.allclose(values, all_values[:, 6:11]) and values.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_value_branch_starts_as_the_policys_top_layers_and_trains_apart(tokenizer, arch):
+    """algo.value_layers=N (trlX's num_value_layers_unfrozen): the branch fed the policy's hidden state below its top
+    N layers gives the policy's last hidden state at the start (left padding included); its weights are its own
+    (only its layers and final norm train); the value's gradient reaches the branch and the policy's lower layers,
+    never the policy's top layers nor its final norm."""
+    from framework.models import value_branch
+    from framework.stages.rl import positions
+
+    torch.manual_seed(0)
+    sizes = ({"n_layer": 3, "n_head": 2, "n_embd": 32, "n_positions": 64} if arch == "gpt2" else
+             {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32,
+              "intermediate_size": 64, "max_position_embeddings": 64})
+    lm = disable_dropout(CausalLMFactory(arch=arch, **sizes).build(tokenizer)).eval()
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    pos = positions(mask)
+    out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    layers = lm.base_model.h if arch == "gpt2" else lm.base_model.layers
+    for n in (1, 2):
+        branch = value_branch(lm, n)
+        got = branch(inputs_embeds=out.hidden_states[-n - 1], attention_mask=mask, position_ids=pos).last_hidden_state
+        real = mask.bool()
+        assert torch.allclose(got[real], out.last_hidden_state[real], atol=1e-5)
+        top = sum(p.numel() for layer in layers[-n:] for p in layer.parameters())
+        norm = sum(p.numel() for p in (lm.base_model.ln_f if arch == "gpt2" else lm.base_model.norm).parameters())
+        assert sum(p.numel() for p in branch.parameters() if p.requires_grad) == top + norm
+        assert not {id(p) for p in branch.parameters()} & {id(p) for p in lm.parameters()}
+
+    policy = PolicyWithValue(lm, value_head=True, value_layers=2)
+    torch.nn.init.normal_(policy.value.weight)  # zero at init: no gradient would reach the branch
+    logits, values = policy(ids, mask, 5)
+    assert torch.allclose(values, policy(ids, mask)[1][:, -6:-1]) and torch.allclose(logits, lm(
+        input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -6:-1], atol=1e-6)
+    values.sum().backward()
+    grad = lambda module: sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)  # noqa: E731
+    assert grad(policy.value_branch) > 0 and grad(layers[0]) > 0
+    final_norm = lm.base_model.ln_f if arch == "gpt2" else lm.base_model.norm
+    assert grad(layers[1]) == grad(layers[2]) == grad(final_norm) == 0
+    before = [p.detach().clone() for p in layers[-1].parameters()]
+    with torch.no_grad():
+        for p in policy.value_branch.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, layers[-1].parameters()))
+
+
+def test_a_value_branch_that_is_wrong_or_misplaced_is_refused_with_the_fix(tokenizer):
+    from framework.models import _check_branch, value_branch
+
+    lm = tiny_lm(tokenizer)  # one layer
+    with pytest.raises(ConfigError, match=r"algo.value_layers=2: .*from 1 to the policy's 1 layers"):
+        value_branch(lm, 2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="algo.value_layers=.*a whole number >= 0"):
+            PPO(value_layers=bad)
+    with pytest.raises(ConfigError, match="algo.value_layers=1 is for algo.critic=shared.*set algo.value_layers=0"):
+        PPO(critic="separate", value_layers=1)
+    with pytest.raises(ConfigError, match="algo.critic=sepratate: use shared .* or separate"):
+        PPO(critic="sepratate", value_layers=1)
+    with pytest.raises(ConfigError, match="algo.value_layers is for the value head on the policy"):
+        PolicyWithValue(lm, True, critic=(tiny_lm(tokenizer, 1).transformer, nn.Linear(32, 1)), value_layers=1)
+    branch = value_branch(lm, 1)
+    with torch.no_grad():
+        branch.h[0].mlp.c_proj.weight.mul_(3.0)  # no longer the policy's top layer
+    with pytest.raises(ConfigError, match="does not reproduce its last hidden state.*use algo.value_layers=0"):
+        _check_branch(lm, branch, 1, "algo.value_layers")
+
+
+def test_a_ppo_run_with_a_value_branch_starts_on_policy_and_checkpoints_the_branch(tokenizer, tmp_path):
+    mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
+    mod.policy = PolicyWithValue(mod.policy.lm, True, value_layers=1)
+    start = [p.detach().clone() for p in mod.policy.value_branch.parameters()]
+    metrics = fit(mod).callback_metrics
+    assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(start, mod.policy.value_branch.parameters()))
+    # the position and input tables stay zero and frozen; the optimizer holds exactly the trainable parameters
+    branch = mod.policy.value_branch
+    assert not branch.wpe.weight.requires_grad and branch.wpe.weight.abs().sum() == 0
+    assert not branch.wte.weight.requires_grad
+    held = sum(p.numel() for group in mod.optimizers().optimizer.param_groups for p in group["params"])
+    assert held == count_parameters(mod.policy)
+    checkpoint = {"state_dict": mod.state_dict()}
+    assert any(k.startswith("policy.value_branch.h.0.") for k in checkpoint["state_dict"])
+    resumed = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint's policy has a value branch of 1 layer and this run's has a "
+                                          "value head on its last hidden state: resume with the algo.critic and "
+                                          "algo.value_layers"):
+        resumed.on_load_checkpoint(checkpoint)
+    resumed.policy = PolicyWithValue(resumed.policy.lm, True, value_layers=1)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(branch.parameters(), resumed.policy.value_branch.parameters()))
 
 
 def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_path):

@@ -39,7 +39,7 @@ from framework.interfaces import (
     Task,
 )
 from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
-                              no_cache)
+                              no_cache, value_branch)
 from framework.records import Prompt
 from framework.reward import TaskGold, checked_scores, critic_from_reward_model
 from framework.rl import (AdaptiveKL, kl_controller_from, masked_mean, rollout_mean, token_logprobs,
@@ -57,19 +57,40 @@ def written_mid_iteration(checkpoint: dict) -> bool:
     return bool((checkpoint.get("rl_state") or {}).get("mid_iteration"))
 
 
+def critic_kind(state: Mapping[str, Any]) -> str:
+    """What an RLModule state dict holds for values, in words: a separate critic, a value branch of N layers, a value
+    head on the last hidden state, or none."""
+    if any(k.startswith("policy.critic.") for k in state):
+        return "a separate critic"
+    layers = {k.split(".")[3] for k in state if k.startswith("policy.value_branch.") and k.count(".") > 3
+              and k.split(".")[3].isdigit()}
+    if layers:
+        return f"a value branch of {len(layers)} layer{'s' if len(layers) > 1 else ''}"
+    return "a value head on its last hidden state" if "policy.value.weight" in state else "no value head"
+
+
 class PolicyWithValue(nn.Module):
     """The policy LM and, for algorithms with a critic, a value estimate per token: by default a value head on the
-    policy's last hidden state (zero-initialised, RLHF_REFERENCE 1.2 item 4); with `critic=(trunk, layer)` a
+    policy's last hidden state (zero-initialised, RLHF_REFERENCE 1.2 item 4); with `value_layers=N` the value head
+    sits on a branch of N layers of its own, copied from the policy's top N and fed the policy's hidden state below
+    them (`framework.models.value_branch`, trlX's `num_value_layers_unfrozen`); with `critic=(trunk, layer)` a
     separate transformer and its value layer (e.g. initialised from the reward model).
     forward -> (logits [B, L, V], values [B, L] or None)."""
 
-    def __init__(self, lm: nn.Module, value_head: bool, critic: tuple[nn.Module, nn.Linear] | None = None):
+    def __init__(self, lm: nn.Module, value_head: bool, critic: tuple[nn.Module, nn.Linear] | None = None,
+                 value_layers: int = 0):
         super().__init__()
         self.lm = lm
-        self.value = self.critic = None
+        self.value = self.critic = self.value_branch = None
+        self.value_layers = 0
         if critic is not None:
+            if value_layers:
+                raise ConfigError("algo.value_layers is for the value head on the policy (algo.critic=shared); a "
+                                  "separate critic has its own transformer: set algo.value_layers=0")
             self.critic, self.value = critic
         elif value_head:
+            if value_layers:
+                self.value_branch, self.value_layers = value_branch(lm, value_layers), int(value_layers)
             self.value = nn.Linear(int(lm.config.hidden_size), 1)
             nn.init.zeros_(self.value.weight)
             nn.init.zeros_(self.value.bias)
@@ -82,9 +103,13 @@ class PolicyWithValue(nn.Module):
         out = causal_lm_forward(self.lm, ids, mask, pos, response_length, output_hidden_states=shared)
         if self.value is None:
             return out.logits, None
-        if shared:
-            return out.logits, self.values_of(out.hidden_states[-1], response_length)
-        return out.logits, self.critic_values(ids, mask, pos, response_length)
+        if not shared:
+            return out.logits, self.critic_values(ids, mask, pos, response_length)
+        hidden = out.hidden_states[-1]
+        if self.value_branch is not None:
+            hidden = self.value_branch(inputs_embeds=out.hidden_states[-self.value_layers - 1], attention_mask=mask,
+                                       position_ids=pos, **no_cache(self.value_branch)).last_hidden_state
+        return out.logits, self.values_of(hidden, response_length)
 
     def critic_values(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                       response_length: int | None) -> torch.Tensor:
@@ -414,6 +439,12 @@ class RLModule(pl.LightningModule):
             raise ConfigError(f"this checkpoint was written by an error in the middle of iteration "
                               f"{state['iteration']}, after some of its updates: continuing from it would not be the "
                               "uninterrupted run. Resume from the run's last.ckpt (resume=true picks it) instead")
+        weights = checkpoint.get("state_dict") or {}
+        saved, ours = critic_kind(weights), critic_kind(self.state_dict())
+        # (a strategy whose checkpoint keeps the weights elsewhere, as DeepSpeed's, is not checked here)
+        if any(k.startswith("policy.") for k in weights) and saved != ours:
+            raise ConfigError(f"this checkpoint's policy has {saved} and this run's has {ours}: resume with the "
+                              "algo.critic and algo.value_layers the run was started with")
         if state:
             self.kl_ctl.load_state_dict(state["kl"])
             self.algorithm.load_state_dict(state.get("algorithm") or {})
@@ -560,7 +591,13 @@ class RLStage(Stage):
             print(f"[rlhf] warning: {encoder.truncated} of {len(prompts)} prompts are longer than {encoder.room} "
                   f"tokens (context {n_ctx} - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens "
                   "from the left")
-        policy = PolicyWithValue(lm, bool(algorithm.needs_value), self.separate_critic(cfg, algorithm, tokenizer))
+        policy = PolicyWithValue(lm, bool(algorithm.needs_value), self.separate_critic(cfg, algorithm, tokenizer),
+                                 algorithm.value_layers if algorithm.needs_value else 0)
+        if policy.value_branch is not None:
+            n = policy.value_layers
+            print(f"[rlhf] critic: a value branch of {n} layer{'s' if n > 1 else ''} "
+                  f"({count_parameters(policy.value_branch) / 1e6:.2f} M parameters), copied from the policy's top "
+                  "layers and fed its hidden state below them")
         per_iter = int(self.prompts_per_iteration)
         updates = self.iterations * int(algorithm.epochs) * max(1, min(int(algorithm.minibatches),
                                                                        per_iter * int(algorithm.generations_per_prompt)))

@@ -17,12 +17,21 @@ class PPO(PolicyAlgorithm):
 
     def __init__(self, epochs: int = 4, minibatches: int = 4, clip: float = 0.2, value_clip: float = 0.2,
                  vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
-                 critic: str = "shared", critic_path: str | None = None):
+                 critic: str = "shared", critic_path: str | None = None, value_layers: int = 0):
         if epochs < 1 or minibatches < 1 or clip <= 0 or value_clip <= 0:
             raise ConfigError("algo.epochs and algo.minibatches must be >= 1, algo.clip and algo.value_clip > 0")
+        if critic not in ("shared", "separate"):
+            raise ConfigError(f"algo.critic={critic}: use shared (a value head on the policy) or separate (a "
+                              "transformer of its own, from a reward model)")
+        if isinstance(value_layers, bool) or not isinstance(value_layers, int) or value_layers < 0:
+            raise ConfigError(f"algo.value_layers={value_layers!r}: a whole number >= 0 (0: the value layer on the "
+                              "policy's last hidden state; N: on a branch of copies of the policy's top N layers)")
+        if value_layers and critic != "shared":
+            raise ConfigError(f"algo.value_layers={value_layers} is for algo.critic=shared (a value head on the "
+                              f"policy); algo.critic={critic} has a transformer of its own: set algo.value_layers=0")
         self.epochs, self.minibatches, self.clip, self.value_clip = epochs, minibatches, clip, value_clip
         self.vf_coef, self.gamma, self.lam, self.whiten_rewards = vf_coef, gamma, lam, whiten_rewards
-        self.critic, self.critic_path = critic, critic_path
+        self.critic, self.critic_path, self.value_layers = critic, critic_path, value_layers
 
     def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, torch.Tensor]:
         mask = rollout.response_mask
