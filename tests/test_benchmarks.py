@@ -106,12 +106,13 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
     spec.loader.exec_module(module)
     data = REPO / "docs" / "data"
     runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl",
-                                          "ppo_reward_curves_kl0_zero_value.jsonl")
+                                          "ppo_reward_curves_kl0_zero_value.jsonl",
+                                          "ppo_reward_curves_kl0_cut_critic.jsonl")
             for line in (data / name).read_text().splitlines()]
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     summaries = (REPO / "README.md").read_text() + (REPO / "docs" / "rl.md").read_text()
     area, last = {}, {}
-    one_off = ("shared_vf0.01", "separate_zero")  # the diagnostics' rows: their summaries only
+    one_off = ("shared_vf0.01", "separate_zero", "sep_l1", "sep_l2")  # the diagnostics' rows: their summaries only
     for row in ("shared", "branch1", "branch2", "separate", "trl", *one_off):
         curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row]
         assert len(curves) == 10 and all(len(c) == 150 for c in curves)
@@ -134,6 +135,7 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
     assert f"{statistics.mean(last['branch1']):.3f} against {statistics.mean(last['trl']):.3f}" in summaries
     for a, b, told in (("separate", "trl", "p = 0.61"), ("shared", "trl", "p = 0.052"),
                        ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75"),
-                       ("branch1", "branch2", "p = 0.66"), ("separate_zero", "trl", "p = 0.64")):
+                       ("branch1", "branch2", "p = 0.66"), ("separate_zero", "trl", "p = 0.64"),
+                       ("sep_l1", "trl", "p = 0.86"), ("sep_l2", "trl", "p = 0.25")):
         p = module.permutation_p(area[a], area[b])
         assert told in docs and round(p, len(told) - 6) == float(told[4:]), (a, b, p)
