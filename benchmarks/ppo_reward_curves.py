@@ -10,6 +10,8 @@ moves in 150 steps). Rows:
 - `branch1`, `branch2`: ours with the value head on a branch of copies of the policy's top 1 or 2 layers
   (`algo.value_layers=1` or `2`, trlX's `num_value_layers_unfrozen`), otherwise as `shared`;
 - `separate`: ours with TRL's arithmetic (a value model of its own from the reward model, log-probs from sampling);
+- `cut1`, `cut2`: ours as `separate`, with the critic cut to the reward model's bottom 1 or 2 layers
+  (`algo.critic_layers=1` or `2`);
 - `trl`: TRL 1.12's PPOTrainer (`trl_ppo_peer.py` in `$TRL_BENCH_ROOT/venv112`).
 
 Each run is one process with one thread, `--jobs` of them at a time (so the speeds printed by rl_throughput.py are
@@ -44,7 +46,7 @@ from peer import bench_root, ensure_data  # noqa: E402
 from rl_throughput import ensure_reward_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("shared", "branch1", "branch2", "separate", "trl")
+ROWS = ("shared", "branch1", "branch2", "separate", "cut1", "cut2", "trl")
 
 
 def command(row: str, seed: int, steps: int, kl: float, root: Path) -> list[str]:
@@ -56,6 +58,8 @@ def command(row: str, seed: int, steps: int, kl: float, root: Path) -> list[str]
     if row == "shared" or row.startswith("branch"):  # branchN: the value head on a branch of the top N layers
         layers = row[len("branch"):] if row.startswith("branch") else "0"
         extra = ["--fresh-logprobs", "--critic", "shared", "--value-layers", layers]
+    elif row.startswith("cut"):  # cutN: the separate critic cut to the reward model's bottom N layers
+        extra = ["--critic-layers", row[len("cut"):]]
     return [sys.executable, str(HERE / "rl_throughput.py"), "--ours-only", "--algo", "ppo", "--ppo-reward", "a",
             "--ppo-kl", str(kl), *extra, *common]
 
@@ -98,7 +102,8 @@ def main() -> None:
     ap.add_argument("--kl", type=float, default=0.0, help="the KL coefficient on every row")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="shared: ours, the rl stage's defaults; branch1, branch2: ours, algo.value_layers=1 or 2; "
-                         "separate: ours, TRL's arithmetic; trl: TRL 1.12")
+                         "separate: ours, TRL's arithmetic; cut1, cut2: ours as separate, algo.critic_layers=1 or 2; "
+                         "trl: TRL 1.12")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time, one thread each")
     ap.add_argument("--out", type=Path, default=Path("ppo_reward_curves.jsonl"),
                     help="JSON lines, one per finished run; runs already there are kept and not repeated")
@@ -145,19 +150,21 @@ def read_runs(out: Path, steps: int, kl: float) -> dict:
 
 
 def prepared_root(ap: argparse.ArgumentParser, rows: list[str]) -> Path:
-    """The peer's folder with what the rows need (its data; the reward model for trl and separate), made once."""
+    """The peer's folder with what the rows need (its data; the reward model for trl, separate, cut1 and cut2), made
+    once."""
     root = bench_root()
     trl_python = root / "venv" / "bin" / "python"
     if "trl" in rows and not (root / "venv112" / "bin" / "python").exists():
         ap.error(f"{root / 'venv112'} is missing: TRL 1.12's row runs there (see trl_ppo_peer.py); or run only our "
                  "rows, --rows shared separate")
-    if {"trl", "separate"} & set(rows) and not (root / "out" / "rm_model" / "config.json").exists() \
+    needs_rm = {"trl", "separate", "cut1", "cut2"} & set(rows)
+    if needs_rm and not (root / "out" / "rm_model" / "config.json").exists() \
             and not trl_python.exists():
-        ap.error(f"no reward model at {root / 'out' / 'rm_model'} (the value model's start in the rows trl and "
-                 f"separate) and no {root / 'venv'} (TRL 1.16, ../shared/peer-baseline/trl/README.md) to train it with "
-                 "the peer's rm task; or run --rows shared branch1")
+        ap.error(f"no reward model at {root / 'out' / 'rm_model'} (the value model's start in the rows trl, separate, "
+                 f"cut1 and cut2) and no {root / 'venv'} (TRL 1.16, ../shared/peer-baseline/trl/README.md) to train it "
+                 "with the peer's rm task; or run --rows shared branch1")
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
-    if {"trl", "separate"} & set(rows):  # their value model starts from it
+    if needs_rm:  # their value model starts from it
         ensure_reward_model(root, trl_python)
     return root
 

@@ -23,6 +23,8 @@ critic, a value head on the policy's trunk (`algo.critic=shared`, with a fresh f
 not offer; it does less arithmetic than TRL's separate value model, so it is a different algorithm setting, shown
 for its speed and its reward curve (use it with `--ppo-reward a`). `--ppo-value-layers N` adds a row with the value
 head on a branch of copies of the policy's top N layers (`algo.value_layers=N`, trlX's `num_value_layers_unfrozen`).
+`--ppo-critic-layers K` cuts the separate critic of our two PPO rows to the reward model's bottom K layers
+(`algo.critic_layers=K`; TRL's side keeps its whole value model).
 
     export TRL_BENCH_ROOT=/tmp/trl-bench
     python benchmarks/rl_throughput.py --algo grpo --repeats 3
@@ -57,7 +59,7 @@ def fraction_of_a(completions) -> list[float]:
 
 def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False, ppo_reward: str = "rm",
              steps: int = STEPS, ppo_kl: float = 0.05, ppo_prompts: int = PROMPTS, precision: str = "32-true",
-             ppo_critic: str = "separate", value_layers: int = 0) -> dict:
+             ppo_critic: str = "separate", value_layers: int = 0, critic_layers: int | None = None) -> dict:
     import copy
 
     import pytorch_lightning as pl
@@ -92,8 +94,9 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
             # > 0: on a branch of copies of the policy's top layers)
             algorithm = PPO(epochs=4, minibatches=4, critic="shared", value_layers=value_layers)
         else:  # as TRL's PPOTrainer: a value model of its own, initialised from the reward model
-            algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir)
-            critic = critic_from_reward_model(rm_dir)[:2]
+            # (critic_layers: the reward model's bottom layers only, algo.critic_layers)
+            algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir, critic_layers=critic_layers)
+            critic = critic_from_reward_model(rm_dir, layers=critic_layers)[:2]
         if ppo_reward == "rm":
             reward = LearnedReward(rm_dir, allow_unnormalized=True, format="plain")
     elif algo == "grpo":
@@ -168,6 +171,10 @@ def main() -> None:
     ap.add_argument("--ppo-value-layers", type=int, default=0, metavar="N",
                     help="PPO only: with N > 0, a row of ours with the value head on a branch of copies of the "
                          "policy's top N layers (algo.value_layers=N; trlX's num_value_layers_unfrozen)")
+    ap.add_argument("--critic-layers", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-critic-layers", type=int, default=None, metavar="K",
+                    help="PPO only: our two separate-critic rows keep the reward model's bottom K layers "
+                         "(algo.critic_layers=K); TRL's value model stays whole")
     ap.add_argument("--ppo-reward", choices=("rm", "a"), default="rm",
                     help="PPO's reward on both sides: the peer's reward model (rm) or the fraction of 'a' (a)")
     ap.add_argument("--ppo-kl", type=float, default=0.05,
@@ -183,11 +190,15 @@ def main() -> None:
                          "more of the reward curve)")
     args = ap.parse_args()
     if (args.steps != STEPS or args.ppo_kl != 0.05 or args.ppo_reward != "rm" or args.ppo_prompts != PROMPTS
-            or args.bf16 or args.ppo_shared_critic or args.ppo_value_layers) and args.algo != "ppo":
-        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts, --ppo-shared-critic, --ppo-value-layers and --bf16 "
+            or args.bf16 or args.ppo_shared_critic or args.ppo_value_layers or args.ppo_critic_layers is not None) \
+            and args.algo != "ppo":
+        ap.error(f"--steps, --ppo-kl, --ppo-reward, --ppo-prompts, --ppo-shared-critic, --ppo-value-layers, "
+                 f"--ppo-critic-layers and --bf16 "
                  f"are for --algo ppo: TRL's {args.algo} side is the peer's own run")
     if not 0 <= args.ppo_value_layers <= 4:
         ap.error(f"--ppo-value-layers {args.ppo_value_layers}: 0 (no such row) to 4 (the policy's layers)")
+    if args.ppo_critic_layers is not None and not 1 <= args.ppo_critic_layers <= 4:
+        ap.error(f"--ppo-critic-layers {args.ppo_critic_layers}: 1 to 4 (the reward model's layers)")
     if args.ppo_prompts < 4 or args.ppo_prompts % 4:
         ap.error(f"--ppo-prompts {args.ppo_prompts}: a positive multiple of 4 (both sides split a step into 4 "
                  "minibatches)")
@@ -204,7 +215,7 @@ def main() -> None:
     if args.ours_only:
         print(json.dumps(run_ours(root / "data", args.algo, args.seed, args.fresh_logprobs, args.ppo_reward, args.steps,
                                   args.ppo_kl, args.ppo_prompts, "bf16-mixed" if args.bf16 else "32-true",
-                                  args.critic, args.value_layers)))
+                                  args.critic, args.value_layers, args.critic_layers)))
         return
     trl_python = root / "venv" / "bin" / "python"
     ensure_data(root, str(trl_python) if trl_python.exists() else sys.executable)
@@ -212,9 +223,10 @@ def main() -> None:
     if args.algo == "ppo":
         ensure_reward_model(root, trl_python)
     ours, fresh, shared, branch, theirs = [], [], [], [], []
-    rows = [([], ours)]
+    cut = [] if args.ppo_critic_layers is None else ["--critic-layers", str(args.ppo_critic_layers)]
+    rows = [(cut, ours)]
     if args.algo == "ppo":
-        rows.append((["--fresh-logprobs"], fresh))
+        rows.append((["--fresh-logprobs", *cut], fresh))
         if args.ppo_shared_critic:
             rows.append((["--fresh-logprobs", "--critic", "shared"], shared))
         if args.ppo_value_layers:
@@ -237,11 +249,14 @@ def main() -> None:
             theirs.append({"gen_share": float("nan"), **json.loads(peer.stdout.strip().splitlines()[-1])})
         elif args.algo != "ppo" and trl_python.exists():
             theirs.append(run_trl(root, args.algo, r, KEYS))
+    k = args.ppo_critic_layers
+    critic_note = "" if k is None else f", critic: the reward model's bottom {k} layer{'s' if k > 1 else ''}"
     gens, per_step = (1, args.ppo_prompts) if args.algo == "ppo" else (GENERATIONS, PROMPTS)
     print_table(f"{args.algo.upper()}, {per_step} prompts x {gens} x {NEW} tokens, {args.steps} steps (window "
                 f"{WARMUP + 1}-{args.steps}), median of {args.repeats}",
-                [(f"rlhf-lab rl ({args.algo})", ours),
-                 *([("rlhf-lab rl (ppo, log-probs in a fresh forward)", fresh)] if args.algo == "ppo" else []),
+                [(f"rlhf-lab rl ({args.algo}{critic_note})", ours),
+                 *([(f"rlhf-lab rl (ppo{critic_note}, log-probs in a fresh forward)", fresh)] if args.algo == "ppo"
+                   else []),
                  *([("rlhf-lab rl (ppo, value head on the policy trunk)", shared)] if shared else []),
                  *([(f"rlhf-lab rl (ppo, value head on a branch of {args.ppo_value_layers} layer"
                      f"{'s' if args.ppo_value_layers > 1 else ''})", branch)] if branch else []),

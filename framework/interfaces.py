@@ -271,7 +271,8 @@ class PolicyAlgorithm(ABC):
     critic: where it comes from, "shared" (a value head on the policy's trunk) or "separate" (its own transformer,
     initialised from the reward model at critic_path, or the learned reward's path when that is None);
     value_layers: with a shared critic, 0 puts the value layer on the policy's last hidden state, N > 0 on a branch
-    of its own N layers, copied from the policy's top N (trlX's `num_value_layers_unfrozen`);
+    of its own N layers, copied from the policy's top N (trlX's `num_value_layers_unfrozen`); critic_layers: with a
+    separate critic, None keeps the reward model's whole transformer, N its bottom N layers;
     epochs x minibatches: the updates per rollout (each minibatch one optimizer step).
     """
 
@@ -280,6 +281,7 @@ class PolicyAlgorithm(ABC):
     critic: str = "shared"
     critic_path: str | None = None
     value_layers: int = 0
+    critic_layers: int | None = None
     epochs: int = 1
     minibatches: int = 1
 

@@ -286,6 +286,72 @@ def count_parameters(model: "PreTrainedModel") -> int:
     return total
 
 
+def positions(mask: "torch.Tensor") -> "torch.Tensor":
+    """Position ids that count real tokens only (left padding), as generate() builds them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def layer_list(decoder: "torch.nn.Module", what: str, fix: str) -> str:
+    """The name of a decoder's one list of layers (the child ModuleList as long as its config's num_hidden_layers:
+    GPT-2's `h`, Llama's `layers`, ...); a ConfigError naming `what` and `fix` when there is not exactly one."""
+    import torch
+
+    total = int(getattr(decoder.config, "num_hidden_layers", 0) or 0)
+    stacks = [name for name, child in decoder.named_children()
+              if isinstance(child, torch.nn.ModuleList) and len(child) == total]
+    if len(stacks) != 1:
+        raise ConfigError(f"{what}: cannot find the layer list of this {type(decoder).__name__} (one ModuleList of "
+                          f"{total} layers; found {stacks or 'none'}); {fix}")
+    return stacks[0]
+
+
+def keep_bottom_layers(decoder: "PreTrainedModel", layers: int, key: str = "algo.critic_layers"
+                       ) -> "PreTrainedModel":
+    """Cut a decoder (a base model: embeddings, a list of layers, a final norm) to its bottom `layers` layers, in
+    place: the layers above are dropped, the embeddings and final norm kept, and the config's layer count (and its
+    per-layer kinds, where it has them) cut to match, so its last hidden state is the final norm of layer `layers`'s
+    output. A probe forward checks that the decoder runs that many layers; a ConfigError naming `key` otherwise."""
+    import torch
+
+    total = int(getattr(decoder.config, "num_hidden_layers", 0) or 0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        raise ConfigError(f"{key}={layers!r}: the critic keeps the reward model's bottom layers, so it is a whole "
+                          f"number from 1 to its {total} layers (null: all of them)")
+    stack = layer_list(decoder, f"{key}={layers}", f"use {key}=null (the whole transformer)")
+    param = next(decoder.parameters())
+    ids = torch.arange(6, device=param.device).remainder(int(getattr(decoder.config, "vocab_size", 0) or 1))[None]
+    mask = torch.ones_like(ids)
+    was_training = decoder.training
+    decoder.eval()
+
+    def probe():
+        with torch.no_grad():
+            return decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                           output_hidden_states=True, **no_cache(decoder)).hidden_states
+
+    try:
+        whole = probe()
+        setattr(decoder, stack, getattr(decoder, stack)[:layers])
+        decoder.config.num_hidden_layers = layers
+        if isinstance(getattr(decoder.config, "layer_types", None), list):
+            decoder.config.layer_types = decoder.config.layer_types[:layers]
+        hidden = probe()
+        # the cut runs exactly its K layers, and they are the bottom ones: the states below the last are the whole
+        # model's (the last may have the final norm applied)
+        ran = "no hidden states" if hidden is None else f"{len(hidden) - 1} layers"
+        if ran == f"{layers} layers" and not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+                                                 for a, b in zip(hidden[:layers], whole[:layers])):
+            ran = "other layers than its bottom ones"
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        ran = f"into an error ({type(e).__name__}: {e})"
+    finally:
+        decoder.train(was_training)
+    if ran != f"{layers} layers":
+        raise ConfigError(f"{key}={layers}: this {type(decoder).__name__}, cut to {layers} of its {total} layers, ran "
+                          f"{ran} in a probe, so it cannot be cut that way; use {key}=null")
+    return decoder
+
+
 def value_branch(lm: "PreTrainedModel", layers: int, key: str = "algo.value_layers") -> "PreTrainedModel":
     """A value branch in the manner of trlX's `num_value_layers_unfrozen`: a decoder of `layers` layers that starts
     as a copy of the causal LM `lm`'s top `layers` layers and final norm, and reads the LM's hidden state below them
@@ -309,12 +375,8 @@ def value_branch(lm: "PreTrainedModel", layers: int, key: str = "algo.value_laye
         raise ConfigError(f"{key}={layers!r}: the value branch copies the policy's top layers, so it is a whole "
                           f"number from 1 to the policy's {total} layers (0: a value layer on the last hidden state)")
     decoder = lm.base_model
-    stacks = [name for name, child in decoder.named_children()
-              if isinstance(child, torch.nn.ModuleList) and len(child) == total]
-    if len(stacks) != 1:
-        raise ConfigError(f"{key}={layers}: cannot find the layer list of the policy's {type(decoder).__name__} "
-                          f"(one ModuleList of {total} layers; found {stacks or 'none'}); use {key}=0")
-    stack, top = stacks[0], getattr(decoder, stacks[0])[total - layers:]
+    stack = layer_list(decoder, f"{key}={layers}", f"use {key}=0")
+    top = getattr(decoder, stack)[total - layers:]
     config = copy.deepcopy(decoder.config)
     config.num_hidden_layers, config.vocab_size, config.pad_token_id = layers, 1, None
     config.use_cache = False  # never decodes; a KV cache would be indexed by the copied layers' own indices
@@ -353,7 +415,7 @@ def _check_branch(lm: "PreTrainedModel", branch: "PreTrainedModel", layers: int,
     ids = torch.randint(0, int(lm.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = positions(mask)
     was_training = lm.training, branch.training
     lm.eval(), branch.eval()
     try:

@@ -24,7 +24,7 @@ from torch import nn
 from framework.distributed import failing_together, per_process, raised_everywhere, rank, world_size
 from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
-from framework.models import fused_activations, no_cache, readable_saved_dir
+from framework.models import fused_activations, keep_bottom_layers, no_cache, readable_saved_dir
 from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
@@ -185,11 +185,13 @@ def _load_reward_model(path: Path, info: dict) -> tuple[nn.Module, "PreTrainedTo
     return rm, tokenizer, info
 
 
-def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path"
+def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path", layers: int | None = None
                              ) -> tuple[nn.Module, nn.Linear, "PreTrainedTokenizerBase"]:
     """A separate PPO critic initialised from a reward model (OpenRLHF's default): (the RM's transformer, a per-token
     value layer = the RM's scoring layer with its normalisation folded in, the RM's tokenizer). The value at every
-    token is then the normalised reward the RM would give the sequence cut there."""
+    token is then the normalised reward the RM would give the sequence cut there. With `layers`, the transformer
+    keeps only its bottom `layers` layers (and its embeddings and final norm: `framework.models.keep_bottom_layers`),
+    under the name `algo.critic_layers` in errors."""
     rm, tokenizer, _ = load_reward_model(path, key)
     if isinstance(rm, SequenceClassifierReward):
         model = rm.model
@@ -208,6 +210,8 @@ def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path"
         value.weight.copy_(rm.gain * score.weight.float().mean(0, keepdim=True))
         head_bias = float(score.bias.float().mean()) if score.bias is not None else 0.0
         value.bias.fill_(float(rm.gain) * head_bias + float(rm.bias))
+    if layers is not None:
+        keep_bottom_layers(trunk, layers, "algo.critic_layers")
     trunk.train(False)
     return trunk, value, tokenizer
 

@@ -96,8 +96,9 @@ def test_reward_curves_permutation_p_value():
 
 
 def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
-    """docs/benchmarks.md's ten-seed PPO tables, p-values and one-off diagnostics (vf_coef, a zeroed value layer),
-    and the README's and rl.md's figures, are what docs/data/ppo_reward_curves_kl0*.jsonl hold."""
+    """docs/benchmarks.md's ten-seed PPO tables, p-values and one-off diagnostics (vf_coef, a zeroed value layer), its
+    twenty-seed comparison of the cut critics with TRL, and the README's and rl.md's figures, are what
+    docs/data/ppo_reward_curves_kl0*.jsonl hold."""
     import json
     import statistics
 
@@ -106,16 +107,28 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
     spec.loader.exec_module(module)
     data = REPO / "docs" / "data"
     runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl",
-                                          "ppo_reward_curves_kl0_zero_value.jsonl",
-                                          "ppo_reward_curves_kl0_cut_critic.jsonl")
+                                          "ppo_reward_curves_kl0_zero_value.jsonl")
             for line in (data / name).read_text().splitlines()]
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     summaries = (REPO / "README.md").read_text() + (REPO / "docs" / "rl.md").read_text()
+
+    def curves_of(row, seeds=10):
+        curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row and r["seed"] < seeds]
+        assert len(curves) == seeds and all(len(c) == 150 for c in curves), row
+        return curves
+
+    def against_trl(curves, trl):  # the cells of a row's window table against TRL's, with p-values
+        cells = []
+        for w in module.windows(150):
+            ours, theirs = ([statistics.mean(c[w.start:w.stop]) for c in cs] for cs in (curves, trl))
+            cells.append(f"{statistics.mean(ours) - statistics.mean(theirs):+.3f} "
+                         f"(p {module.p_text(module.permutation_p(ours, theirs))})")
+        return " | ".join(cells) + " |"
+
     area, last = {}, {}
-    one_off = ("shared_vf0.01", "separate_zero", "sep_l1", "sep_l2")  # the diagnostics' rows: their summaries only
-    for row in ("shared", "branch1", "branch2", "separate", "trl", *one_off):
-        curves = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == row]
-        assert len(curves) == 10 and all(len(c) == 150 for c in curves)
+    one_off = ("shared_vf0.01", "separate_zero")  # the diagnostics' rows: their summaries only
+    for row in ("shared", "branch1", "branch2", "separate", "cut1", "cut2", "trl", *one_off):
+        curves = curves_of(row)
         area[row], last[row] = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
         assert f"{module.summary(area[row])} ".replace("+-", "±") in docs
         assert f"{module.summary(last[row])} ".replace("+-", "±") in docs
@@ -123,19 +136,23 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
             assert f"| {', '.join(f'{x:.3f}' for x in last[row])} |" in docs
             cells = [statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in module.windows(150)]
             assert " | ".join(f"{x:.3f}" for x in cells) + " |" in docs
-        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in (*one_off, "branch1", "branch2")
-        if row not in ("trl", *one_off):  # the window table against TRL's, with p-values
-            trl = [r["rewards"] for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == "trl"]
-            cells = []
-            for w in module.windows(150):
-                ours, theirs = ([statistics.mean(c[w.start:w.stop]) for c in cs] for cs in (curves, trl))
-                cells.append(f"{statistics.mean(ours) - statistics.mean(theirs):+.3f} "
-                             f"(p {module.p_text(module.permutation_p(ours, theirs))})")
-            assert " | ".join(cells) + " |" in docs, row
+        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in (*one_off, "branch1", "branch2", "cut2")
+        if row not in ("trl", *one_off):
+            assert against_trl(curves, curves_of("trl")) in docs, row
     assert f"{statistics.mean(last['branch1']):.3f} against {statistics.mean(last['trl']):.3f}" in summaries
     for a, b, told in (("separate", "trl", "p = 0.61"), ("shared", "trl", "p = 0.052"),
                        ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75"),
                        ("branch1", "branch2", "p = 0.66"), ("separate_zero", "trl", "p = 0.64"),
-                       ("sep_l1", "trl", "p = 0.86"), ("sep_l2", "trl", "p = 0.25")):
+                       ("cut1", "trl", "p = 0.86"), ("cut2", "trl", "p = 0.25")):
         p = module.permutation_p(area[a], area[b])
         assert told in docs and round(p, len(told) - 6) == float(told[4:]), (a, b, p)
+    # twenty seeds of the cut critics and TRL's
+    trl = curves_of("trl", 20)
+    for row in ("cut1", "cut2", "trl"):
+        curves = curves_of(row, 20)
+        assert module.summary([statistics.mean(c) for c in curves]).replace("+-", "±") in docs
+        assert module.summary([statistics.mean(c[-10:]) for c in curves]).replace("+-", "±") in docs
+        assert row == "trl" or f"| `{row}` | {against_trl(curves, trl)}" in docs
+    for row, told in (("cut1", "p = 0.15"), ("cut2", "p = 0.95")):
+        p = module.permutation_p([statistics.mean(c) for c in curves_of(row, 20)], [statistics.mean(c) for c in trl])
+        assert told in docs and round(p, 2) == float(told[4:]), (row, p)

@@ -64,11 +64,11 @@ def test_learned_reward_and_its_normalisation(chat_model, run_cli, run_cli_here,
     rl = next(r for r in runs if r.data.tags["stage"] == "rl")
     assert rl.data.params["kl.controller"] == "adaptive" and "objective/kl_coef" in rl.data.metrics
     assert rl.data.metrics["objective/kl_coef"] != 0.05  # the controller moved it from kl.coef
-    # PPO with a separate critic initialised from the same reward model
+    # PPO with a separate critic initialised from the same reward model, cut to its bottom layer (of 2)
     critic = run_cli(*TINY_RL, f"policy.path={sft_dir}", "reward=learned", f"reward.path={rm_dir}",
-                     "reward.allow_unnormalized=true", "algo.critic=separate", "algo.minibatches=2",
-                     "stage.eval.prompts=0")
-    assert "critic: a separate GPT2Model" in critic.stdout
+                     "reward.allow_unnormalized=true", "algo.critic=separate", "algo.critic_layers=1",
+                     "algo.minibatches=2", "stage.eval.prompts=0")
+    assert "critic: a separate GPT2Model" in critic.stdout and ", its bottom 1 layer" in critic.stdout
     exported_dir(critic.stdout)
     no_rm = run_cli_here(*TINY_RL, f"policy.path={sft_dir}", "reward=gold", "algo.critic=separate", check=False)
     assert no_rm.returncode != 0 and "algo.critic_path=<reward model dir>" in no_rm.stderr

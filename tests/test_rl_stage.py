@@ -377,6 +377,24 @@ def test_response_only_logits_match_the_full_forward(tokenizer):
     assert torch.allclose(values, all_values[:, 6:11]) and values.abs().sum() > 0
 
 
+def three_layers_and_a_padded_batch(tokenizer, arch):
+    """A 3-layer GPT-2, Llama or Qwen2 (with sliding-window layers) LM (dropout off, eval mode) and a batch of 3 x 12 tokens whose first row is
+    left-padded by 4: (lm, ids, mask, position ids)."""
+    from framework.models import positions
+
+    torch.manual_seed(0)
+    sizes = ({"n_layer": 3, "n_head": 2, "n_embd": 32, "n_positions": 64} if arch == "gpt2" else
+             {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32,
+              "intermediate_size": 64, "max_position_embeddings": 64})
+    if arch == "qwen2":  # per-layer attention kinds: full, then sliding windows of 4 tokens
+        sizes.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    lm = disable_dropout(CausalLMFactory(arch=arch, **sizes).build(tokenizer)).eval()
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return lm, ids, mask, positions(mask)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_value_branch_starts_as_the_policys_top_layers_and_trains_apart(tokenizer, arch):
     """algo.value_layers=N (trlX's num_value_layers_unfrozen): the branch fed the policy's hidden state below its top
@@ -384,17 +402,8 @@ def test_a_value_branch_starts_as_the_policys_top_layers_and_trains_apart(tokeni
     (only its layers and final norm train); the value's gradient reaches the branch and the policy's lower layers,
     never the policy's top layers nor its final norm."""
     from framework.models import value_branch
-    from framework.stages.rl import positions
 
-    torch.manual_seed(0)
-    sizes = ({"n_layer": 3, "n_head": 2, "n_embd": 32, "n_positions": 64} if arch == "gpt2" else
-             {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32,
-              "intermediate_size": 64, "max_position_embeddings": 64})
-    lm = disable_dropout(CausalLMFactory(arch=arch, **sizes).build(tokenizer)).eval()
-    ids = torch.randint(0, len(tokenizer), (3, 12))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    pos = positions(mask)
+    lm, ids, mask, pos = three_layers_and_a_padded_batch(tokenizer, arch)
     out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     layers = lm.base_model.h if arch == "gpt2" else lm.base_model.layers
     for n in (1, 2):
@@ -463,13 +472,114 @@ def test_a_ppo_run_with_a_value_branch_starts_on_policy_and_checkpoints_the_bran
     assert any(k.startswith("policy.value_branch.h.0.") for k in checkpoint["state_dict"])
     resumed = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
     with pytest.raises(ConfigError, match="checkpoint's policy has a value branch of 1 layer and this run's has a "
-                                          "value head on its last hidden state: resume with the algo.critic and "
-                                          "algo.value_layers"):
+                                          "value head on its last hidden state: resume with the algo.critic, "
+                                          "algo.critic_layers and algo.value_layers"):
         resumed.on_load_checkpoint(checkpoint)
     resumed.policy = PolicyWithValue(resumed.policy.lm, True, value_layers=1)
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])
     assert all(torch.equal(a, b) for a, b in zip(branch.parameters(), resumed.policy.value_branch.parameters()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_a_critic_cut_to_its_bottom_layers_is_the_reward_models_final_norm_over_them(tokenizer, arch):
+    """algo.critic_layers=K: the critic keeps the reward model's embeddings, bottom K layers and final norm, so its
+    last hidden state is the final norm of the whole model's hidden state after K layers (left padding included);
+    its config says K layers (and the kinds of those K, where it has per-layer kinds); a K it does not have, a
+    decoder whose layers cannot be found, or one that fails the probe forward, is refused."""
+    from framework.models import keep_bottom_layers
+
+    lm, ids, mask, pos = three_layers_and_a_padded_batch(tokenizer, arch)
+    with torch.no_grad():
+        out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    real = mask.bool()
+    for k in (1, 2):
+        trunk = copy.deepcopy(lm.base_model)
+        norm = trunk.ln_f if arch == "gpt2" else trunk.norm
+        layers = trunk.h if arch == "gpt2" else trunk.layers
+        per_layer = sum(p.numel() for p in layers[0].parameters())
+        before = count_parameters(trunk)
+        assert keep_bottom_layers(trunk, k) is trunk
+        assert trunk.config.num_hidden_layers == k and count_parameters(trunk) == before - (3 - k) * per_layer
+        if arch == "qwen2":
+            assert trunk.config.layer_types == lm.config.layer_types[:k] and "sliding_attention" in lm.config.layer_types
+        with torch.no_grad():
+            got = trunk(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            assert torch.allclose(got[real], norm(out.hidden_states[k])[real], atol=1e-5)
+    assert lm.config.num_hidden_layers == 3  # the cut is the critic's own
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ConfigError, match=r"algo.critic_layers=.*from 1 to its 3 layers \(null: all of them\)"):
+            keep_bottom_layers(copy.deepcopy(lm.base_model), bad)
+    unfindable = copy.deepcopy(lm.base_model)
+    unfindable.config.num_hidden_layers = 5  # no list of 5 layers
+    with pytest.raises(ConfigError,
+                       match="algo.critic_layers=1: cannot find the layer list.*use algo.critic_layers=null"):
+        keep_bottom_layers(unfindable, 1)
+    failing = copy.deepcopy(lm.base_model)
+    failing.forward = lambda **kwargs: (_ for _ in ()).throw(AttributeError("no such thing"))
+    with pytest.raises(ConfigError, match=r"algo.critic_layers=1: .* ran into an error \(AttributeError: no such "
+                                          r"thing\) in a probe.*use algo.critic_layers=null"):
+        keep_bottom_layers(failing, 1)
+
+
+def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkpointed(tokenizer, tmp_path):
+    """algo=ppo algo.critic=separate algo.critic_layers=K: the stage's critic is the reward model's bottom K layers
+    with its scoring layer as value layer; PPO refuses a K that is no whole number >= 1 and a K without a separate
+    critic; a run starts on policy and trains the cut critic; a checkpoint names its critic's layer count, and a
+    run whose critic differs is refused naming both."""
+    from omegaconf import OmegaConf
+
+    from framework.reward import RewardModel, critic_from_reward_model, export_reward_model
+    from plugins.reward_heads.heads import LastToken
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="algo.critic_layers=.*a whole number >= 1 .* or null"):
+            PPO(critic="separate", critic_layers=bad)
+    with pytest.raises(ConfigError, match="algo.critic_layers=1 cuts the separate critic.*algo.critic=shared has none"):
+        PPO(critic_layers=1)
+    torch.manual_seed(0)
+    head = LastToken()
+    rm = RewardModel.from_causal_lm(CausalLMFactory(arch="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=64)
+                                    .build(tokenizer), head)
+    rm_dir = export_reward_model(rm, head, {"_target_": "plugins.reward_heads.heads.LastToken"}, tokenizer,
+                                 tmp_path / "rm", {"format": "plain", "max_length": 64})
+    whole, whole_value, _ = critic_from_reward_model(rm_dir)
+    cfg = OmegaConf.create({"reward": {}})
+    trunk, value = RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=1),
+                                           tokenizer)
+    assert len(trunk.h) == 1 and len(whole.h) == 2 and not trunk.training
+    assert torch.equal(value.weight, whole_value.weight) and torch.equal(value.bias, whole_value.bias)
+    assert all(torch.equal(a, b) for a, b in zip(trunk.h[0].parameters(), whole.h[0].parameters()))
+    assert torch.equal(trunk.ln_f.weight, whole.ln_f.weight) and torch.equal(trunk.wte.weight, whole.wte.weight)
+    with pytest.raises(ConfigError, match=r"algo.critic_layers=3: .*from 1 to its 2 layers"):
+        RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=3), tokenizer)
+    for algorithm, has in ((PPO(critic_path=str(rm_dir)), "none"), (Reinforce(), "no critic")):
+        algorithm.critic_layers = 1  # a user's algorithm that sets it without a separate critic
+        with pytest.raises(ConfigError, match=f"algo.critic_layers=1 cuts a separate critic .* has {has} .*: set "
+                                              "algo.critic_layers=null"):
+            RLStage.separate_critic(cfg, algorithm, tokenizer)
+
+    def with_critic(layers):
+        mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
+        mod.policy = PolicyWithValue(mod.policy.lm, True, critic=critic_from_reward_model(rm_dir, layers=layers)[:2])
+        return mod
+
+    mod = with_critic(1)
+    start = [p.detach().clone() for p in mod.policy.critic.parameters()]
+    metrics = fit(mod).callback_metrics
+    assert metrics["first_minibatch/policy/ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(start, mod.policy.critic.parameters()))
+    held = sum(p.numel() for group in mod.optimizers().optimizer.param_groups for p in group["params"])
+    assert held == count_parameters(mod.policy)
+    checkpoint = {"state_dict": mod.state_dict()}
+    for other, kind in ((None, "a separate critic of 2 layers"), (2, "a separate critic of 2 layers")):
+        with pytest.raises(ConfigError, match=f"checkpoint's policy has a separate critic of 1 layer and this run's "
+                                              f"has {kind}: resume with the algo.critic, algo.critic_layers"):
+            with_critic(other).on_load_checkpoint(checkpoint)
+    resumed = with_critic(1)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(mod.policy.critic.parameters(), resumed.policy.critic.parameters()))
 
 
 def test_log_probs_from_the_sampling_pass_match_a_fresh_forward(tokenizer, tmp_path):

@@ -39,7 +39,7 @@ from framework.interfaces import (
     Task,
 )
 from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
-                              no_cache, value_branch)
+                              no_cache, positions, value_branch)
 from framework.records import Prompt
 from framework.reward import TaskGold, checked_scores, critic_from_reward_model
 from framework.rl import (AdaptiveKL, kl_controller_from, masked_mean, rollout_mean, token_logprobs,
@@ -58,14 +58,18 @@ def written_mid_iteration(checkpoint: dict) -> bool:
 
 
 def critic_kind(state: Mapping[str, Any]) -> str:
-    """What an RLModule state dict holds for values, in words: a separate critic, a value branch of N layers, a value
-    head on the last hidden state, or none."""
+    """What an RLModule state dict holds for values, in words: a separate critic of N layers, a value branch of N
+    layers, a value head on the last hidden state, or none."""
+    def layers(prefix: str) -> str:
+        # a layer's weights are named <prefix><the layer list>.<its index>.<...>: count the indices
+        found = {next((part for part in k[len(prefix):].split(".") if part.isdigit()), None)
+                 for k in state if k.startswith(prefix)} - {None}
+        return f"{len(found)} layer{'s' if len(found) != 1 else ''}"
+
     if any(k.startswith("policy.critic.") for k in state):
-        return "a separate critic"
-    layers = {k.split(".")[3] for k in state if k.startswith("policy.value_branch.") and k.count(".") > 3
-              and k.split(".")[3].isdigit()}
-    if layers:
-        return f"a value branch of {len(layers)} layer{'s' if len(layers) > 1 else ''}"
+        return f"a separate critic of {layers('policy.critic.')}"
+    if any(k.startswith("policy.value_branch.") for k in state):
+        return f"a value branch of {layers('policy.value_branch.')}"
     return "a value head on its last hidden state" if "policy.value.weight" in state else "no value head"
 
 
@@ -153,11 +157,6 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     response columns at the end are never touched."""
     shared = int((mask.cumsum(-1) == 0).sum(-1).min())
     return (ids[:, shared:], mask[:, shared:]) if shared else (ids, mask)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only (left padding), as generate() builds them."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor,
@@ -444,7 +443,7 @@ class RLModule(pl.LightningModule):
         # (a strategy whose checkpoint keeps the weights elsewhere, as DeepSpeed's, is not checked here)
         if any(k.startswith("policy.") for k in weights) and saved != ours:
             raise ConfigError(f"this checkpoint's policy has {saved} and this run's has {ours}: resume with the "
-                              "algo.critic and algo.value_layers the run was started with")
+                              "algo.critic, algo.critic_layers and algo.value_layers the run was started with")
         if state:
             self.kl_ctl.load_state_dict(state["kl"])
             self.algorithm.load_state_dict(state.get("algorithm") or {})
@@ -662,21 +661,30 @@ class RLStage(Stage):
         kind = str(algorithm.critic)
         if kind not in ("shared", "separate"):
             raise ConfigError(f"algo.critic={kind}: use shared (a value head on the policy) or separate")
+        layers = algorithm.critic_layers
         if not algorithm.needs_value or kind == "shared":
+            if layers is not None:
+                raise ConfigError(f"algo.critic_layers={layers} cuts a separate critic (the reward model's "
+                                  f"transformer), and this {type(algorithm).__name__} has "
+                                  f"{'none' if algorithm.needs_value else 'no critic'} (algo.critic={kind}): set "
+                                  "algo.critic_layers=null" + (", or algo.critic=separate" if algorithm.needs_value
+                                                               else ""))
             return None
         path = algorithm.critic_path or (cfg.reward.get("path") if "path" in cfg.reward else None)
         if not path:
             raise ConfigError("algo.critic=separate initialises the critic from a reward model: give "
                               "algo.critic_path=<reward model dir>, or use reward=learned reward.path=<dir>")
         trunk, value, critic_tokenizer = critic_from_reward_model(
-            path, "algo.critic_path" if algorithm.critic_path else "reward.path")
+            path, "algo.critic_path" if algorithm.critic_path else "reward.path", layers)
         if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"algo.critic=separate: the reward model at {path} uses another tokenizer than the "
                               "policy; a critic reads the policy's tokens, so it needs the same vocabulary (use "
                               "algo.critic=shared)")
         disable_dropout(trunk)
+        kept = int(trunk.config.num_hidden_layers)
+        part = "" if layers is None else f", its bottom {kept} layer{'s' if kept > 1 else ''}"
         print(f"[rlhf] critic: a separate {type(trunk).__name__} ({count_parameters(trunk) / 1e6:.2f} M parameters) "
-              f"initialised from the reward model {path}")
+              f"initialised from the reward model {path}{part}")
         return trunk, value
 
 

@@ -17,7 +17,8 @@ class PPO(PolicyAlgorithm):
 
     def __init__(self, epochs: int = 4, minibatches: int = 4, clip: float = 0.2, value_clip: float = 0.2,
                  vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
-                 critic: str = "shared", critic_path: str | None = None, value_layers: int = 0):
+                 critic: str = "shared", critic_path: str | None = None, value_layers: int = 0,
+                 critic_layers: int | None = None):
         if epochs < 1 or minibatches < 1 or clip <= 0 or value_clip <= 0:
             raise ConfigError("algo.epochs and algo.minibatches must be >= 1, algo.clip and algo.value_clip > 0")
         if critic not in ("shared", "separate"):
@@ -29,9 +30,18 @@ class PPO(PolicyAlgorithm):
         if value_layers and critic != "shared":
             raise ConfigError(f"algo.value_layers={value_layers} is for algo.critic=shared (a value head on the "
                               f"policy); algo.critic={critic} has a transformer of its own: set algo.value_layers=0")
+        if critic_layers is not None:
+            if isinstance(critic_layers, bool) or not isinstance(critic_layers, int) or critic_layers < 1:
+                raise ConfigError(f"algo.critic_layers={critic_layers!r}: a whole number >= 1 (the separate critic "
+                                  "keeps the reward model's bottom N layers) or null (all of them)")
+            if critic != "separate":
+                raise ConfigError(f"algo.critic_layers={critic_layers} cuts the separate critic's transformer (the "
+                                  f"reward model's) to its bottom layers; algo.critic={critic} has none: set "
+                                  "algo.critic=separate, or algo.critic_layers=null")
         self.epochs, self.minibatches, self.clip, self.value_clip = epochs, minibatches, clip, value_clip
         self.vf_coef, self.gamma, self.lam, self.whiten_rewards = vf_coef, gamma, lam, whiten_rewards
         self.critic, self.critic_path, self.value_layers = critic, critic_path, value_layers
+        self.critic_layers = critic_layers
 
     def make_experience(self, rollout: Rollout, kl_coef: float, kl_estimator: str) -> dict[str, torch.Tensor]:
         mask = rollout.response_mask
