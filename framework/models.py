@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, checked_number
 from framework.interfaces import ModelSource
 
 if TYPE_CHECKING:
@@ -314,9 +314,8 @@ def keep_bottom_layers(decoder: "PreTrainedModel", layers: int, key: str = "algo
     import torch
 
     total = int(getattr(decoder.config, "num_hidden_layers", 0) or 0)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
-        raise ConfigError(f"{key}={layers!r}: the critic keeps the reward model's bottom layers, so it is a whole "
-                          f"number from 1 to its {total} layers (null: all of them)")
+    layers = checked_number(key, layers, whole=True, at_least=1, at_most=total,
+                            note=f"the critic keeps some of the reward model's {total} layers; null: all of them")
     stack = layer_list(decoder, f"{key}={layers}", f"use {key}=null (the whole transformer)")
     param = next(decoder.parameters())
     ids = torch.arange(6, device=param.device).remainder(int(getattr(decoder.config, "vocab_size", 0) or 1))[None]
@@ -371,9 +370,9 @@ def value_branch(lm: "PreTrainedModel", layers: int, key: str = "algo.value_laye
     import torch
 
     total = int(getattr(lm.config, "num_hidden_layers", 0) or 0)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
-        raise ConfigError(f"{key}={layers!r}: the value branch copies the policy's top layers, so it is a whole "
-                          f"number from 1 to the policy's {total} layers (0: a value layer on the last hidden state)")
+    layers = checked_number(key, layers, whole=True, at_least=1, at_most=total,
+                            note=f"the value branch copies some of the policy's {total} layers; 0: a value layer on "
+                                 "the last hidden state")
     decoder = lm.base_model
     stack = layer_list(decoder, f"{key}={layers}", f"use {key}=0")
     top = getattr(decoder, stack)[total - layers:]

@@ -437,10 +437,10 @@ def test_a_value_branch_that_is_wrong_or_misplaced_is_refused_with_the_fix(token
     from framework.models import _check_branch, value_branch
 
     lm = tiny_lm(tokenizer)  # one layer
-    with pytest.raises(ConfigError, match=r"algo.value_layers=2: .*from 1 to the policy's 1 layers"):
+    with pytest.raises(ConfigError, match=r"algo.value_layers=2 must be in \[1, 1\] \(the value branch copies some of the policy's 1 layers"):
         value_branch(lm, 2)
     for bad in (-1, 1.5, True):
-        with pytest.raises(ConfigError, match="algo.value_layers=.*a whole number >= 0"):
+        with pytest.raises(ConfigError, match=r"algo.value_layers=(-1 must be >= 0 \(0: the value layer|1.5 must be a whole number|True is not a finite number)"):
             PPO(value_layers=bad)
     with pytest.raises(ConfigError, match="algo.value_layers=1 is for algo.critic=shared.*set algo.value_layers=0"):
         PPO(critic="separate", value_layers=1)
@@ -469,6 +469,8 @@ def test_a_ppo_run_with_a_value_branch_starts_on_policy_and_checkpoints_the_bran
     held = sum(p.numel() for group in mod.optimizers().optimizer.param_groups for p in group["params"])
     assert held == count_parameters(mod.policy)
     checkpoint = {"state_dict": mod.state_dict()}
+    mod.on_save_checkpoint(checkpoint)
+    assert checkpoint["rl_state"]["critic"] == "a value branch of 1 layer"
     assert any(k.startswith("policy.value_branch.h.0.") for k in checkpoint["state_dict"])
     resumed = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
     with pytest.raises(ConfigError, match="checkpoint's policy has a value branch of 1 layer and this run's has a "
@@ -508,7 +510,7 @@ def test_a_critic_cut_to_its_bottom_layers_is_the_reward_models_final_norm_over_
             assert torch.allclose(got[real], norm(out.hidden_states[k])[real], atol=1e-5)
     assert lm.config.num_hidden_layers == 3  # the cut is the critic's own
     for bad in (0, 4, 1.5, True):
-        with pytest.raises(ConfigError, match=r"algo.critic_layers=.*from 1 to its 3 layers \(null: all of them\)"):
+        with pytest.raises(ConfigError, match=r"algo.critic_layers=(0 must be in \[1, 3\] \(.*of the reward model's 3 layers; null: all of them|4 must be in \[1, 3\]|1.5 must be a whole number|True is not a finite number)"):
             keep_bottom_layers(copy.deepcopy(lm.base_model), bad)
     unfindable = copy.deepcopy(lm.base_model)
     unfindable.config.num_hidden_layers = 5  # no list of 5 layers
@@ -533,7 +535,7 @@ def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkp
     from plugins.reward_heads.heads import LastToken
 
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ConfigError, match="algo.critic_layers=.*a whole number >= 1 .* or null"):
+        with pytest.raises(ConfigError, match=r"algo.critic_layers=(0 must be >= 1 \(.*bottom N layers; null: all|-1 must be >= 1|1.5 must be a whole number|True is not a finite)"):
             PPO(critic="separate", critic_layers=bad)
     with pytest.raises(ConfigError, match="algo.critic_layers=1 cuts the separate critic.*algo.critic=shared has none"):
         PPO(critic_layers=1)
@@ -551,7 +553,7 @@ def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkp
     assert torch.equal(value.weight, whole_value.weight) and torch.equal(value.bias, whole_value.bias)
     assert all(torch.equal(a, b) for a, b in zip(trunk.h[0].parameters(), whole.h[0].parameters()))
     assert torch.equal(trunk.ln_f.weight, whole.ln_f.weight) and torch.equal(trunk.wte.weight, whole.wte.weight)
-    with pytest.raises(ConfigError, match=r"algo.critic_layers=3: .*from 1 to its 2 layers"):
+    with pytest.raises(ConfigError, match=r"algo.critic_layers=3 must be in \[1, 2\]"):
         RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=3), tokenizer)
     for algorithm, has in ((PPO(critic_path=str(rm_dir)), "none"), (Reinforce(), "no critic")):
         algorithm.critic_layers = 1  # a user's algorithm that sets it without a separate critic
@@ -572,10 +574,15 @@ def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkp
     held = sum(p.numel() for group in mod.optimizers().optimizer.param_groups for p in group["params"])
     assert held == count_parameters(mod.policy)
     checkpoint = {"state_dict": mod.state_dict()}
-    for other, kind in ((None, "a separate critic of 2 layers"), (2, "a separate critic of 2 layers")):
-        with pytest.raises(ConfigError, match=f"checkpoint's policy has a separate critic of 1 layer and this run's "
-                                              f"has {kind}: resume with the algo.critic, algo.critic_layers"):
-            with_critic(other).on_load_checkpoint(checkpoint)
+    mod.on_save_checkpoint(checkpoint)
+    assert checkpoint["rl_state"]["critic"] == "a separate critic of 1 layer"
+    # the record, the weights' names (a checkpoint written before the record), the record alone (DeepSpeed's
+    # checkpoints keep the weights elsewhere)
+    for ckpt in (checkpoint, {"state_dict": checkpoint["state_dict"]}, {"rl_state": checkpoint["rl_state"]}):
+        for other, kind in ((None, "a separate critic of 2 layers"), (2, "a separate critic of 2 layers")):
+            with pytest.raises(ConfigError, match=f"checkpoint's policy has a separate critic of 1 layer and this "
+                                                  f"run's has {kind}: resume with the algo.critic, algo.critic_layers"):
+                with_critic(other).on_load_checkpoint(ckpt)
     resumed = with_critic(1)
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])

@@ -115,6 +115,15 @@ class PolicyWithValue(nn.Module):
                                        position_ids=pos, **no_cache(self.value_branch)).last_hidden_state
         return out.logits, self.values_of(hidden, response_length)
 
+    def critic_words(self) -> str:
+        """What this policy has for values, in `critic_kind`'s words (recorded in RL checkpoints)."""
+        if self.critic is not None:
+            n = getattr(getattr(self.critic, "config", None), "num_hidden_layers", None)
+            return "a separate critic" + ("" if n is None else f" of {n} layer{'s' if n != 1 else ''}")
+        if self.value_branch is not None:
+            return f"a value branch of {self.value_layers} layer{'s' if self.value_layers != 1 else ''}"
+        return "no value head" if self.value is None else "a value head on its last hidden state"
+
     def critic_values(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                       response_length: int | None) -> torch.Tensor:
         """The separate critic's values alone (it needs no policy forward)."""
@@ -430,7 +439,7 @@ class RLModule(pl.LightningModule):
         checkpoint["rl_state"] = {"kl": self.kl_ctl.state_dict(), "algorithm": self.algorithm.state_dict(),
                                   "iteration": self.iteration, "episodes": self.episodes,
                                   "last_eval": None if self.last_eval is None else list(self.last_eval),
-                                  "mid_iteration": self.mid_iteration}
+                                  "mid_iteration": self.mid_iteration, "critic": self.policy.critic_words()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rl_state") or {}
@@ -439,9 +448,13 @@ class RLModule(pl.LightningModule):
                               f"{state['iteration']}, after some of its updates: continuing from it would not be the "
                               "uninterrupted run. Resume from the run's last.ckpt (resume=true picks it) instead")
         weights = checkpoint.get("state_dict") or {}
-        saved, ours = critic_kind(weights), critic_kind(self.state_dict())
-        # (a strategy whose checkpoint keeps the weights elsewhere, as DeepSpeed's, is not checked here)
-        if any(k.startswith("policy.") for k in weights) and saved != ours:
+        if state.get("critic") is not None:
+            saved, ours = state["critic"], self.policy.critic_words()
+        elif any(k.startswith("policy.") for k in weights):  # written before checkpoints recorded it: the weights
+            saved, ours = critic_kind(weights), critic_kind(self.state_dict())  # names tell
+        else:
+            saved = ours = None
+        if saved != ours:
             raise ConfigError(f"this checkpoint's policy has {saved} and this run's has {ours}: resume with the "
                               "algo.critic, algo.critic_layers and algo.value_layers the run was started with")
         if state:
@@ -664,11 +677,10 @@ class RLStage(Stage):
         layers = algorithm.critic_layers
         if not algorithm.needs_value or kind == "shared":
             if layers is not None:
+                has, fix = ("none", ", or algo.critic=separate") if algorithm.needs_value else ("no critic", "")
                 raise ConfigError(f"algo.critic_layers={layers} cuts a separate critic (the reward model's "
-                                  f"transformer), and this {type(algorithm).__name__} has "
-                                  f"{'none' if algorithm.needs_value else 'no critic'} (algo.critic={kind}): set "
-                                  "algo.critic_layers=null" + (", or algo.critic=separate" if algorithm.needs_value
-                                                               else ""))
+                                  f"transformer), and this {type(algorithm).__name__} has {has} "
+                                  f"(algo.critic={kind}): set algo.critic_layers=null{fix}")
             return None
         path = algorithm.critic_path or (cfg.reward.get("path") if "path" in cfg.reward else None)
         if not path:

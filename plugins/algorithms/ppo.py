@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, checked_number
 from framework.interfaces import PolicyAlgorithm, Rollout
 from framework.rl import explained_variance, gae, masked_mean, masked_var, token_rewards, whiten
 from plugins.algorithms.common import clipped_surrogate, sequence_kl
@@ -24,20 +24,19 @@ class PPO(PolicyAlgorithm):
         if critic not in ("shared", "separate"):
             raise ConfigError(f"algo.critic={critic}: use shared (a value head on the policy) or separate (a "
                               "transformer of its own, from a reward model)")
-        if isinstance(value_layers, bool) or not isinstance(value_layers, int) or value_layers < 0:
-            raise ConfigError(f"algo.value_layers={value_layers!r}: a whole number >= 0 (0: the value layer on the "
-                              "policy's last hidden state; N: on a branch of copies of the policy's top N layers)")
+        value_layers = checked_number("algo.value_layers", value_layers, whole=True, at_least=0,
+                                      note="0: the value layer on the policy's last hidden state; N: on a branch of "
+                                           "copies of the policy's top N layers")
+        critic_layers = checked_number("algo.critic_layers", critic_layers, whole=True, at_least=1, allow_none=True,
+                                       note="the separate critic keeps the reward model's bottom N layers; null: all "
+                                            "of them")
         if value_layers and critic != "shared":
             raise ConfigError(f"algo.value_layers={value_layers} is for algo.critic=shared (a value head on the "
                               f"policy); algo.critic={critic} has a transformer of its own: set algo.value_layers=0")
-        if critic_layers is not None:
-            if isinstance(critic_layers, bool) or not isinstance(critic_layers, int) or critic_layers < 1:
-                raise ConfigError(f"algo.critic_layers={critic_layers!r}: a whole number >= 1 (the separate critic "
-                                  "keeps the reward model's bottom N layers) or null (all of them)")
-            if critic != "separate":
-                raise ConfigError(f"algo.critic_layers={critic_layers} cuts the separate critic's transformer (the "
-                                  f"reward model's) to its bottom layers; algo.critic={critic} has none: set "
-                                  "algo.critic=separate, or algo.critic_layers=null")
+        if critic_layers is not None and critic != "separate":
+            raise ConfigError(f"algo.critic_layers={critic_layers} cuts the separate critic's transformer (the "
+                              f"reward model's) to its bottom layers; algo.critic={critic} has none: set "
+                              "algo.critic=separate, or algo.critic_layers=null")
         self.epochs, self.minibatches, self.clip, self.value_clip = epochs, minibatches, clip, value_clip
         self.vf_coef, self.gamma, self.lam, self.whiten_rewards = vf_coef, gamma, lam, whiten_rewards
         self.critic, self.critic_path, self.value_layers = critic, critic_path, value_layers
