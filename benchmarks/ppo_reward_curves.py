@@ -11,7 +11,8 @@ moves in 150 steps). Rows:
   (`algo.value_layers=1` or `2`, trlX's `num_value_layers_unfrozen`), otherwise as `shared`;
 - `separate`: ours with TRL's arithmetic (a value model of its own from the reward model, log-probs from sampling);
 - `cut1`, `cut2`: ours as `separate`, with the critic cut to the reward model's bottom 1 or 2 layers
-  (`algo.critic_layers=1` or `2`);
+  (`algo.critic_layers=1` or `2`: the value layer starts flat at the whole critic's mean value; until 2026-12-01 it
+  was the reward model's scoring layer, and docs/data keeps those runs as `cut1_scoring`, `cut2_scoring`);
 - `trl`: TRL 1.12's PPOTrainer (`trl_ppo_peer.py` in `$TRL_BENCH_ROOT/venv112`).
 
 Each run is one process with one thread, `--jobs` of them at a time (so the speeds printed by rl_throughput.py are

@@ -64,15 +64,16 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
 
     import pytorch_lightning as pl
     import torch
+    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
+    from framework.imitation import PromptEncoder
     from framework.interfaces import RewardFunction
-    from framework.models import disable_dropout, load_causal_lm
+    from framework.models import context_length, disable_dropout, load_causal_lm
     from framework.records import Prompt
     from framework.rollout import SamplingSettings
-    from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule
+    from framework.stages.rl import PolicyWithValue, PromptCursor, RLModule, RLStage
     from framework.tokenization import load_tokenizer
-    from framework.reward import critic_from_reward_model
     from plugins.algorithms.group import GRPO, RLOO
     from plugins.algorithms.ppo import PPO
     from plugins.rewards.learned import LearnedReward
@@ -96,7 +97,9 @@ def run_ours(data: Path, algo: str, seed: int = 0, fresh_logprobs: bool = False,
         else:  # as TRL's PPOTrainer: a value model of its own, initialised from the reward model
             # (critic_layers: the reward model's bottom layers only, algo.critic_layers)
             algorithm = PPO(epochs=4, minibatches=4, critic="separate", critic_path=rm_dir, critic_layers=critic_layers)
-            critic = critic_from_reward_model(rm_dir, layers=critic_layers)[:2]
+            encoder = PromptEncoder(tok, "plain", context_length(lm), NEW)
+            critic = RLStage.separate_critic(OmegaConf.create({"reward": {}}), algorithm, tok,
+                                             [encoder(p.text) for p in prompts])
         if ppo_reward == "rm":
             reward = LearnedReward(rm_dir, allow_unnormalized=True, format="plain")
     elif algo == "grpo":

@@ -305,6 +305,14 @@ def layer_list(decoder: "torch.nn.Module", what: str, fix: str) -> str:
     return stacks[0]
 
 
+def bottom_layers(decoder: "PreTrainedModel", layers: Any, key: str = "algo.critic_layers") -> int:
+    """`layers` as the number of a decoder's bottom layers to keep: a whole number from 1 to its layer count, or a
+    ConfigError naming `key`."""
+    total = int(getattr(decoder.config, "num_hidden_layers", 0) or 0)
+    return checked_number(key, layers, whole=True, at_least=1, at_most=total,
+                          note=f"the critic keeps some of the reward model's {total} layers; null: all of them")
+
+
 def keep_bottom_layers(decoder: "PreTrainedModel", layers: int, key: str = "algo.critic_layers"
                        ) -> "PreTrainedModel":
     """Cut a decoder (a base model: embeddings, a list of layers, a final norm) to its bottom `layers` layers, in
@@ -314,8 +322,7 @@ def keep_bottom_layers(decoder: "PreTrainedModel", layers: int, key: str = "algo
     import torch
 
     total = int(getattr(decoder.config, "num_hidden_layers", 0) or 0)
-    layers = checked_number(key, layers, whole=True, at_least=1, at_most=total,
-                            note=f"the critic keeps some of the reward model's {total} layers; null: all of them")
+    layers = bottom_layers(decoder, layers, key)
     stack = layer_list(decoder, f"{key}={layers}", f"use {key}=null (the whole transformer)")
     param = next(decoder.parameters())
     ids = torch.arange(6, device=param.device).remainder(int(getattr(decoder.config, "vocab_size", 0) or 1))[None]

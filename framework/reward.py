@@ -24,7 +24,8 @@ from torch import nn
 from framework.distributed import failing_together, per_process, raised_everywhere, rank, world_size
 from framework.errors import ConfigError, RLHFError
 from framework.interfaces import RewardFunction, RewardHead, Task
-from framework.models import fused_activations, keep_bottom_layers, no_cache, readable_saved_dir
+from framework.models import (bottom_layers, fused_activations, keep_bottom_layers, no_cache, positions,
+                              readable_saved_dir)
 from framework.records import Demonstration, Prompt
 
 if TYPE_CHECKING:
@@ -185,13 +186,12 @@ def _load_reward_model(path: Path, info: dict) -> tuple[nn.Module, "PreTrainedTo
     return rm, tokenizer, info
 
 
-def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path", layers: int | None = None
+def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path"
                              ) -> tuple[nn.Module, nn.Linear, "PreTrainedTokenizerBase"]:
     """A separate PPO critic initialised from a reward model (OpenRLHF's default): (the RM's transformer, a per-token
     value layer = the RM's scoring layer with its normalisation folded in, the RM's tokenizer). The value at every
-    token is then the normalised reward the RM would give the sequence cut there. With `layers`, the transformer
-    keeps only its bottom `layers` layers (and its embeddings and final norm: `framework.models.keep_bottom_layers`),
-    under the name `algo.critic_layers` in errors."""
+    token is then the normalised reward the RM would give the sequence cut there. `cut_critic` keeps only its
+    bottom layers."""
     rm, tokenizer, _ = load_reward_model(path, key)
     if isinstance(rm, SequenceClassifierReward):
         model = rm.model
@@ -210,10 +210,44 @@ def critic_from_reward_model(path: str | Path, key: str = "algo.critic_path", la
         value.weight.copy_(rm.gain * score.weight.float().mean(0, keepdim=True))
         head_bias = float(score.bias.float().mean()) if score.bias is not None else 0.0
         value.bias.fill_(float(rm.gain) * head_bias + float(rm.bias))
-    if layers is not None:
-        keep_bottom_layers(trunk, layers, "algo.critic_layers")
     trunk.train(False)
     return trunk, value, tokenizer
+
+
+@torch.no_grad()
+def cut_critic(trunk: nn.Module, value: nn.Linear, layers: int, sequences: Sequence[Sequence[int]], pad_id: int,
+               key: str = "algo.critic_layers", batch_size: int = 64) -> dict[str, float]:
+    """Cut a critic of `critic_from_reward_model` to its transformer's bottom `layers` layers, in place
+    (`framework.models.keep_bottom_layers`), and restart its value layer at the whole critic's mean value.
+
+    The reward model's scoring layer was trained on its top layer's features; read off a lower layer, it gives
+    values that vary from token to token and mean nothing (on the peer's PPO workload cut to one layer, docs/
+    benchmarks.md: a mean of -2.57 and a spread of 0.155 over the initial policy's responses, where the whole critic
+    gave -5.06 and 0.014). Noise in the values is noise in every advantage. So the value layer's weights start at
+    zero, and its bias at the whole critic's mean value over the real tokens of `sequences` (token ids: the stage's
+    prompts): a start at the whole critic's level, flat, which the value loss shapes from there. (A ridge refit of
+    the weights on the prompts' tokens was tried: it kept a spread of 0.065 on responses, off on tokens the prompts
+    never hold.) Returns that mean, the whole critic's standard deviation over those tokens, and their number."""
+    layers = bottom_layers(trunk, layers, key)  # before the forward passes, which a bad value would waste
+    sequences = [s for s in sequences if len(s)]
+    if not sequences:
+        raise ConfigError(f"{key}={layers}: the cut critic's value layer starts at the whole critic's mean value "
+                          "over token sequences (the stage's prompts), and none were given (or all were empty)")
+    was_training = trunk.training
+    trunk.eval()
+    total = count = squares = 0.0
+    device = next(trunk.parameters()).device
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = (t.to(device) for t in pad_right(sequences[i:i + batch_size], pad_id))
+        hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **no_cache(trunk))
+        values = value(hidden.last_hidden_state[mask.bool()].to(value.weight.dtype)).squeeze(-1).double()
+        total, squares, count = total + float(values.sum()), squares + float(values.pow(2).sum()), count + values.numel()
+    keep_bottom_layers(trunk, layers, key)
+    trunk.train(was_training)
+    mean = total / count
+    value.weight.zero_()
+    value.bias.fill_(mean)
+    return {"mean": mean, "std": math.sqrt(max(squares / count - mean**2, 0.0)), "tokens": int(count)}
 
 
 def encode_scored(tokenizer, prompt: str, response: str, fmt: str, max_length: int,
@@ -364,4 +398,4 @@ def save_nonfinite_samples(path: Path, prompts: Sequence[Prompt | str], completi
 
 __all__ = ["TaskGold", "RewardModel", "SequenceClassifierReward", "export_reward_model", "load_reward_model", "reward_info",
            "score_texts", "encode_scored", "pad_right", "save_nonfinite_samples", "NonFiniteReward", "reward_scores",
-           "checked_scores"]
+           "checked_scores", "critic_from_reward_model", "cut_critic"]

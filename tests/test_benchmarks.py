@@ -107,7 +107,8 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
     spec.loader.exec_module(module)
     data = REPO / "docs" / "data"
     runs = [json.loads(line) for name in ("ppo_reward_curves_kl0.jsonl", "ppo_reward_curves_kl0_vf001.jsonl",
-                                          "ppo_reward_curves_kl0_zero_value.jsonl")
+                                          "ppo_reward_curves_kl0_zero_value.jsonl", "ppo_reward_curves_kl0_cut_scoring.jsonl",
+                                          "ppo_reward_curves_kl0_cut1_ridge.jsonl")
             for line in (data / name).read_text().splitlines()]
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     summaries = (REPO / "README.md").read_text() + (REPO / "docs" / "rl.md").read_text()
@@ -127,7 +128,7 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
 
     area, last = {}, {}
     one_off = ("shared_vf0.01", "separate_zero")  # the diagnostics' rows: their summaries only
-    for row in ("shared", "branch1", "branch2", "separate", "cut1", "cut2", "trl", *one_off):
+    for row in ("shared", "branch1", "branch2", "separate", "cut1_scoring", "cut2_scoring", "trl", *one_off):
         curves = curves_of(row)
         area[row], last[row] = [statistics.mean(c) for c in curves], [statistics.mean(c[-10:]) for c in curves]
         assert f"{module.summary(area[row])} ".replace("+-", "±") in docs
@@ -136,23 +137,41 @@ def test_reward_curve_figures_in_the_docs_are_the_stored_runs():
             assert f"| {', '.join(f'{x:.3f}' for x in last[row])} |" in docs
             cells = [statistics.mean(statistics.mean(c[w.start:w.stop]) for c in curves) for w in module.windows(150)]
             assert " | ".join(f"{x:.3f}" for x in cells) + " |" in docs
-        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in (*one_off, "branch1", "branch2", "cut2")
+        assert f"{statistics.mean(area[row]):.3f}" in summaries or row in (*one_off, "branch1", "branch2",
+                                                                           "cut1_scoring", "cut2_scoring")
         if row not in ("trl", *one_off):
             assert against_trl(curves, curves_of("trl")) in docs, row
     assert f"{statistics.mean(last['branch1']):.3f} against {statistics.mean(last['trl']):.3f}" in summaries
     for a, b, told in (("separate", "trl", "p = 0.61"), ("shared", "trl", "p = 0.052"),
                        ("shared", "separate", "p = 0.021"), ("shared_vf0.01", "shared", "p = 0.75"),
                        ("branch1", "branch2", "p = 0.66"), ("separate_zero", "trl", "p = 0.64"),
-                       ("cut1", "trl", "p = 0.86"), ("cut2", "trl", "p = 0.25")):
+                       ("cut1_scoring", "trl", "p = 0.86"), ("cut2_scoring", "trl", "p = 0.25")):
         p = module.permutation_p(area[a], area[b])
         assert told in docs and round(p, len(told) - 6) == float(told[4:]), (a, b, p)
-    # twenty seeds of the cut critics and TRL's
+    # twenty seeds of the cut critics and TRL's: the scoring-layer starts, then the flat start (the setting) and the
+    # ridge refit
     trl = curves_of("trl", 20)
-    for row in ("cut1", "cut2", "trl"):
+    for row, label in (("cut1_scoring", "`cut1_scoring`"), ("cut2_scoring", "`cut2_scoring`"), ("trl", None),
+                       ("cut1", "`cut1`, flat start"), ("cut1_ridge", "`cut1_ridge`")):
         curves = curves_of(row, 20)
         assert module.summary([statistics.mean(c) for c in curves]).replace("+-", "±") in docs
         assert module.summary([statistics.mean(c[-10:]) for c in curves]).replace("+-", "±") in docs
-        assert row == "trl" or f"| `{row}` | {against_trl(curves, trl)}" in docs
-    for row, told in (("cut1", "p = 0.15"), ("cut2", "p = 0.95")):
-        p = module.permutation_p([statistics.mean(c) for c in curves_of(row, 20)], [statistics.mean(c) for c in trl])
-        assert told in docs and round(p, 2) == float(told[4:]), (row, p)
+        assert label is None or f"| {label} | {against_trl(curves, trl)}" in docs, row
+    for row, other, told in (("cut1_scoring", "trl", "p = 0.15"), ("cut2_scoring", "trl", "p = 0.95"),
+                             ("cut1", "trl", "p = 1.00"), ("cut1_ridge", "trl", "p = 0.48"),
+                             ("cut1", "cut1_scoring", "p = 0.16")):
+        p = module.permutation_p(*([statistics.mean(c) for c in curves_of(r, 20)] for r in (row, other)))
+        assert told in docs and round(p, 2) == float(told[4:]), (row, other, p)
+    # the flat start confirmed on ten seeds it was not chosen on (20-29), and over all thirty
+    for first, label in ((20, "seeds 20-29"), (0, "seeds 0-29")):
+        ours, theirs = ([r["rewards"] for r in sorted(runs, key=lambda r: r["seed"])
+                         if r["row"] == row and first <= r["seed"] < 30] for row in ("cut1", "trl"))
+        assert len(ours) == len(theirs) == 30 - first
+        means = [[statistics.mean(c) for c in cs] for cs in (ours, theirs)]
+        lasts = [[statistics.mean(c[-10:]) for c in cs] for cs in (ours, theirs)]
+        row = (f"| {label} | {module.summary(means[0])} | {module.summary(means[1])} | "
+               f"p = {module.permutation_p(*means):.2f} | {module.summary(lasts[0])} | {module.summary(lasts[1])} |")
+        assert row.replace("+-", "±") in docs, row
+        assert f"| `cut1`, {label} | {against_trl(ours, theirs)}" in docs, label
+    flat = [statistics.mean(c) for c in curves_of("cut1", 20)]
+    assert f"{statistics.mean(flat):.3f} against {statistics.mean(statistics.mean(c) for c in trl):.3f}" in summaries

@@ -526,12 +526,13 @@ def test_a_critic_cut_to_its_bottom_layers_is_the_reward_models_final_norm_over_
 
 def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkpointed(tokenizer, tmp_path):
     """algo=ppo algo.critic=separate algo.critic_layers=K: the stage's critic is the reward model's bottom K layers
-    with its scoring layer as value layer; PPO refuses a K that is no whole number >= 1 and a K without a separate
-    critic; a run starts on policy and trains the cut critic; a checkpoint names its critic's layer count, and a
-    run whose critic differs is refused naming both."""
+    with its value layer starting flat at the whole critic's mean value over the prompts; PPO refuses a K that is no
+    whole number >= 1 and a K without a separate critic; a run starts on policy and trains the cut critic; a
+    checkpoint names its critic's layer count, and a run whose critic differs is refused naming both."""
     from omegaconf import OmegaConf
 
-    from framework.reward import RewardModel, critic_from_reward_model, export_reward_model
+    from framework.models import positions
+    from framework.reward import RewardModel, critic_from_reward_model, cut_critic, export_reward_model, pad_right
     from plugins.reward_heads.heads import LastToken
 
     for bad in (0, -1, 1.5, True):
@@ -547,14 +548,36 @@ def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkp
                                  tmp_path / "rm", {"format": "plain", "max_length": 64})
     whole, whole_value, _ = critic_from_reward_model(rm_dir)
     cfg = OmegaConf.create({"reward": {}})
+    prompts = [tokenizer(p.text)["input_ids"] for p in PROMPTS] * 3
+    ids, mask = pad_right(prompts, tokenizer.pad_token_id)
+    real = mask.bool()
+
+    def values_at_real_tokens(trunk, value):
+        with torch.no_grad():
+            hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+            return value(hidden).squeeze(-1)[real].double()
+
+    targets = values_at_real_tokens(whole, whole_value)
     trunk, value = RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=1),
-                                           tokenizer)
+                                           tokenizer, prompts)
     assert len(trunk.h) == 1 and len(whole.h) == 2 and not trunk.training
-    assert torch.equal(value.weight, whole_value.weight) and torch.equal(value.bias, whole_value.bias)
     assert all(torch.equal(a, b) for a, b in zip(trunk.h[0].parameters(), whole.h[0].parameters()))
     assert torch.equal(trunk.ln_f.weight, whole.ln_f.weight) and torch.equal(trunk.wte.weight, whole.wte.weight)
+    # the value layer starts flat at the whole critic's mean value over the prompts' tokens
+    assert value.weight.abs().max() == 0 and targets.std() > 0.1
+    assert torch.allclose(values_at_real_tokens(trunk, value), targets.mean(), atol=1e-5)
+    half, half_value, _ = critic_from_reward_model(rm_dir)  # a reward model loaded in bf16 (float32 value layer)
+    cut_critic(half.to(torch.bfloat16), half_value, 1, prompts, tokenizer.pad_token_id)
+    assert half_value.bias.item() == pytest.approx(targets.mean().item(), abs=0.05)
+    with pytest.raises(ConfigError, match="algo.critic_layers=1: the cut critic's value layer starts at the whole "
+                                          "critic's mean value over token sequences .* none were given"):
+        RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=1), tokenizer)
+    with pytest.raises(ConfigError, match="the reward model at .* reads at most 64 tokens, and the critic must read "
+                                          "whole sequences of up to 65 .*or algo.critic=shared"):
+        RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir)), tokenizer, prompts, 65)
     with pytest.raises(ConfigError, match=r"algo.critic_layers=3 must be in \[1, 2\]"):
-        RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=3), tokenizer)
+        RLStage.separate_critic(cfg, PPO(critic="separate", critic_path=str(rm_dir), critic_layers=3), tokenizer,
+                                prompts)
     for algorithm, has in ((PPO(critic_path=str(rm_dir)), "none"), (Reinforce(), "no critic")):
         algorithm.critic_layers = 1  # a user's algorithm that sets it without a separate critic
         with pytest.raises(ConfigError, match=f"algo.critic_layers=1 cuts a separate critic .* has {has} .*: set "
@@ -563,7 +586,9 @@ def test_a_critic_cut_to_its_bottom_layers_is_built_validated_trained_and_checkp
 
     def with_critic(layers):
         mod = module(tokenizer, PPO(epochs=2, minibatches=2), Length(), tmp_path)
-        mod.policy = PolicyWithValue(mod.policy.lm, True, critic=critic_from_reward_model(rm_dir, layers=layers)[:2])
+        algorithm = PPO(critic="separate", critic_path=str(rm_dir), critic_layers=layers)
+        mod.policy = PolicyWithValue(mod.policy.lm, True, critic=RLStage.separate_critic(cfg, algorithm, tokenizer,
+                                                                                          prompts))
         return mod
 
     mod = with_critic(1)

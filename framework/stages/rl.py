@@ -41,7 +41,7 @@ from framework.interfaces import (
 from framework.models import (context_length, count_parameters, disable_dropout, forward_takes, load_causal_lm,
                               no_cache, positions, value_branch)
 from framework.records import Prompt
-from framework.reward import TaskGold, checked_scores, critic_from_reward_model
+from framework.reward import TaskGold, checked_scores, critic_from_reward_model, cut_critic
 from framework.rl import (AdaptiveKL, kl_controller_from, masked_mean, rollout_mean, token_logprobs,
                           token_logprobs_and_entropy)
 from framework.rollout import HFGenerator, SamplingSettings
@@ -49,6 +49,9 @@ from framework.stages.common import (adamw_warmup_cosine, build_trainer, check_o
                                      bounded, policy_path, read_section)
 from framework.stages.preference import OfflineSettings, run_offline
 from framework.tokenization import load_tokenizer
+
+
+CRITIC_FIT_PROMPTS = 256  # a cut critic starts at the whole one's mean value over these prompts (algo.critic_layers)
 
 
 def written_mid_iteration(checkpoint: dict) -> bool:
@@ -597,13 +600,14 @@ class RLStage(Stage):
         n_ctx = context_length(lm)
         prompts = task.prompts(self.prompt_pool, int(cfg.seed))
         encoder = PromptEncoder(tokenizer, self.format, n_ctx, self.sampling.max_new_tokens)
-        for p in prompts:
-            encoder(p.text)
+        encoded = [encoder(p.text) for p in prompts]
         if encoder.truncated:
             print(f"[rlhf] warning: {encoder.truncated} of {len(prompts)} prompts are longer than {encoder.room} "
                   f"tokens (context {n_ctx} - stage.max_new_tokens {self.sampling.max_new_tokens}); they lose tokens "
                   "from the left")
-        policy = PolicyWithValue(lm, bool(algorithm.needs_value), self.separate_critic(cfg, algorithm, tokenizer),
+        longest = max(map(len, encoded), default=0) + self.sampling.max_new_tokens
+        policy = PolicyWithValue(lm, bool(algorithm.needs_value),
+                                 self.separate_critic(cfg, algorithm, tokenizer, encoded, longest),
                                  algorithm.value_layers if algorithm.needs_value else 0)
         if policy.value_branch is not None:
             n = policy.value_layers
@@ -669,8 +673,12 @@ class RLStage(Stage):
         return tokenizer, lm, reference
 
     @staticmethod
-    def separate_critic(cfg, algorithm: PolicyAlgorithm, tokenizer) -> tuple[nn.Module, nn.Linear] | None:
-        """algo.critic=separate: the critic's transformer and value layer, initialised from a reward model."""
+    def separate_critic(cfg, algorithm: PolicyAlgorithm, tokenizer, prompts: Sequence[Sequence[int]] = (),
+                        longest: int | None = None) -> tuple[nn.Module, nn.Linear] | None:
+        """algo.critic=separate: the critic's transformer and value layer, initialised from a reward model. With
+        algo.critic_layers, cut to its bottom layers, its value layer restarted at the whole critic's mean value over
+        the first `CRITIC_FIT_PROMPTS` of `prompts` (token ids as the policy reads them: `framework.reward.cut_critic`).
+        `longest`: the longest sequence the critic will read (prompt + response), refused past the RM's context."""
         kind = str(algorithm.critic)
         if kind not in ("shared", "separate"):
             raise ConfigError(f"algo.critic={kind}: use shared (a value head on the policy) or separate")
@@ -687,14 +695,24 @@ class RLStage(Stage):
             raise ConfigError("algo.critic=separate initialises the critic from a reward model: give "
                               "algo.critic_path=<reward model dir>, or use reward=learned reward.path=<dir>")
         trunk, value, critic_tokenizer = critic_from_reward_model(
-            path, "algo.critic_path" if algorithm.critic_path else "reward.path", layers)
+            path, "algo.critic_path" if algorithm.critic_path else "reward.path")
         if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"algo.critic=separate: the reward model at {path} uses another tokenizer than the "
                               "policy; a critic reads the policy's tokens, so it needs the same vocabulary (use "
                               "algo.critic=shared)")
+        reach = context_length(trunk)
+        if longest is not None and reach is not None and longest > reach:
+            raise ConfigError(f"algo.critic=separate: the reward model at {path} reads at most {reach} tokens, and "
+                              f"the critic must read whole sequences of up to {longest} (the longest prompt + "
+                              "stage.max_new_tokens): use a reward model with a longer context, shorter prompts or "
+                              "responses, or algo.critic=shared")
         disable_dropout(trunk)
-        kept = int(trunk.config.num_hidden_layers)
-        part = "" if layers is None else f", its bottom {kept} layer{'s' if kept > 1 else ''}"
+        part = ""
+        if layers is not None:
+            fit = cut_critic(trunk, value, layers, list(prompts[:CRITIC_FIT_PROMPTS]), int(tokenizer.pad_token_id))
+            part = (f", its bottom {layers} layer{'s' if layers > 1 else ''}; its value layer starts flat at the "
+                    f"whole critic's mean value over {fit['tokens']} prompt tokens, {fit['mean']:.4g} (their "
+                    f"std {fit['std']:.3g})")
         print(f"[rlhf] critic: a separate {type(trunk).__name__} ({count_parameters(trunk) / 1e6:.2f} M parameters) "
               f"initialised from the reward model {path}{part}")
         return trunk, value
