@@ -60,6 +60,10 @@ def written_mid_iteration(checkpoint: dict) -> bool:
     return bool((checkpoint.get("rl_state") or {}).get("mid_iteration"))
 
 
+def layer_words(n: int) -> str:
+    return f"{n} layer{'s' if n != 1 else ''}"
+
+
 def critic_kind(state: Mapping[str, Any]) -> str:
     """What an RLModule state dict holds for values, in words: a separate critic of N layers, a value branch of N
     layers, a value head on the last hidden state, or none."""
@@ -67,7 +71,7 @@ def critic_kind(state: Mapping[str, Any]) -> str:
         # a layer's weights are named <prefix><the layer list>.<its index>.<...>: count the indices
         found = {next((part for part in k[len(prefix):].split(".") if part.isdigit()), None)
                  for k in state if k.startswith(prefix)} - {None}
-        return f"{len(found)} layer{'s' if len(found) != 1 else ''}"
+        return layer_words(len(found))
 
     if any(k.startswith("policy.critic.") for k in state):
         return f"a separate critic of {layers('policy.critic.')}"
@@ -122,9 +126,9 @@ class PolicyWithValue(nn.Module):
         """What this policy has for values, in `critic_kind`'s words (recorded in RL checkpoints)."""
         if self.critic is not None:
             n = getattr(getattr(self.critic, "config", None), "num_hidden_layers", None)
-            return "a separate critic" + ("" if n is None else f" of {n} layer{'s' if n != 1 else ''}")
+            return "a separate critic" + ("" if n is None else f" of {layer_words(n)}")
         if self.value_branch is not None:
-            return f"a value branch of {self.value_layers} layer{'s' if self.value_layers != 1 else ''}"
+            return f"a value branch of {layer_words(self.value_layers)}"
         return "no value head" if self.value is None else "a value head on its last hidden state"
 
     def critic_values(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -611,7 +615,7 @@ class RLStage(Stage):
                                  algorithm.value_layers if algorithm.needs_value else 0)
         if policy.value_branch is not None:
             n = policy.value_layers
-            print(f"[rlhf] critic: a value branch of {n} layer{'s' if n > 1 else ''} "
+            print(f"[rlhf] critic: a value branch of {layer_words(n)} "
                   f"({count_parameters(policy.value_branch) / 1e6:.2f} M parameters), copied from the policy's top "
                   "layers and fed its hidden state below them")
         per_iter = int(self.prompts_per_iteration)
@@ -710,7 +714,7 @@ class RLStage(Stage):
         part = ""
         if layers is not None:
             fit = cut_critic(trunk, value, layers, list(prompts[:CRITIC_FIT_PROMPTS]), int(tokenizer.pad_token_id))
-            part = (f", its bottom {layers} layer{'s' if layers > 1 else ''}; its value layer starts flat at the "
+            part = (f", its bottom {layer_words(layers)}; its value layer starts flat at the "
                     f"whole critic's mean value over {fit['tokens']} prompt tokens, {fit['mean']:.4g} (their "
                     f"std {fit['std']:.3g})")
         print(f"[rlhf] critic: a separate {type(trunk).__name__} ({count_parameters(trunk) / 1e6:.2f} M parameters) "
